@@ -55,6 +55,27 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Elementwise max of x over ranks (x itself when single-process). Returns a new tensor."""
+    x = x.clone()
+    if d.world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Undo `shard` for a tensor: rank r holds rows r, r + world, ... of the global batch, all ranks
+    the same shape (b, ...); every rank gets the global (b * world, ...) tensor in global row order
+    (local row i of rank r is global row i * world + r). Single process: x itself."""
+    if d.world == 1:
+        return x
+    if x.dtype == torch.bool:  # gloo has no bool all_gather
+        return gather_rows(x.to(torch.uint8), d).bool()
+    parts = [torch.empty_like(x) for _ in range(d.world)]
+    dist.all_gather(parts, x.contiguous())  # world x (b, ...)
+    return torch.stack(parts, 1).reshape(-1, *x.shape[1:])  # (b, world, ...) -> (b * world, ...)
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()
