@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from .model import ScalarHead, ScalarModel, Transformer, last_real_index
-from .rl import entropy_from_logits, logprobs_from_logits
-from .sample import Generation
+from .rl import entropy_from_logits, logprobs_from_logits, masked_moments, mean_var_from_moments
+from .sample import Generation, left_pad
 from .utils import InputError
 
 # --------------------------------------------------------------------------------------------
@@ -57,6 +58,34 @@ def rollout_batch(gen: Generation) -> tuple[Tensor, Tensor, int]:
     seq = torch.cat([gen.prompt_ids, gen.tokens], dim=1)  # (B, P+G)
     attn_mask = torch.cat([gen.prompt_mask.long(), gen.mask.long()], dim=1)  # (B, P+G)
     return seq, attn_mask, gen.prompt_ids.shape[1]
+
+
+def gather_generation(gen: Generation, prompts: list[list[int]], pad_id: int, d: distributed.Dist) -> Generation:
+    """Data parallel: rank r sampled rows r, r + world, ... of the global batch (`prompts` is the
+    whole batch's prompt ids). Returns the global Generation laid out exactly as one process
+    sampling every row would have laid it out: prompts left-padded to the longest prompt of the
+    whole batch, responses right-padded to the longest response. Single process: gen itself."""
+    if d.world == 1:
+        return gen
+    dev = gen.tokens.device
+    G = int(distributed.all_reduce_max(torch.tensor(gen.tokens.shape[1], device=dev), d))
+    extra = G - gen.tokens.shape[1]
+    tokens = distributed.gather_rows(F.pad(gen.tokens, (0, extra), value=pad_id), d)  # (B, G)
+    logprobs = distributed.gather_rows(F.pad(gen.logprobs, (0, extra)), d)  # (B, G)
+    mask = distributed.gather_rows(F.pad(gen.mask, (0, extra)), d)  # (B, G) bool
+    stopped = distributed.gather_rows(gen.stopped, d)  # (B,)
+    ids, pmask = left_pad(prompts, pad_id, dev)  # (B, P) the global left padding
+    return Generation(ids, pmask, tokens, logprobs, mask, stopped)
+
+
+def global_whiten_stats(x: Tensor, mask: Tensor, d: distributed.Dist, unbiased: bool):
+    """(mean, var) of x over the real tokens of every rank's rows, for masked_whiten(stats=):
+    each rank's (sum, sum of squares, count) are summed with all_reduce, so every rank whitens with
+    the statistics of the global batch. Single process: None (masked_whiten's own two-pass stats)."""
+    if d.world == 1:
+        return None
+    s, ss, n = (distributed.all_reduce_sum(t, d) for t in masked_moments(x.float(), mask))
+    return mean_var_from_moments(s, ss, n, unbiased)
 
 
 @dataclass
@@ -89,6 +118,28 @@ def response_forward(model: Transformer, seq: Tensor, attn_mask: Tensor, context
         with torch.no_grad():
             ent = entropy_from_logits(logits.float() / temperature)  # (B, G)
     return ResponseOut(logp, values, ent)
+
+
+class PolicyValue(torch.nn.Module):
+    """The trained parameters of PPO as one module: the policy plus either a value head on its
+    trunk (`value_head`) or a separate value model (`value_model`). It exists so that
+    DistributedDataParallel can wrap them together: DDP averages the gradients of the parameters of
+    the module it wraps, during the backward of a forward that went through the wrapper. The
+    single-process loop calls the same module, unwrapped. forward -> (log-probs (b, G), values
+    (b, G), entropy (b, G)) of the response columns, as response_forward."""
+
+    def __init__(self, policy: Transformer, value_head: ScalarHead | None = None,
+                 value_model: ScalarModel | None = None):
+        super().__init__()
+        if (value_head is None) == (value_model is None):
+            raise ValueError("PolicyValue needs exactly one of value_head and value_model")
+        self.policy, self.value_head, self.value_model = policy, value_head, value_model
+
+    def forward(self, seq: Tensor, attn_mask: Tensor, context_len: int, temperature: float):
+        out = response_forward(self.policy, seq, attn_mask, context_len, temperature, self.value_head, entropy=True)
+        values = out.values if self.value_model is None else \
+            response_values(self.value_model, seq, attn_mask, context_len)  # (b, G)
+        return out.logprobs, values, out.entropy
 
 
 def response_values(value_model: ScalarModel, seq: Tensor, attn_mask: Tensor, context_len: int) -> Tensor:

@@ -153,3 +153,25 @@ def smol():
 
     model, tok, _ = load_model(None)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tmp_path_factory, tiny_gguf) -> Path:
+    """A reward model folder (train_rm.py's layout) on the tiny model: trunk + reward head."""
+    from minicai.checkpoint import load_model, save_hf
+    from minicai.model import ScalarHead
+
+    trunk, tok, _ = load_model(str(tiny_gguf))
+    torch.manual_seed(1)
+    head = ScalarHead(trunk.cfg.dim, init_std=1.0)
+    return save_hf(tmp_path_factory.mktemp("rm") / "rm", trunk, tok, heads={"reward": head})
+
+
+@pytest.fixture(scope="session")
+def eos_gguf(tmp_path_factory) -> Path:
+    """A tiny random model whose stop token (<|im_end|>, id 2) has a 3x longer embedding row, so
+    that about half of its 8-token responses stop early: rows then differ in length."""
+    model = random_model(tiny_config())
+    with torch.no_grad():
+        model.embed_tokens.weight[2] *= 3.0
+    return write_tiny_gguf(tmp_path_factory.mktemp("eos") / "eos.gguf", model)

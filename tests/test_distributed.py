@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import json
+
+import pytest
 import torch
 
 from minicai.checkpoint import load_model
@@ -28,9 +31,6 @@ def run(args, nproc: int, cwd: Path):
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-import pytest
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -59,3 +59,65 @@ def test_sft_two_processes_equal_one(tiny_gguf, tmp_path, mode):
         assert torch.allclose(v, m2.state_dict()[k], atol=2e-6, rtol=1e-5), k
         moved = max(moved, (v - base.state_dict()[k]).abs().max().item())
     assert moved > 1e-3  # training did change the weights, so the comparison means something
+
+
+def assert_same_weights(a, b, base, atol=2e-6):
+    """a and b agree within fp tolerance, and training moved them away from base (so the
+    comparison means something). state dicts in, the largest move out."""
+    moved = 0.0
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], atol=atol, rtol=1e-5), (k, (v - b[k]).abs().max().item())
+        moved = max(moved, (v - base[k]).abs().max().item())
+    assert moved > 1e-4, moved
+    return moved
+
+
+@pytest.mark.parametrize("variant", ["shared", "separate"])
+def test_ppo_two_processes_equal_one(eos_gguf, tiny_rm, tmp_path, variant):
+    """A tiny PPO run (2 iterations x 2 epochs x 2 minibatches of a global batch of 8) under torchrun
+    with 2 gloo processes ends with the weights and metrics of the same run in one process: rollouts
+    are sampled per global row seed, rewards/advantages are whitened with all-reduced statistics and
+    each rank's loss is weighted by its token share. "separate" also covers the value model, per-
+    minibatch advantage whitening and reward whitening. The policy stops early on about half of its
+    rows, so the ranks hold different token counts and the loss weighting matters."""
+    from safetensors.torch import load_file
+
+    extra = (["--reward-token", "he"] if variant == "shared" else
+             ["--reward-model", str(tiny_rm), "--value-model", "separate", "--whiten-advantages", "minibatch",
+              "--whiten-rewards", "--kl-penalty", "loss"])
+
+    def args(out):
+        return [str(ROOT / "train_ppo.py"), "--policy", str(eos_gguf), "--out", str(out), "--iterations", "2",
+                "--batch-size", "8", "--num-minibatches", "2", "--ppo-epochs", "2", "--max-new-tokens", "8",
+                "--lr", "1e-3", "--sample-every", "1000", "--device", "cpu", *extra]
+
+    run(args(tmp_path / "one"), 1, tmp_path)
+    run(args(tmp_path / "two"), 2, tmp_path)
+    rows = [[json.loads(x) for x in (tmp_path / o / "metrics.jsonl").read_text().splitlines()] for o in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 2
+    for r1, r2 in zip(*rows):  # the same rollouts, scores, KL and advantages-driven losses
+        for key in ("objective/scores", "objective/kl", "response/length", "val/mean", "loss/policy"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-5), key
+    m1, _, _ = load_model(str(tmp_path / "one" / "model"))
+    m2, _, _ = load_model(str(tmp_path / "two" / "model"))
+    base, _, _ = load_model(str(eos_gguf))
+    assert_same_weights(m1.state_dict(), m2.state_dict(), base.state_dict())
+    lengths = [r["response/length"] for r in rows[0]]
+    assert min(lengths) < 8  # some rows stopped early: unequal token shares
+    if variant == "shared":
+        heads = [load_file(str(tmp_path / o / "model" / "value_head.safetensors")) for o in ("one", "two")]
+    else:
+        heads = [load_file(str(tmp_path / o / "model" / "value_model.safetensors")) for o in ("one", "two")]
+    for k, v in heads[0].items():
+        assert torch.allclose(v, heads[1][k], atol=2e-6, rtol=1e-5), k
+
+
+def test_ppo_batch_must_split_evenly_over_ranks(tiny_gguf, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "train_ppo.py"), "--policy", str(tiny_gguf), "--out",
+           str(tmp_path / "o"), "--reward-token", "he", "--batch-size", "6", "--num-minibatches", "2",
+           "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "must be a multiple of --num-minibatches x processes (2 x 2)" in r.stderr

@@ -39,25 +39,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def eos_gguf(tmp_path_factory) -> Path:
-    """A tiny random model whose stop token (<|im_end|>, id 2) has a 3x longer embedding row, so
-    that about half of its 8-token responses stop early: both reward columns then differ."""
-    model = random_model(tiny_config())
-    with torch.no_grad():
-        model.embed_tokens.weight[2] *= 3.0
-    return write_tiny_gguf(tmp_path_factory.mktemp("eos") / "eos.gguf", model)
-
-
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory, tiny_gguf) -> Path:
-    """A reward model folder (train_rm.py's layout) on the tiny model: trunk + reward head."""
-    trunk, tok, _ = load_model(str(tiny_gguf))
-    torch.manual_seed(1)
-    head = ScalarHead(trunk.cfg.dim, init_std=1.0)
-    return save_hf(tmp_path_factory.mktemp("rm") / "rm", trunk, tok, heads={"reward": head})
-
-
 def run(out: Path, policy: Path, *extra: str, probe=None, reward=("--reward-token", REWARD_TOKEN)) -> list[dict]:
     argv = ["--out", str(out), "--policy", str(policy), *reward, "--iterations", "1", "--batch-size", "8",
             "--max-new-tokens", "8", "--sample-every", "1000", *extra]
