@@ -21,12 +21,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from minicai.checkpoint import EMBEDDED_NAME, load_model, save_hf
 from minicai.constitution import load_constitution
 from minicai.data import Prompt, load_prompts, mix, split
-from minicai.losses import sft_loss
 from minicai import distributed
 from minicai.slcai import load_done, run_slcai
 from minicai.train import (MetricsLog, to_device, check_finite, length_buckets, load_train_state, lr_at, pad_right,
@@ -105,22 +105,22 @@ def sft_examples(records: list[dict], tok, max_len: int) -> list[tuple[list[int]
 
 def batch_loss(model, examples, idx, pad_id, autocast, d: distributed.Dist):
     """Token-mean SFT loss over the GLOBAL micro-batch (all ranks together).
-    This rank holds `idx`; its mean loss is scaled by its share of the global token count, times
-    world size because DDP averages gradients over ranks: the gradient then equals that of one
+    This rank holds `idx`; its summed NLL is divided by the global token count and multiplied by
+    the world size because DDP averages gradients over ranks: the gradient then equals that of one
     process that sees the whole global batch. Returns (loss to backpropagate, global mean loss)."""
     dev = next(model.parameters()).device
     ids = to_device(pad_right([examples[i][0] for i in idx], pad_id), dev)  # (B, T)
     mask = to_device(pad_right([examples[i][1] for i in idx], 0), dev)  # (B, T) assistant tokens
     att = to_device(pad_right([[1] * len(examples[i][0]) for i in idx], 0), dev)  # (B, T) real tokens
+    # position t predicts token t+1, on assistant tokens only; -100 = nothing to predict
+    targets = F.pad(torch.where(mask[:, 1:].bool(), ids[:, 1:], -100), (0, 1), value=-100)  # (B, T)
+    n_global = distributed.all_reduce_sum((targets != -100).sum().float(), d)
     with autocast():
-        logits = model(ids, att)  # (B, T, V)
-    # logits at t predict token t+1 (losses.sft_loss docstring)
-    target_mask = mask[:, 1:]  # (B, T-1)
-    mean = sft_loss(logits[:, :-1], ids[:, 1:], target_mask)
-    n_local = target_mask.sum().float()
-    n_global = distributed.all_reduce_sum(n_local, d)
-    loss = mean * n_local * d.world / n_global
-    return loss, distributed.all_reduce_sum(loss.detach(), d) / d.world
+        # the summed NLL, through the fused LM head + cross-entropy (losses.linear_cross_entropy;
+        # losses.sft_loss on model(ids, att) logits is its plain twin, tests/test_train_sl.py)
+        nll = model(ids, att, targets=targets)
+    loss = nll * d.world / n_global
+    return loss, distributed.all_reduce_sum(nll.detach(), d) / n_global
 
 
 def main(argv=None) -> int:
@@ -187,7 +187,10 @@ def main(argv=None) -> int:
         model, _, _ = load_model(str(ckpt), dtype=dtype, device=device)
     model.train()
     ddp = distributed.wrap(model, d, fsdp=args.fsdp)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    # fused AdamW (one kernel over all parameters; HF Trainer's default on torch >= 2.8); FSDP's
+    # sharded DTensor parameters take the default implementation
+    opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
+                            fused=not args.fsdp)
     if (ckpt / "train_state.json").exists():
         apply = (lambda sd: distributed.load_full_optimizer_state(model, opt, sd)) if args.fsdp else None
         step = load_train_state(ckpt, opt, apply)["step"]

@@ -5,6 +5,10 @@ peak, and HF transformers on the same weights and batch (when the optional extra
 
 One step = forward + backward + AdamW update of all weights on a (batch, seq) batch of token ids,
 next-token loss on every position; fp32, then bf16 autocast (weights and optimizer stay fp32).
+Each side runs the way its users train: ours is train_sl.py's path, model(ids, targets=) (the LM head
+fused with the cross-entropy, losses.linear_cross_entropy); HF is model(input_ids, labels=) (logits,
+then its loss). Both use fused AdamW (torch.optim.AdamW(fused=True)), the default optimizer of HF's
+Trainer on torch >= 2.8 and of our scripts. --plain-loss times ours through full logits instead.
 MFU = 6 * N * tokens/s / peak, N = parameters in matrix products (the tied embedding counted once,
 as the LM head; attention's own score/value FLOPs are left out, ~3% at seq 256), peak = the best of
 a few square GEMMs in that dtype, measured in the same run.
@@ -41,13 +45,17 @@ def time_steps(step, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def ours(model, ids, bf16: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+def ours(model, ids, bf16: bool, plain_loss: bool = False):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T) position t predicts token t+1
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids)  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            if plain_loss:
+                logits = model(ids)  # (B, T, V)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            else:
+                loss = model(ids, targets=targets) / targets[:, :-1].numel()  # fused head + loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -59,7 +67,7 @@ def hf(folder, ids, bf16: bool):
     import transformers
 
     m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True)  # HF Trainer's default on torch >= 2.8
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -77,6 +85,8 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
+    ap.add_argument("--plain-loss", action="store_true",
+                    help="ours through full (B, T, V) logits + F.cross_entropy, as HF (isolates the fused loss)")
     args = ap.parse_args()
     model, tok, _ = load_model(None)
     model.train()
@@ -98,7 +108,7 @@ def main():
     print(f"{'mode':6} {'ours tok/s':>11} {'HF tok/s':>9} {'x HF':>6} {'peak GFLOP/s':>13} {'MFU':>6}")
     for name, bf16 in (("fp32", False), ("bf16", True)):
         peak = gemm_peak(torch.bfloat16 if bf16 else torch.float32)
-        t_ours = time_steps(ours(model, ids, bf16), args.steps)
+        t_ours = time_steps(ours(model, ids, bf16, args.plain_loss), args.steps)
         t_hf = time_steps(hf(folder, ids, bf16), args.steps) if have_hf else None
         ours_tps = tokens / t_ours
         mfu = 6 * n_params * ours_tps / (peak * 1e9)

@@ -267,13 +267,25 @@ class Transformer(nn.Module):
         """LM head: (B, T, C) -> (B, T, V)."""
         return linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
-    def forward(self, ids: torch.Tensor, attn_mask: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
-        """Training/scoring forward (what DDP wraps): padded_forward, or plain causal without a mask.
-        ids (B, T) -> logits (B, T, V), or final hidden states (B, T, C) with hidden=True."""
-        if attn_mask is None:
-            h = self.trunk(ids)
-            return h if hidden else self.logits(h)
-        return self.padded_forward(ids, attn_mask, hidden)
+    def forward(self, ids: torch.Tensor, attn_mask: torch.Tensor | None = None, hidden: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Training/scoring forward (what DDP and FSDP wrap): padded_forward, or plain causal
+        without a mask. ids (B, T) -> logits (B, T, V), or final hidden states (B, T, C) with
+        hidden=True. With targets (B, T) (the id each position must predict, -100 where nothing
+        is predicted; nanoGPT's forward(idx, targets)), returns the summed NLL over the predicted
+        positions (0-d fp32) through losses.linear_cross_entropy: only those positions go through
+        the LM head, and never as a full (B, T, V) logits tensor."""
+        if targets is None:
+            if attn_mask is None:
+                h = self.trunk(ids)
+                return h if hidden else self.logits(h)
+            return self.padded_forward(ids, attn_mask, hidden)
+        from .losses import linear_cross_entropy
+
+        h = self.trunk(ids) if attn_mask is None else self.padded_forward(ids, attn_mask, hidden=True)  # (B, T, C)
+        keep = targets != -100  # (B, T)
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
+        return linear_cross_entropy(h[keep], w, targets[keep])  # (n, C), (n,) -> 0-d
 
     def set_manual_attention(self, on: bool = True):
         for layer in self.layers:

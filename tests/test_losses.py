@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minicai.losses import center_reward_penalty, pairwise_accuracy, pairwise_loss, sft_loss
+from minicai.losses import center_reward_penalty, linear_cross_entropy, pairwise_accuracy, pairwise_loss, sft_loss
 
 
 def sigmoid(x: float) -> float:
@@ -112,3 +112,69 @@ def test_sft_loss_gradient_only_reaches_masked_positions():
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1]], dtype=torch.bool)
     sft_loss(logits, targets, mask).backward()
     assert bool((logits.grad[~mask] == 0).all()) and bool((logits.grad[mask].abs().sum(-1) > 0).all())
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk):
+    """The fused LM head + cross-entropy against the plain route (materialised logits), in float64
+    so that only the algebra can differ: value and both gradients, with an upstream scale."""
+    g = torch.Generator().manual_seed(0)
+    N, C, V = 9, 5, 13
+    h = torch.randn(N, C, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, C, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (N,), generator=g)
+    fused = linear_cross_entropy(h, w, t, chunk=chunk)
+    (3.0 * fused).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    plain = F.cross_entropy(h @ w.T, t, reduction="sum")
+    (3.0 * plain).backward()
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)  # fused sums in fp32
+    assert torch.allclose(gh, h.grad, atol=1e-12) and torch.allclose(gw, w.grad, atol=1e-12)
+
+
+def test_linear_cross_entropy_hand_value():
+    """h = [1, 0], W rows [1, 0], [0, 1], [0, 0]: logits (1, 0, 0); target 0 gives
+    log(e + 2) - 1 = 0.5514447139, target 1 gives log(e + 2) = 1.5514447139."""
+    h = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    got = linear_cross_entropy(h, w, torch.tensor([0, 1]))
+    assert got.item() == pytest.approx(0.5514447139 + 1.5514447139, abs=1e-6)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_the_autocast_route():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = torch.randn(300, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 300, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(h, w, t, chunk=16)
+        plain = F.cross_entropy((h @ w.T).float(), t, reduction="sum")
+    fused.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    plain.backward()
+    assert fused.dtype == torch.float32 and gh.dtype == torch.float32 and gw.dtype == torch.float32
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-3)
+    assert (gh - h.grad).abs().max() <= 0.02 * h.grad.abs().max()  # bf16 products on both routes
+    assert (gw - w.grad).abs().max() <= 0.02 * w.grad.abs().max()
+
+
+def test_model_forward_with_targets_equals_sft_loss_on_logits(tiny):
+    """Transformer.forward(ids, attn_mask, targets=) (the SFT training path) against the plain
+    twin: logits from the same forward, then sft_loss; padded batch, loss on some tokens only."""
+    model, _ = tiny[:2]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.cfg.vocab_size, (2, 7), generator=g)
+    att = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)  # assistant tokens
+    targets = F.pad(torch.where(mask[:, 1:], ids[:, 1:], -100), (0, 1), value=-100)  # (B, T)
+    fused = model(ids, att, targets=targets)
+    fused.backward()
+    g_fused = model.embed_tokens.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    plain = sft_loss(model(ids, att)[:, :-1], ids[:, 1:], mask[:, 1:]) * mask[:, 1:].sum()
+    plain.backward()
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert torch.allclose(g_fused, model.embed_tokens.weight.grad, atol=1e-5)
+    model.zero_grad(set_to_none=True)

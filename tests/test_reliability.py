@@ -385,14 +385,17 @@ def _(env):
 # ---------------------------------------------------------------- NaN and inf
 
 def _nan_after(module, name: str, calls: int):
-    """Patch module.name (a loss function) to return NaN from its `calls`-th call on."""
+    """Patch module.name (a loss function, or one returning a tuple of losses) to return NaN from
+    its `calls`-th call on."""
     real = getattr(module, name)
     n = {"calls": 0}
 
     def going_nan(*a, **kw):
         n["calls"] += 1
         loss = real(*a, **kw)
-        return loss * float("nan") if n["calls"] >= calls else loss
+        if n["calls"] < calls:
+            return loss
+        return tuple(x * float("nan") for x in loss) if isinstance(loss, tuple) else loss * float("nan")
 
     return lambda mp: mp.setattr(module, name, going_nan)
 
@@ -409,7 +412,7 @@ def _finite_checkpoint(folder: Path, step: int, loader=load_model):
 @case("nan-loss-sft")
 def _(env):
     # micro-batch 1 of step 3 is NaN: steps 1 and 2 were saved (--save-every 1), step 2 is kept
-    return Run(train_sl.main, env.sl("--epochs", "4"), patch=_nan_after(train_sl, "sft_loss", 3),
+    return Run(train_sl.main, env.sl("--epochs", "4"), patch=_nan_after(train_sl, "batch_loss", 3),
                after=_finite_checkpoint(env.out / "ckpt", 2))
 
 
