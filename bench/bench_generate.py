@@ -47,9 +47,10 @@ def timed(fn, reps: int = 2) -> float:
     return best
 
 
-def ours(model, tok, new_tokens: int, batch: int, temperature: float) -> float:
+def ours(model, tok, new_tokens: int, batch: int, temperature: float, compile: bool = False) -> float:
     ids = tok.render([{"role": "user", "content": PROMPT}], add_generation_prompt=True)[0]
-    dt = timed(lambda: generate(model, [ids] * batch, new_tokens, temperature=temperature, seed=0, pad_id=tok.pad_id))
+    dt = timed(lambda: generate(model, [ids] * batch, new_tokens, temperature=temperature, seed=0, pad_id=tok.pad_id,
+                                compile=compile))  # the warm-up call pays for compiling
     return batch * new_tokens / dt
 
 
@@ -75,6 +76,9 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--new-tokens", type=int, default=128, help="batch-1 tokens (batch 16 uses half)")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
+    ap.add_argument("--compile", action="store_true",
+                    help="our decode step through torch.compile (sample.compiled_decode_one_token); "
+                         "compile time is not counted")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -89,8 +93,8 @@ def main():
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         gbs = read_bandwidth_gbs(dtype)
         bound = gbs * 1e9 / weight_bytes
-        b1 = ours(model, tok, args.new_tokens, 1, 0.0)
-        b16 = ours(model, tok, args.new_tokens // 2, 16, 1.0)
+        b1 = ours(model, tok, args.new_tokens, 1, 0.0, args.compile)
+        b16 = ours(model, tok, args.new_tokens // 2, 16, 1.0, args.compile)
         h1 = h16 = None
         if folder is not None:
             h1 = hf(str(folder), tok, dtype, args.new_tokens, 1, 0.0)

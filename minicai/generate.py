@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
     p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (about a minute first; pays off on long runs)")
     add_device_args(p)
     return p
 
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         gen = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, stop_ids=tok.stop_ids, stop_strings=args.stop, tokenizer=tok,
-                       n=args.num_samples, seed=args.seed, pad_id=tok.pad_id)
+                       n=args.num_samples, seed=args.seed, pad_id=tok.pad_id, compile=args.compile)
         dt = time.perf_counter() - t0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

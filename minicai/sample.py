@@ -115,17 +115,34 @@ def decode_one_token(model: Transformer, tok, pos, mask, cache: KVCache, start: 
     return model.logits(h[:, -1])  # (B, V)
 
 
+_compiled_decode = None
+
+
+def compiled_decode_one_token():
+    """decode_one_token through torch.compile (inductor), compiled once per process on first use.
+    dynamic=True: the cache slot and the mask length grow by one each step, and batch sizes
+    vary, so the step is traced with symbolic sizes instead of recompiling every step. Numerics
+    match eager up to fused-kernel rounding (tests/test_sample.py, slow). Compiling takes about a
+    minute on a 2-core CPU and needs a C++ compiler (CPU) or Triton (CUDA); it pays off on long
+    generations only (docs/benchmarks.md)."""
+    global _compiled_decode
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(decode_one_token, dynamic=True)
+    return _compiled_decode
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), stop_strings=(), tokenizer=None, n: int = 1,
-             seed: int | list[int] = 0, pad_id: int = 0, sync_every: int | None = None) -> Generation:
+             seed: int | list[int] = 0, pad_id: int = 0, sync_every: int | None = None,
+             compile: bool = False) -> Generation:
     """Sample max_new_tokens (or until a stop) for every prompt, n samples each.
 
     prompts: token id lists of any lengths. temperature 0 = greedy. stop_ids: ids that end a row
     (e.g. tokenizer.stop_ids); stop_strings: texts that end a row once they appear in its decoded
     reply (needs tokenizer). seed: an int (prompt b gets seed + b) or one seed per prompt.
     sync_every: how often the loop asks whether every row has stopped (a host sync); default 1 on
-    CPU, 8 on CUDA."""
+    CPU, 8 on CUDA. compile: run the decode step through torch.compile (compiled_decode_one_token)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InputError("generate: every prompt needs at least one token")
     if stop_strings and tokenizer is None:
@@ -170,6 +187,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     done = torch.zeros(N, dtype=torch.bool, device=device)
     stopped = torch.zeros(N, dtype=torch.bool, device=device)
     steps = 0
+    step_fn = compiled_decode_one_token() if compile else decode_one_token
     # 3. decode: sample from the last logits, write, feed the token back
     for t in range(G):
         tok, lp = sample_token(logits, temperature, top_k, top_p, gens)  # (N,), (N,)
@@ -190,5 +208,5 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             break
         slot = P + t
         step_mask = key_valid[:, None, None, :slot + 1] if has_pad else None  # (N, 1, 1, slot+1)
-        logits = decode_one_token(model, tokens[:, t:t + 1], (slot - pad)[:, None], step_mask, cache, slot)
+        logits = step_fn(model, tokens[:, t:t + 1], (slot - pad)[:, None], step_mask, cache, slot)
     return Generation(ids, pmask, tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped)
