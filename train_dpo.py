@@ -1,6 +1,7 @@
 """DPO on the AI-labelled preferences: the alternative to reward model + PPO (Rafailov et al. 2023).
 
     python train_dpo.py --preferences runs/rm/preferences.jsonl --policy runs/sl/model --out runs/dpo
+    torchrun --nproc_per_node 4 train_dpo.py ...    (data-parallel: minicai/distributed.py)
 
 Data. The preferences JSONL that train_rm.py writes (minicai/feedback.py): prompt, response_a,
 response_b and the soft label p_a = P(response_a is better), from the labeller's order-swapped,
@@ -25,6 +26,12 @@ row per optimizer step with TRL's names (loss, rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; "chosen" = the side with
 p >= 1/2) and val/* rows every --eval-every steps. Checkpoints (OUT/ckpt: HF folder + optimizer
 state) are written atomically; rerunning the same command resumes. The final policy is OUT/model.
+
+Under torchrun (as train_sl.py) the policy is wrapped in DistributedDataParallel: a micro-batch
+takes --batch-size pairs per rank (a global micro-batch of batch-size x ranks, cut by the same plan
+as one process with that batch size), so N ranks with --batch-size B train the same policy as one
+process with --batch-size N*B. The reference log-probs and the held-out statistics are computed on
+a share per rank and gathered. Rank 0 alone logs, prints and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
+from minicai import distributed
 from minicai.checkpoint import EMBEDDED_NAME, load_model, save_hf
 from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, split
 from minicai.feedback import load_jsonl, right_pad
@@ -128,16 +136,20 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], device, autoc
     return (logp * resp[:, 1:]).sum(-1)  # (N,)
 
 
-@torch.no_grad()
-def reference_logps(model, pairs: list[dict], batch_size: int, device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs of both sides of every pair, (N,), (N,), computed once."""
+def reference_logps(model, pairs: list[dict], batch_size: int, device, autocast,
+                    d: distributed.Dist = distributed.Dist()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of both sides of every pair, (N,), (N,) on the CPU, computed once. Each
+    rank scores every world-th pair; all gather the results (a collective)."""
     model.eval()
-    ra, rb = [], []
-    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch", leave=False):
-        chunk = pairs[s:s + batch_size]
-        lp = sequence_logps(model, [x["ta"] for x in chunk] + [x["tb"] for x in chunk], device, autocast).cpu()
-        ra.append(lp[:len(chunk)]), rb.append(lp[len(chunk):])
-    return torch.cat(ra), torch.cat(rb)
+    mine = distributed.shard(pairs, d)
+    rows = []
+    for s in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", unit="batch", leave=False,
+                  disable=not d.main):
+        chunk = mine[s:s + batch_size]
+        lp = sequence_logps(model, [x["ta"] for x in chunk] + [x["tb"] for x in chunk], device, autocast)  # (2b,)
+        rows.append(torch.stack([lp[:len(chunk)], lp[len(chunk):]], 1))  # (b, 2)
+    ref = distributed.gather_uneven(torch.cat(rows) if rows else torch.zeros(0, 2, device=device), d).cpu()  # (N, 2)
+    return ref[:, 0].contiguous(), ref[:, 1].contiguous()
 
 
 def pair_batch(model, pairs: list[dict], idx: list[int], device, autocast):
@@ -165,19 +177,19 @@ def pair_stats(pi_a, pi_b, ref_a, ref_b, p, beta) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, pairs, batch_size, beta, device, autocast) -> dict:
-    """DPO loss and TRL statistics over all `pairs` (None if there are none)."""
+def evaluate(model, pairs, batch_size, beta, device, autocast, d: distributed.Dist = distributed.Dist()) -> dict:
+    """DPO loss and TRL statistics over all `pairs` (None if there are none). Each rank scores
+    every world-th pair; all gather the results (a collective: every rank calls it)."""
     if not pairs:
         return {}
     was_training = model.training
     model.eval()
-    cols = [[] for _ in range(5)]
-    for s in range(0, len(pairs), batch_size):
-        for c, t in zip(cols, pair_batch(model, pairs, list(range(s, min(s + batch_size, len(pairs)))), device,
-                                         autocast)):
-            c.append(t)
+    mine = distributed.shard(list(range(len(pairs))), d)
+    rows = [torch.stack(pair_batch(model, pairs, mine[s:s + batch_size], device, autocast), 1)
+            for s in range(0, len(mine), batch_size)]  # (b, 5) each: pi_a, pi_b, ref_a, ref_b, p
     model.train(was_training)
-    pi_a, pi_b, ref_a, ref_b, p = (torch.cat(c) for c in cols)
+    pi_a, pi_b, ref_a, ref_b, p = distributed.gather_uneven(torch.cat(rows) if rows else torch.zeros(0, 5, device=device),
+                                                d).unbind(1)  # (N,) each
     return {"loss": dpo_loss(pi_a, pi_b, ref_a, ref_b, p, beta).mean().item(), "pairs": len(pairs),
             **pair_stats(pi_a, pi_b, ref_a, ref_b, p, beta)}
 
@@ -207,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak AdamW learning rate (TRL's DPOConfig default is 1e-6, for larger models)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup", type=float, default=0.1, help="linear warmup as a share of all steps, then cosine")
-    g.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (2x sequences per forward)")
+    g.add_argument("--batch-size", type=int, default=4,
+                   help="pairs per micro-batch and process (2x sequences per forward; under torchrun a "
+                        "micro-batch takes batch-size x ranks)")
     g.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (weights stay fp32)")
@@ -250,14 +264,21 @@ def main(argv=None) -> int:
     if not 0.0 <= args.label_smoothing < 0.5:
         raise InputError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     device, dtype = resolve_device(args.device, "float32" if args.dtype == "auto" else args.dtype)
+    d = distributed.init(device)
+    device = distributed.rank_device(device, d)
     records = read_pairs(Path(args.preferences))  # bad input fails before anything is written
     config = {k: v for k, v in vars(args).items() if k not in ("overwrite", "stop_after_steps", "eval_batch_size")}
-    out = prepare_run_dir(Path(args.out), config, args.overwrite)
+    out = Path(args.out)
+    if d.main:
+        prepare_run_dir(out, config, args.overwrite)
+    distributed.barrier(d)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
     torch.manual_seed(args.seed)
     ckpt, final = out / "ckpt", out / "model"
     if (final / "config.json").exists() and (out / "dpo_summary.json").exists():
-        print(f"DPO already done: {final}")
+        if d.main:
+            print(f"DPO already done: {final}")
+        distributed.finish(d)
         return 0
     resuming = (ckpt / "train_state.json").exists()
     model, tok, _ = load_model(str(ckpt) if resuming else args.policy, dtype=dtype, device=device)
@@ -279,7 +300,7 @@ def main(argv=None) -> int:
     if not pairs:
         raise InputError(f"{args.preferences}: no usable pairs ({skipped} longer than --max-len {args.max_len})")
 
-    # ---- 2. reference log-probs, once (the frozen starting policy)
+    # ---- 2. reference log-probs, once (the frozen starting policy), a share per rank
     ref_file = out / "ref_logprobs.safetensors"
     digest = pairs_digest(pairs)
     cached = read_reference(ref_file, digest)
@@ -289,11 +310,12 @@ def main(argv=None) -> int:
         if resuming:
             raise InputError(f"{ref_file}: missing or made for other pairs; cannot resume, pass --overwrite")
         ref_model = model if args.ref in (None, args.policy) else load_model(args.ref, dtype=dtype, device=device)[0]
-        ref_a, ref_b = reference_logps(ref_model, pairs, args.eval_batch_size, device, autocast)
+        ref_a, ref_b = reference_logps(ref_model, pairs, args.eval_batch_size, device, autocast, d)
         del ref_model
         check_finite(torch.cat([ref_a, ref_b]), "a reference log-prob", 0)
-        atomic_write_bytes(ref_file, safetensors_bytes({"a": ref_a.contiguous(), "b": ref_b.contiguous()},
-                                                       metadata={"digest": digest}))
+        if d.main:
+            atomic_write_bytes(ref_file, safetensors_bytes({"a": ref_a.contiguous(), "b": ref_b.contiguous()},
+                                                           metadata={"digest": digest}))
     for x, a, b in zip(pairs, ref_a.tolist(), ref_b.tolist()):
         x["ref_a"], x["ref_b"] = a, b
     held = {p.text for p in split([Prompt(t, "", "red-team") for t in dict.fromkeys(x["prompt"] for x in pairs)],
@@ -303,77 +325,94 @@ def main(argv=None) -> int:
     if not train:
         raise InputError(f"{args.preferences}: all {len(pairs)} pairs are held out; lower --val-fraction")
 
-    # ---- 3. optimizer, schedule, the fixed batch plan (epoch e bucketed with Random(seed + e))
+    # ---- 3. optimizer, schedule, the fixed batch plan (epoch e bucketed with Random(seed + e)); each
+    # micro-batch of the plan is a global one, split over the ranks (rank_share)
+    global_batch = args.batch_size * d.world  # pairs per micro-batch, all ranks together
     plan = [b for e in range(args.epochs) for b in length_buckets([len(x["ta"][0]) + len(x["tb"][0]) for x in train],
-                                                                  args.batch_size, random.Random(args.seed + e))]
+                                                                  global_batch, random.Random(args.seed + e))]
     total = math.ceil(len(plan) / args.grad_accum)
     warmup = max(1, round(args.warmup * total)) if args.warmup > 0 else 0
     params = list(model.parameters())
+    ddp = distributed.wrap(model, d)  # every parameter gets a gradient (the LM head gives the log-probs)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step = load_train_state(ckpt, opt)["step"] if resuming else 0
-    if resuming:
+    if resuming and d.main:
         print(f"resuming DPO at step {step}/{total} from {ckpt}")
-    log = MetricsLog(out / "dpo_metrics.jsonl", resume_step=step if step else None)
-    print(f"DPO: {len(train)} training pairs, {len(val)} held-out pairs ({skipped} too long), {total} steps")
+    log = MetricsLog(out / "dpo_metrics.jsonl", resume_step=step if step else None) if d.main else None
+    if d.main:
+        print(f"DPO: {len(train)} training pairs, {len(val)} held-out pairs ({skipped} too long), {total} steps")
 
     def save(folder, s, with_state):
+        # every rank holds the same weights, so all of them stop here together
         if not all(bool(torch.isfinite(w).all()) for w in params):
             raise InputError(f"a weight became NaN or inf by step {s}: training stopped; the last good checkpoint "
                              f"is kept (lower --lr)")
-        save_hf(folder, model, tok, meta={"stage": "dpo", "policy": args.policy, "step": s, "beta": args.beta},
-                extra=(lambda tmp: save_train_state(tmp, opt, s, {"total": total})) if with_state else None)
+        if d.main:
+            save_hf(folder, model, tok, meta={"stage": "dpo", "policy": args.policy, "step": s, "beta": args.beta},
+                    extra=(lambda tmp: save_train_state(tmp, opt, s, {"total": total})) if with_state else None)
+        distributed.barrier(d)
 
     # ---- 4. the loop
     model.train()
-    bar = tqdm(total=total, initial=step, desc="DPO", unit="step")
+    bar = tqdm(total=total, initial=step, desc="DPO", unit="step", disable=not d.main)
     while step < total:
         lr = lr_at(step, total, args.lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         micro = plan[step * args.grad_accum:(step + 1) * args.grad_accum]
-        n_pairs = sum(len(b) for b in micro)
-        loss_sum, cols = 0.0, [[] for _ in range(5)]
+        n_pairs = sum(len(b) for b in micro)  # pairs in this step, all ranks together
+        loss_sum, rows = torch.zeros((), device=device), []
         for idx in micro:
-            pi_a, pi_b, ref_a_b, ref_b_b, p = pair_batch(model, train, idx, device, autocast)
-            loss = dpo_loss(pi_a, pi_b, ref_a_b, ref_b_b, p, args.beta).sum() / n_pairs  # pair mean over the step
+            mine, n_real = distributed.rank_share(idx, d)
+            pi_a, pi_b, ref_a_b, ref_b_b, p = pair_batch(ddp, train, mine, device, autocast)
+            # The pair-mean loss over the whole step: this rank's pairs' sum over the step's global
+            # pair count, times world size because DDP averages gradients over ranks (train_sl.batch_loss
+            # with pairs for tokens; the global count is known to every rank from the plan). A
+            # repeated pair (n_real 0) adds a zero loss.
+            loss = dpo_loss(pi_a, pi_b, ref_a_b, ref_b_b, p, args.beta)[:n_real].sum() * d.world / n_pairs
             loss.backward()
-            loss_sum += loss.item()
-            for c, t in zip(cols, (pi_a.detach(), pi_b.detach(), ref_a_b, ref_b_b, p)):
-                c.append(t)
-        check_finite(torch.tensor(loss_sum), "the DPO loss", step)
+            loss_sum += loss.detach()
+            rows.append(torch.stack([pi_a.detach(), pi_b.detach(), ref_a_b, ref_b_b, p], 1)[:n_real])  # (b, 5)
+        loss_sum = distributed.all_reduce_sum(loss_sum, d) / d.world  # the step's global pair-mean loss
+        check_finite(loss_sum, "the DPO loss", step)
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         check_finite(gnorm, "the gradient norm", step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        cols = distributed.gather_uneven(torch.cat(rows), d).unbind(1)  # every rank's pairs of the step, (n_pairs,) each
         row = {"step": step, "epoch": (step - 1) * args.grad_accum // (len(plan) // args.epochs),
-               "loss": loss_sum, **pair_stats(*(torch.cat(c) for c in cols), args.beta), "lr": lr,
-               "grad_norm": gnorm.item()}
+               "loss": loss_sum.item(), **pair_stats(*cols, args.beta), "lr": lr, "grad_norm": gnorm.item()}
         if val and (step % args.eval_every == 0 or step == total):
-            ev = evaluate(model, val, args.eval_batch_size, args.beta, device, autocast)
+            ev = evaluate(model, val, args.eval_batch_size, args.beta, device, autocast, d)
             row.update({f"val/{k}": v for k, v in ev.items() if k != "pairs"})
-        log.write(**row)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", margin=f"{row['rewards/margins']:.3f}")
+        if d.main:
+            log.write(**row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
         bar.update(1)
         stop_now = args.stop_after_steps is not None and step >= args.stop_after_steps and step < total
         if step < total and (step % args.save_every == 0 or stop_now):
             save(ckpt, step, True)
         if stop_now:
             bar.close()
-            print(f"stopped after --stop-after-steps at step {step}; rerun without it to continue")
+            if d.main:
+                print(f"stopped after --stop-after-steps at step {step}; rerun without it to continue")
+            distributed.finish(d)
             return 0
     bar.close()
     model.eval()
     save(ckpt, step, True)
     save(final, step, False)
-    ev_train = evaluate(model, train, args.eval_batch_size, args.beta, device, autocast)
-    ev_val = evaluate(model, val, args.eval_batch_size, args.beta, device, autocast)
+    ev_train = evaluate(model, train, args.eval_batch_size, args.beta, device, autocast, d)
+    ev_val = evaluate(model, val, args.eval_batch_size, args.beta, device, autocast, d)
     summary = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(val), "skipped_too_long": skipped,
                "train": ev_train, "held_out": ev_val, "held_out_accuracy": ev_val.get("rewards/accuracies"),
-               "wall_seconds_this_run": time.time() - t_start}
-    atomic_write_json(out / "dpo_summary.json", summary)
-    print(json.dumps({k: summary[k] for k in ("steps", "train_pairs", "held_out_pairs", "held_out_accuracy")}
-                     | {"train_margin": ev_train.get("rewards/margins")}))
+               "world_size": d.world, "wall_seconds_this_run": time.time() - t_start}
+    if d.main:
+        atomic_write_json(out / "dpo_summary.json", summary)
+        print(json.dumps({k: summary[k] for k in ("steps", "train_pairs", "held_out_pairs", "held_out_accuracy")}
+                         | {"train_margin": ev_train.get("rewards/margins")}))
+    distributed.finish(d)
     return 0
 
 

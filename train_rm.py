@@ -1,6 +1,7 @@
 """RL-CAI, first half: AI-feedback preference labels, then a reward model (Bai et al. 2022, §4.1).
 
     python train_rm.py --policy runs/sl/model --feedback-model runs/sl/model --out runs/rm
+    torchrun --nproc_per_node 4 train_rm.py ...    (data-parallel: minicai/distributed.py)
 
 Stage 1, feedback (minicai/feedback.py): for each training prompt the policy (the SL-CAI model)
 samples k responses; the feedback model reads the paper's multiple-choice prompt for every pair,
@@ -30,6 +31,18 @@ Prompts: the project-wide held-out prompts (data.split, never trained on anywher
 first; the rest is shuffled by --seed and the first --n-prompts are used. Rerunning the same
 command resumes every stage. OUT/summary.json has the figures (held-out accuracy, how often the two
 orders agree, dropped identical pairs, seconds per stage); OUT/metrics.jsonl the training curve.
+
+Under torchrun (as train_sl.py): stage 1 splits the prompts over the ranks in whole batches of
+--gen-batch-size (rank r labels batches r, r + world, ... into OUT/preferences.rank{r}.jsonl; rank 0
+then merges them into preferences.jsonl in the order one process writes, and deletes them). Every
+record depends only on the seed and its own prompt, and the forward passes see the same batches as
+in one process, so any number of ranks writes the same file, byte for byte (more ranks than
+batches leaves some idle: lower --gen-batch-size). Stage 2 trains the reward model with
+DistributedDataParallel: a step takes --batch-size pairs per rank (a global batch of batch-size x
+ranks, cut by the same plan as one process with that batch size), so N ranks with --batch-size B
+train the same model as one process with --batch-size N*B (resume with the same number of ranks).
+The held-out accuracy and the normalising statistics are computed on a share per rank and
+gathered. Rank 0 alone logs, prints and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -45,18 +58,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minicai import distributed
 from minicai.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model, save_hf
 from minicai.constitution import load_constitution
 from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, load_prompts, split
-from minicai.feedback import (label_prompts, preference_stats, read_preferences, reward_input, reward_scores,
-                              right_pad)
+from minicai.feedback import (dropped_path, label_prompts, load_jsonl, pair_keys, preference_stats, read_preferences,
+                              reward_input, right_pad)
 from minicai.losses import pairwise_accuracy, pairwise_loss
-from minicai.model import ScalarHead
+from minicai.model import ScalarHead, ScalarModel, last_real_index
 from minicai.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, prepare_run_dir,
                            run_cli, save_train_state)
-from minicai.utils import InputError, add_device_args, atomic_write_json, resolve_device
-
-"""Salt of the reward model's own validation split (a different cut from data.split's default)."""
+from minicai.utils import InputError, add_device_args, atomic_write_json, atomic_write_text, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup", type=float, default=0.1, help="linear warmup, as a share of all steps, then cosine")
-    g.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="pairs per optimizer step and process (under torchrun a step takes batch-size x ranks)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
     g.add_argument("--max-len", type=int, default=1024, help="pairs with a longer sequence are skipped")
     g.add_argument("--rm-held-out", type=float, default=0.2,
@@ -109,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("running")
     g.add_argument("--overwrite", action="store_true", help="delete OUT if it holds a run with another config")
     g.add_argument("--stop-after-batches", type=int, default=None,
-                   help="stop stage 1 after this many batches (simulates an interrupted run; rerun to resume)")
+                   help="stop stage 1 after this many batches per rank (simulates an interrupted run; rerun to resume)")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop stage 2 after this many optimizer steps, with a checkpoint (rerun to resume)")
     add_device_args(p)
@@ -141,45 +154,76 @@ def tokenize_pairs(records: list[dict], tok, max_len: int) -> tuple[list[dict], 
     return pairs, skipped
 
 
-def pair_rewards(trunk, head, pairs, idx, pad_id, device, autocast):
-    """Rewards of both sides of the pairs idx, in one forward: r_a (B,), r_b (B,), labels p (B,)."""
-    seqs = [pairs[i]["a"] for i in idx] + [pairs[i]["b"] for i in idx]
-    ids, mask = right_pad(seqs, pad_id, device)  # (2B, T)
+def merge_rank_files(pref_path: Path, prompts: list[Prompt], k: int) -> None:
+    """Fold the per-rank files of a torchrun labelling run (preferences.rank{r}.jsonl and their
+    .dropped files, also those a killed run left behind, whatever its world size) into
+    preferences.jsonl and preferences.dropped.jsonl: one record per key, in the order one process
+    writes them (prompt order, then pair order); then delete them. Rank 0 only."""
+    shards = sorted(f for f in pref_path.parent.glob(f"{pref_path.stem}.rank*{pref_path.suffix}")
+                    if not f.name.endswith(".dropped" + pref_path.suffix))
+    if not shards:
+        return
+    order = {key: n for n, key in enumerate(key for p in prompts for key in pair_keys(p, k))}
+    for target, parts in ((pref_path, shards), (dropped_path(pref_path), [dropped_path(f) for f in shards])):
+        recs = {}
+        for f in (target, *parts):
+            for r in load_jsonl(f):
+                recs.setdefault(r.get("key"), r)  # a key in two files (a rerun after a crash): the same record
+        if recs:
+            rows = sorted(recs.values(), key=lambda r: order.get(r.get("key"), len(order)))
+            atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    for f in shards:
+        f.unlink()
+        dropped_path(f).unlink(missing_ok=True)
+
+
+def rewards(model, seqs: list[list[int]], pad_id, device, autocast) -> torch.Tensor:
+    """The reward of each sequence: the ScalarModel's output at its last real token (as
+    feedback.reward_scores, which PPO uses), (B,) fp32. model may be the DDP wrapper."""
+    ids, mask = right_pad(seqs, pad_id, device)  # (B, T)
     with autocast():
-        r = reward_scores(trunk, head, ids, mask).float()  # (2B,)
+        r = model(ids, mask)  # (B, T) a score at every token
+    return r[torch.arange(len(seqs), device=device), last_real_index(mask)].float()  # (B,)
+
+
+def pair_rewards(model, pairs, idx, pad_id, device, autocast):
+    """Rewards of both sides of the pairs idx, in one forward: r_a (B,), r_b (B,), labels p (B,)."""
+    r = rewards(model, [pairs[i]["a"] for i in idx] + [pairs[i]["b"] for i in idx], pad_id, device, autocast)  # (2B,)
     p = torch.tensor([pairs[i]["p"] for i in idx], device=device)  # (B,)
     return r[:len(idx)], r[len(idx):], p
 
 
 @torch.no_grad()
-def evaluate(trunk, head, pairs, batch_size, pad_id, device, autocast) -> dict:
-    """Soft-label loss and accuracy (vs p > 0.5, decisive labels only) over all `pairs`."""
+def evaluate(model, pairs, batch_size, pad_id, device, autocast, d: distributed.Dist = distributed.Dist()) -> dict:
+    """Soft-label loss and accuracy (vs p > 0.5, decisive labels only) over all `pairs`. Every
+    rank scores every world-th pair (by length), then all gather the rewards (a collective: every
+    rank calls it)."""
     if not pairs:
         return {"loss": None, "accuracy": None, "pairs": 0}
-    was_training = trunk.training
-    trunk.eval()
+    was_training = model.training
+    model.eval()
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["a"]) + len(pairs[i]["b"]))
-    ra, rb, ps = [], [], []
-    for s in range(0, len(order), batch_size):
-        a, b, p = pair_rewards(trunk, head, pairs, order[s:s + batch_size], pad_id, device, autocast)
-        ra.append(a), rb.append(b), ps.append(p)
-    trunk.train(was_training)
-    ra, rb, ps = torch.cat(ra), torch.cat(rb), torch.cat(ps)
+    mine = distributed.shard(order, d)
+    rows = [torch.stack(pair_rewards(model, pairs, mine[s:s + batch_size], pad_id, device, autocast), 1)
+            for s in range(0, len(mine), batch_size)]  # (b, 3) each: r_a, r_b, p
+    model.train(was_training)
+    ra, rb, ps = distributed.gather_uneven(torch.cat(rows) if rows else torch.zeros(0, 3, device=device), d).unbind(1)  # (N,)
     acc = pairwise_accuracy(ra, rb, ps).item()
     return {"loss": pairwise_loss(ra, rb, ps).item(), "accuracy": None if math.isnan(acc) else acc,
             "pairs": len(pairs)}
 
 
 @torch.no_grad()
-def reward_stats(trunk, head, seqs, batch_size, pad_id, device, autocast) -> tuple[float, float]:
-    """Mean and (population) std of the rewards of `seqs` (OpenAI's TF code uses the biased variance)."""
-    trunk.eval()
-    scores = []
-    for s in tqdm(range(0, len(seqs), batch_size), desc="normalising", unit="batch", leave=False):
-        ids, mask = right_pad(seqs[s:s + batch_size], pad_id, device)  # (B, T)
-        with autocast():
-            scores.append(reward_scores(trunk, head, ids, mask).float())
-    r = torch.cat(scores)
+def reward_stats(model, seqs, batch_size, pad_id, device, autocast,
+                 d: distributed.Dist = distributed.Dist()) -> tuple[float, float]:
+    """Mean and (population) std of the rewards of `seqs` (OpenAI's TF code uses the biased variance).
+    Each rank scores every world-th sequence; the scores are gathered (a collective)."""
+    model.eval()
+    mine = distributed.shard(seqs, d)
+    scores = [rewards(model, mine[s:s + batch_size], pad_id, device, autocast)
+              for s in tqdm(range(0, len(mine), batch_size), desc="normalising", unit="batch", leave=False,
+                            disable=not d.main)]
+    r = distributed.gather_uneven((torch.cat(scores) if scores else torch.zeros(0, device=device))[:, None], d)[:, 0]  # (N,)
     return r.mean().item(), r.std(unbiased=False).item()
 
 
@@ -191,6 +235,8 @@ def main(argv=None) -> int:
     if args.batch_size < 1 or args.epochs < 1:
         raise InputError("--batch-size and --epochs must be at least 1")
     device, dtype = resolve_device(args.device, args.dtype)
+    d = distributed.init(device)
+    device = distributed.rank_device(device, d)
     config = {k: v for k, v in vars(args).items()
               if k not in ("overwrite", "stop_after_batches", "stop_after_steps", "score_batch_size",
                            "gen_batch_size", "judge_batch_size")}
@@ -201,7 +247,10 @@ def main(argv=None) -> int:
     else:
         constitution = load_constitution(args.constitution, args.comparisons)
         prompts = select_prompts(args)
-    out = prepare_run_dir(Path(args.out), config, args.overwrite)
+    out = Path(args.out)
+    if d.main:
+        prepare_run_dir(out, config, args.overwrite)
+    distributed.barrier(d)
     policy_name = args.policy
     rm_init = args.rm_init or policy_name
     times = {}
@@ -212,22 +261,48 @@ def main(argv=None) -> int:
         pref_path = Path(args.preferences)
     else:
         pref_path = out / "preferences.jsonl"
+        if d.main:
+            merge_rank_files(pref_path, prompts, args.k)  # what a killed torchrun run left in rank files
+        distributed.barrier(d)
         policy, policy_tok, _ = load_model(policy_name, dtype=dtype, device=device)
         fb_name = args.feedback_model or policy_name
         judge, judge_tok = (policy, policy_tok) if fb_name == policy_name else load_model(fb_name, dtype=dtype,
                                                                                          device=device)[:2]
-        stats = label_prompts(policy, policy_tok, judge, judge_tok, prompts, constitution.comparisons(), pref_path,
-                              k=args.k, m=args.principles_per_pair, temperature=args.temperature,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed,
-                              prompts_per_batch=args.gen_batch_size, judge_batch_size=args.judge_batch_size,
-                              cot=args.cot, cot_max_new_tokens=args.cot_max_new_tokens,
-                              limit_batches=args.stop_after_batches)
+        if d.world == 1:
+            mine, path = prompts, pref_path  # label_prompts itself skips the pairs already in the file
+        else:
+            # Whole batches of label_prompts' fixed cut (--gen-batch-size prompts) per rank, each rank
+            # into its own file, skipping the batches already merged: the policy and the judge then
+            # see exactly the batches of one process, so the labels agree to the last bit (a prompt-
+            # by-prompt split changes the judge's padded batches, and p_a by ~1e-7).
+            done = {r.get("key") for f in (pref_path, dropped_path(pref_path)) for r in load_jsonl(f)}
+            batches = [prompts[s:s + args.gen_batch_size] for s in range(0, len(prompts), args.gen_batch_size)]
+            mine = [p for b in distributed.shard(batches, d)
+                    if any(key not in done for q in b for key in pair_keys(q, args.k)) for p in b]
+            path = out / f"preferences.rank{d.rank}.jsonl"
+        seconds = {"generate_s": 0.0, "judge_s": 0.0}
+        if mine:
+            seconds = label_prompts(policy, policy_tok, judge, judge_tok, mine, constitution.comparisons(), path,
+                                    k=args.k, m=args.principles_per_pair, temperature=args.temperature,
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                    prompts_per_batch=args.gen_batch_size, judge_batch_size=args.judge_batch_size,
+                                    cot=args.cot, cot_max_new_tokens=args.cot_max_new_tokens,
+                                    limit_batches=args.stop_after_batches, progress=d.main)["seconds_this_run"]
         del policy, judge
-        times.update({f"feedback_{k}": v for k, v in stats["seconds_this_run"].items()})
-        print(f"feedback: {stats['pairs']} labelled pairs, {stats['dropped_identical']} identical pairs dropped, "
-              f"orders agree on {stats['order_agreement']} -> {pref_path}")
+        for k, v in seconds.items():  # the slowest rank's
+            times[f"feedback_{k}"] = distributed.all_reduce_max(torch.tensor(v, device=device), d).item()
+        distributed.barrier(d)
+        if d.world > 1 and d.main:  # the rank files into preferences.jsonl, in prompt order
+            merge_rank_files(pref_path, prompts, args.k)
+        distributed.barrier(d)
+        if d.main:
+            stats = preference_stats(pref_path)
+            print(f"feedback: {stats['pairs']} labelled pairs, {stats['dropped_identical']} identical pairs dropped, "
+                  f"orders agree on {stats['order_agreement']} -> {pref_path}")
         if args.stop_after_batches is not None:
-            print("stopped after --stop-after-batches; rerun without it to continue")
+            if d.main:
+                print("stopped after --stop-after-batches; rerun without it to continue")
+            distributed.finish(d)
             return 0
     times["feedback_s"] = time.time() - t0
     records = read_preferences(pref_path)  # an empty file is an error here
@@ -239,20 +314,25 @@ def main(argv=None) -> int:
     meta_path = rm_dir / "minicai.json"
     done_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if done_meta.get("rm_stage") == "done":
-        print(f"reward model already trained: {rm_dir}")
-        result = done_meta["result"]
-        times.update(done_meta.get("times", {}))
-        write_summary(out, args, stats, result, times, t_start)
+        if d.main:
+            print(f"reward model already trained: {rm_dir}")
+            times.update(done_meta.get("times", {}))
+            write_summary(out, args, stats, done_meta["result"], times, t_start)
+        distributed.finish(d)
         return 0
 
     torch.manual_seed(args.seed)
     resuming = (rm_dir / "train_state.json").exists()
     if resuming:
-        model, tok, _ = load_scalar_model(rm_dir, device=device)
-        trunk, head = model.trunk, model.head
+        rm, tok, _ = load_scalar_model(rm_dir, device=device)
     else:
         trunk, tok, _ = load_model(rm_init, dtype=torch.float32, device=device)  # fp32 master weights
-        head = ScalarHead(trunk.cfg.dim, init_std=1 / math.sqrt(trunk.cfg.dim + 1)).to(device)
+        rm = ScalarModel(trunk, ScalarHead(trunk.cfg.dim, init_std=1 / math.sqrt(trunk.cfg.dim + 1)).to(device))
+    if rm.trunk.lm_head is not None:
+        # An untied LM head plays no part in the reward (hidden states -> ScalarHead): without a
+        # gradient AdamW never moved it anyway, and frozen it is left out by DDP, which would
+        # otherwise wait for its gradient (or need find_unused_parameters). It is still saved.
+        rm.trunk.lm_head.requires_grad_(False)
     pairs, skipped = tokenize_pairs(records, tok, args.max_len)
     # the RM's own validation split, by prompt: all pairs of a prompt fall on the same side
     distinct = [Prompt(t, "", "red-team") for t in dict.fromkeys(r["prompt"] for r in records)]
@@ -262,59 +342,75 @@ def main(argv=None) -> int:
     if not train:
         raise InputError(f"{pref_path}: no training pairs left (all {len(pairs)} are held out or too long; "
                          f"lower --rm-held-out or raise --max-len)")
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    global_batch = args.batch_size * d.world  # pairs per optimizer step, all ranks together
+    steps_per_epoch = math.ceil(len(train) / global_batch)
     total = steps_per_epoch * args.epochs
     warmup = max(1, round(args.warmup * total)) if args.warmup > 0 else 0
     step = 0
-    params = list(trunk.parameters()) + list(head.parameters())
+    params = list(rm.parameters())  # the trunk's, then the head's (the optimizer layout of every checkpoint)
+    ddp = distributed.wrap(rm, d)  # the one module whose forward gives the rewards: DDP averages its gradients
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if resuming:
         step = load_train_state(rm_dir, opt)["step"]
-        print(f"resuming reward-model training at step {step}/{total} from {rm_dir}")
-    trunk.train()
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if step else None)
+        if d.main:
+            print(f"resuming reward-model training at step {step}/{total} from {rm_dir}")
+    rm.train()
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if step else None) if d.main else None
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
-    print(f"reward model: {len(train)} training pairs, {len(val)} held-out pairs ({skipped} too long), "
-          f"{total} steps")
+    if d.main:
+        print(f"reward model: {len(train)} training pairs, {len(val)} held-out pairs ({skipped} too long), "
+              f"{total} steps")
 
     def save(s, extra_meta=None, with_state=True):
-        # A weight that went NaN/inf (say, a huge --lr) must not replace the last good checkpoint.
+        # A weight that went NaN/inf (say, a huge --lr) must not replace the last good checkpoint
+        # (every rank holds the same weights, so all of them stop together).
         if not all(bool(torch.isfinite(w).all()) for w in params):
             raise InputError(f"a weight became NaN or inf by step {s}: training stopped; the last good "
                              f"checkpoint is kept (lower --lr, or check the data)")
-        save_hf(rm_dir, trunk, tok, heads={"reward": head},
-                meta={"stage": "reward-model", "step": s, "rm_init": rm_init, **(extra_meta or {})},
-                extra=(lambda tmp: save_train_state(tmp, opt, s, {"total": total})) if with_state else None)
+        if d.main:
+            save_hf(rm_dir, rm.trunk, tok, heads={"reward": rm.head},
+                    meta={"stage": "reward-model", "step": s, "rm_init": rm_init, **(extra_meta or {})},
+                    extra=(lambda tmp: save_train_state(tmp, opt, s, {"total": total})) if with_state else None)
+        distributed.barrier(d)
 
     # The batch plan is fixed by the seed: epoch e is length-bucketed with Random(seed + e), so a
-    # resumed run skips exactly the batches it has trained on.
+    # resumed run skips exactly the batches it has trained on. Each batch is a global one, split
+    # over the ranks (rank_share).
     plan = [b for e in range(args.epochs)
-            for b in length_buckets([len(x["a"]) + len(x["b"]) for x in train], args.batch_size,
+            for b in length_buckets([len(x["a"]) + len(x["b"]) for x in train], global_batch,
                                     random.Random(args.seed + e))]
-    bar = tqdm(total=total, initial=step, desc="reward model", unit="step")
+    bar = tqdm(total=total, initial=step, desc="reward model", unit="step", disable=not d.main)
     while step < total:
         lr = lr_at(step, total, args.lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        r_a, r_b, p = pair_rewards(trunk, head, train, plan[step], tok.pad_id, device, autocast)
+        mine, n_real = distributed.rank_share(plan[step], d)
+        r_a, r_b, p = pair_rewards(ddp, train, mine, tok.pad_id, device, autocast)
+        # This rank's pair-mean loss, weighted by its share of the global batch, times world size
+        # because DDP averages gradients over ranks: the gradient is then that of the pair-mean
+        # loss of one process over the whole global batch (train_sl.batch_loss, with pairs for
+        # tokens; the global pair count is the batch's length, known to every rank from the plan).
+        loss = pairwise_loss(r_a, r_b, p) * (n_real * d.world / len(plan[step]))
+        reported = distributed.all_reduce_sum(loss.detach(), d) / d.world  # the global pair mean
         check_finite(torch.cat([r_a, r_b]), "a reward", step)
-        loss = pairwise_loss(r_a, r_b, p)
-        check_finite(loss, "the reward-model loss", step)
+        check_finite(reported, "the reward-model loss", step)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         check_finite(gnorm, "the gradient norm", step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        acc = pairwise_accuracy(r_a.detach(), r_b.detach(), p).item()
-        row = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss.item(),
+        ga, gb, gp = distributed.gather_uneven(torch.stack([r_a.detach(), r_b.detach(), p], 1)[:n_real], d).unbind(1)  # (B,)
+        acc = pairwise_accuracy(ga, gb, gp).item()
+        row = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": reported.item(),
                "accuracy": None if math.isnan(acc) else acc, "lr": lr, "grad_norm": gnorm.item(),
-               "reward_margin": (r_a - r_b).abs().mean().item()}
+               "reward_margin": (ga - gb).abs().mean().item()}
         end_of_epoch = step % steps_per_epoch == 0
         if end_of_epoch and val:
-            ev = evaluate(trunk, head, val, args.score_batch_size, tok.pad_id, device, autocast)
+            ev = evaluate(rm, val, args.score_batch_size, tok.pad_id, device, autocast, d)
             row.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
-        log.write(**row)
+        if d.main:
+            log.write(**row)
         bar.set_postfix(loss=f"{row['loss']:.3f}",
                         **({"val_acc": row["val_accuracy"]} if "val_accuracy" in row else {}))
         bar.update(1)
@@ -324,33 +420,36 @@ def main(argv=None) -> int:
             save(step)
         if stop_now:
             bar.close()
-            print(f"stopped after --stop-after-steps at step {step}; rerun without it to continue")
+            if d.main:
+                print(f"stopped after --stop-after-steps at step {step}; rerun without it to continue")
+            distributed.finish(d)
             return 0
     bar.close()
-    trunk.eval()
-    ev_train = evaluate(trunk, head, train, args.score_batch_size, tok.pad_id, device, autocast)
-    ev_val = evaluate(trunk, head, val, args.score_batch_size, tok.pad_id, device, autocast)
+    rm.eval()
+    ev_train = evaluate(rm, train, args.score_batch_size, tok.pad_id, device, autocast, d)
+    ev_val = evaluate(rm, val, args.score_batch_size, tok.pad_id, device, autocast, d)
     times["reward_model_s"] = time.time() - t0
 
     # ---------------------------------------------------------------- stage 3: normalisation
     t0 = time.time()
     # The policy's samples: every distinct (prompt, response) in the preferences file.
     seqs = list(dict.fromkeys(tuple(s) for x in pairs for s in (x["a"], x["b"])))
-    mean, std = reward_stats(trunk, head, [list(s) for s in seqs], args.score_batch_size, tok.pad_id, device,
-                             autocast)
+    mean, std = reward_stats(rm, [list(s) for s in seqs], args.score_batch_size, tok.pad_id, device, autocast, d)
     check_finite(torch.tensor([mean, std]), "the reward statistics", step)
     # OpenAI lm-human-preferences (train_reward.py): target mean 0, std 1; gain = 1/std,
     # bias = -mean * gain, so that proj(h) * gain + bias = (r - mean) / std.
     gain = 1.0 / max(std, 1e-8)
-    head.gain.fill_(gain)
-    head.bias.fill_(-mean * gain)
+    rm.head.gain.fill_(gain)
+    rm.head.bias.fill_(-mean * gain)
     times["normalise_s"] = time.time() - t0
     result = {"train": ev_train, "held_out": ev_val, "steps": step, "skipped_too_long": skipped,
               "reward_mean_before_normalising": mean, "reward_std_before_normalising": std,
               "normalised_on": len(seqs)}
     save(step, {"rm_stage": "done", "result": result, "times": times, "policy": policy_name,
                 "preferences": str(pref_path)}, with_state=False)
-    write_summary(out, args, stats, result, times, t_start)
+    if d.main:
+        write_summary(out, args, stats, result, times, t_start)
+    distributed.finish(d)
     return 0
 
 

@@ -103,17 +103,21 @@ def sft_examples(records: list[dict], tok, max_len: int) -> list[tuple[list[int]
     return out
 
 
-def batch_loss(model, examples, idx, pad_id, autocast, d: distributed.Dist):
+def batch_loss(model, examples, idx, pad_id, autocast, d: distributed.Dist, n_real: int | None = None):
     """Token-mean SFT loss over the GLOBAL micro-batch (all ranks together).
     This rank holds `idx`; its summed NLL is divided by the global token count and multiplied by
     the world size because DDP averages gradients over ranks: the gradient then equals that of one
-    process that sees the whole global batch. Returns (loss to backpropagate, global mean loss)."""
+    process that sees the whole global batch. Items idx[n_real:] are repeats that only keep a rank
+    busy (distributed.rank_share): they get no targets, so weight 0. Returns (loss to backpropagate,
+    global mean loss)."""
     dev = next(model.parameters()).device
     ids = to_device(pad_right([examples[i][0] for i in idx], pad_id), dev)  # (B, T)
     mask = to_device(pad_right([examples[i][1] for i in idx], 0), dev)  # (B, T) assistant tokens
     att = to_device(pad_right([[1] * len(examples[i][0]) for i in idx], 0), dev)  # (B, T) real tokens
     # position t predicts token t+1, on assistant tokens only; -100 = nothing to predict
     targets = F.pad(torch.where(mask[:, 1:].bool(), ids[:, 1:], -100), (0, 1), value=-100)  # (B, T)
+    if n_real is not None:
+        targets[n_real:] = -100
     n_global = distributed.all_reduce_sum((targets != -100).sum().float(), d)
     with autocast():
         # the summed NLL, through the fused LM head + cross-entropy (losses.linear_cross_entropy;
@@ -201,13 +205,12 @@ def main(argv=None) -> int:
 
     def micro_batches():
         """The fixed sequence of global micro-batches (epoch e shuffled by Random(seed + e)); this
-        rank takes every world-th sequence of each. A batch smaller than the world size is
-        repeated so that every rank has work (only the last batch of an epoch can be)."""
+        rank takes every world-th sequence of each: (items, n_real) from distributed.rank_share (a
+        batch smaller than the world size, only the last of an epoch, is repeated with weight 0)."""
         e = 0
         while True:
             for idx in length_buckets([len(x[0]) for x in train], global_batch, random.Random(args.seed + e)):
-                idx = (idx * d.world)[:max(len(idx), d.world)]
-                yield distributed.shard(idx, d)
+                yield distributed.rank_share(idx, d)
             e += 1
 
     def evaluate():
@@ -243,7 +246,8 @@ def main(argv=None) -> int:
             gparam["lr"] = lr
         loss_sum = 0.0
         for _ in range(args.grad_accum):
-            loss, reported = batch_loss(ddp, train, next(batches), tok.pad_id, autocast, d)
+            mine, n_real = next(batches)
+            loss, reported = batch_loss(ddp, train, mine, tok.pad_id, autocast, d, n_real)
             (loss / args.grad_accum).backward()
             loss_sum += reported.item() / args.grad_accum
         check_finite(torch.tensor(loss_sum), "SFT loss", step)

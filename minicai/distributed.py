@@ -76,6 +76,30 @@ def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])  # (b, world, ...) -> (b * world, ...)
 
 
+def gather_uneven(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """gather_rows for ranks holding different numbers of rows (n_r, k), as `shard` of a list
+    leaves them (counts differ by at most one): every rank gets all rows, (sum n_r, k), in the
+    global order of the sharded list. Each rank pads to the largest count with a validity column,
+    gathers, and drops the padding."""
+    if d.world == 1:
+        return x
+    n = int(all_reduce_max(torch.tensor([len(x)], device=x.device), d))
+    padded = torch.zeros(n, x.shape[1] + 1, dtype=x.dtype, device=x.device)  # (n, k + 1)
+    padded[:len(x), :-1] = x
+    padded[:len(x), -1] = 1
+    rows = gather_rows(padded, d)  # (n * world, k + 1)
+    return rows[rows[:, -1] == 1, :-1]  # (sum n_r, k)
+
+
+def rank_share(idx: list, d: Dist) -> tuple[list, int]:
+    """This rank's part of a global micro-batch idx: every world-th item, the batch first repeated
+    to at least world items so that every rank has work (DDP needs a backward on every rank).
+    Returns (items, n_real): the first n_real items are real; a repeated one (only when the batch
+    is smaller than the world) must get weight 0, so the batch still weighs exactly len(idx) items."""
+    items = shard((idx * d.world)[:max(len(idx), d.world)], d)
+    return items, len(shard(idx, d))
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()

@@ -274,6 +274,12 @@ def dropped_path(path: Path) -> Path:
     return path.with_name(path.stem + ".dropped" + path.suffix)
 
 
+def pair_keys(prompt: Prompt, k: int) -> list[str]:
+    """Keys of the k*(k-1)/2 pairs of a prompt's responses, "<prompt id>:i-j" for i < j, in the
+    order label_prompts writes them."""
+    return [f"{prompt.id}:{i}-{j}" for i, j in itertools.combinations(range(k), 2)]
+
+
 def preference_record(prompt: Prompt, i: int, j: int, a: str, b: str, principles: list[str], label: dict) -> dict:
     """One line of the preferences file (see the module docstring)."""
     user = {"role": "user", "content": prompt.text}
@@ -290,13 +296,18 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judge: Transfo
                   prompts: list[Prompt], comparisons: list[str], path: Path, *, k: int = 2, m: int = 2,
                   temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, prompts_per_batch: int = 8,
                   judge_batch_size: int = 8, cot: bool = False, cot_max_new_tokens: int = 64,
-                  limit_batches: int | None = None) -> dict:
+                  limit_batches: int | None = None, progress: bool = True) -> dict:
     """Sample k responses per prompt from `policy`, label every pair with `judge` under m of the
     `comparisons` (drawn per pair), and append the records to `path` batch by batch. Resumable:
     prompts are cut into fixed batches of prompts_per_batch, and a pair already in `path` (or in
     its .dropped file) is not redone. limit_batches stops after that many batches with work
-    (tests use it to simulate a killed run). Returns preference_stats() over the whole file plus
-    this run's seconds of generation and of judging."""
+    (tests use it to simulate a killed run). The texts and principles of a record depend only on
+    the global seed and its prompt (responses: stable_seed(seed, 'responses', prompt id);
+    principles: stable_seed(seed, 'principles', key)); the labels also on the batch the judge saw
+    it in, in the last bits (padding changes the shapes of the matmuls). train_rm.py under torchrun
+    therefore gives each rank whole batches of this fixed cut. progress=False hides the bar
+    (torchrun ranks other than 0). Returns preference_stats() over the whole file plus this run's
+    seconds of generation and of judging."""
     if k < 2:
         raise InputError(f"k={k}: need at least 2 responses per prompt to make a pair")
     if not 1 <= m <= len(comparisons):
@@ -312,9 +323,9 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judge: Transfo
     pair_idx = list(itertools.combinations(range(k), 2))
     batches = [prompts[s:s + prompts_per_batch] for s in range(0, len(prompts), prompts_per_batch)]
     worked, seconds = 0, {"generate_s": 0.0, "judge_s": 0.0}
-    bar = tqdm(total=len(prompts), desc="feedback", unit="prompt")
+    bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress)
     for batch in batches:
-        todo = [p for p in batch if any(f"{p.id}:{i}-{j}" not in done for i, j in pair_idx)]
+        todo = [p for p in batch if any(key not in done for key in pair_keys(p, k))]
         if not todo:
             bar.update(len(batch))
             continue

@@ -1,0 +1,131 @@
+"""torchrun on CPU with gloo for train_rm.py and train_dpo.py: two processes with --batch-size B give
+the records and the weights of one process with --batch-size 2B (the same global batch).
+
+Tolerance. The ranks' forward passes see other batch shapes than the single process, so the
+gradients differ in fp32 rounding, and Adam turns that into weight differences of up to ~1.5e-5
+here where a gradient entry nearly cancels (m / sqrt(v) is about its sign): one process that only
+re-batches DPO's reference pass (--eval-batch-size 1, 3 or 7) differs from itself as much. A
+weighting error (a repeated pair counted as real, say) moves weights by ~lr = 1e-3, and a loss
+scale error, which Adam would mostly hide, shows in every step's loss and grad_norm, compared to
+1e-4 relative (they agree to ~1e-6)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import random_model, tiny_config, write_tiny_gguf
+from minicai.checkpoint import load_model, load_scalar_model
+from test_distributed import ROOT, run
+
+
+def assert_same_and_moved(a: dict, b: dict, base: dict, atol: float = 5e-5) -> None:
+    """State dicts a and b agree within fp tolerance (module docstring), and training moved a away
+    from base by more than 1e-3 (so the comparison means something)."""
+    assert a.keys() == b.keys()
+    moved = 0.0
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], atol=atol, rtol=1e-5), (k, (v - b[k]).abs().max().item())
+        if k in base:
+            moved = max(moved, (v - base[k]).abs().max().item())
+    assert moved > 1e-3, moved
+
+
+@pytest.fixture(scope="module")
+def untied_gguf(tmp_path_factory):
+    """The tiny model with its own LM head: a reward model never uses it, and DDP must not wait
+    for its gradient."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("untied") / "untied.gguf",
+                           random_model(tiny_config(tie_embeddings=False)))
+
+
+def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
+    """Labelling (interrupted after a batch per rank), then reward-model training (interrupted
+    at a checkpoint), resumed each time, under torchrun: the same preferences.jsonl, byte for byte,
+    and the same reward model as one uninterrupted process."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a risky request, number {i}" for i in range(9)))
+
+    def args(out, batch_size):
+        return [str(ROOT / "train_rm.py"), "--policy", str(untied_gguf), "--out", str(out), "--prompts", str(prompts),
+                "--held-out-fraction", "0", "--n-prompts", "9", "--constitution", "hhh", "--max-new-tokens", "6",
+                "--gen-batch-size", "2", "--judge-batch-size", "4", "--epochs", "3", "--lr", "1e-3",
+                "--rm-held-out", "0.3", "--score-batch-size", "3", "--device", "cpu", "--batch-size", str(batch_size)]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(args(one, 4), 1, tmp_path)
+    # 9 prompts in batches of 2: rank 0 labels batches 0, 2, 4 and rank 1 batches 1, 3; stopped
+    # after one batch each, rank 0 merges the records of prompts 0-3 into preferences.jsonl
+    run(args(two, 2) + ["--stop-after-batches", "1"], 2, tmp_path)
+    part, full = (two / "preferences.jsonl").read_bytes(), (one / "preferences.jsonl").read_bytes()
+    assert part and len(part) < len(full) and full.startswith(part)
+    assert not list(two.glob("*.rank*"))
+    # 2 ranks x 2 pairs = the same global batch of 4 as one process with --batch-size 4
+    run(args(two, 2) + ["--stop-after-steps", "2"], 2, tmp_path)
+    assert json.loads((two / "rm" / "train_state.json").read_text())["step"] == 2
+    assert "resuming reward-model training at step 2" in run(args(two, 2), 2, tmp_path).stdout
+    assert (one / "preferences.jsonl").read_bytes() == (two / "preferences.jsonl").read_bytes()
+    assert len((one / "preferences.jsonl").read_text().splitlines()) >= 6
+    assert sorted(p.name for p in two.glob("preferences*")) == sorted(p.name for p in one.glob("preferences*"))
+    m1, _, info1 = load_scalar_model(one / "rm")
+    m2, _, info2 = load_scalar_model(two / "rm")
+    base, _, _ = load_model(str(untied_gguf))
+    base = {f"trunk.{k}": v for k, v in base.state_dict().items()}
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    # The Bradley-Terry loss sees only reward differences, so the head's proj.bias has no gradient
+    # in exact arithmetic: only rounding moves it (Adam makes that up to ~lr per step), and the
+    # normalisation folds it into head.bias. Compare the normalised reward's offset instead.
+    offsets = [s.pop("head.proj.bias") * s["head.gain"] + s.pop("head.bias") for s in (s1, s2)]
+    torch.testing.assert_close(offsets[0], offsets[1], atol=1e-5, rtol=1e-4)
+    assert_same_and_moved(s1, s2, base)  # trunk, head.proj.weight, gain
+    assert torch.equal(m1.trunk.lm_head.weight, base["trunk.lm_head.weight"])  # unused, frozen
+    r1, r2 = info1["result"], info2["result"]
+    assert r1["held_out"]["pairs"] > 0 and r1["held_out"]["pairs"] == r2["held_out"]["pairs"]
+    for key in ("reward_mean_before_normalising", "reward_std_before_normalising"):
+        assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), key
+    assert r1["held_out"]["loss"] == pytest.approx(r2["held_out"]["loss"], rel=1e-4, abs=1e-6)
+    rows = [[json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in (one, two)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+    for a, b in zip(*rows):  # the global loss and statistics, not rank 0's share
+        for key in ("loss", "reward_margin", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path):
+    """DPO under torchrun, interrupted after its first step and resumed, ends with the policy of
+    one uninterrupted process with the same global batch."""
+    prefs = tmp_path / "prefs.jsonl"
+    words = "the cat sat on a mat and then it ran off to see what was over there".split()
+    prefs.write_text("".join(json.dumps({"prompt": f"question {i}: the {words[i]}?",
+                                         "response_a": " ".join(words[i:i + 3 + i % 4]) + " zebra",
+                                         "response_b": " ".join(words[i + 1:i + 5]), "p_a": [1.0, 0.9, 0.3][i % 3]})
+                             + "\n" for i in range(13)))
+
+    def args(out, batch_size):
+        return [str(ROOT / "train_dpo.py"), "--preferences", str(prefs), "--policy", str(tiny_gguf), "--out", str(out),
+                "--beta", "0.5", "--lr", "1e-3", "--epochs", "2", "--grad-accum", "2", "--warmup", "0.1",
+                "--val-fraction", "0.3", "--eval-every", "2", "--eval-batch-size", "3", "--device", "cpu",
+                "--batch-size", str(batch_size)]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(args(one, 4), 1, tmp_path)
+    # 2 ranks x 2 pairs = the same global micro-batch of 4; 9 training pairs make micro-batches of
+    # 4, 4 and 1 per epoch: for the single pair, rank 1 computes a repeated pair with weight 0
+    run(args(two, 2) + ["--stop-after-steps", "1"], 2, tmp_path)
+    assert "resuming DPO at step 1" in run(args(two, 2), 2, tmp_path).stdout
+    m1, _, _ = load_model(str(one / "model"))
+    m2, _, _ = load_model(str(two / "model"))
+    base, _, _ = load_model(str(tiny_gguf))
+    assert_same_and_moved(m1.state_dict(), m2.state_dict(), base.state_dict())
+    ref = [load_file(str(o / "ref_logprobs.safetensors")) for o in (one, two)]
+    for k in ("a", "b"):  # gathered from the ranks' shares in pair order
+        torch.testing.assert_close(ref[0][k], ref[1][k], atol=1e-5, rtol=1e-6)
+    rows = [[json.loads(x) for x in (o / "dpo_metrics.jsonl").read_text().splitlines()] for o in (one, two)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+    for a, b in zip(*rows):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "val/loss"):
+            if key in a or key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    s1, s2 = (json.loads((o / "dpo_summary.json").read_text()) for o in (one, two))
+    assert (s1["train_pairs"], s1["held_out_pairs"], s2["world_size"]) == (9, 4, 2)
+    assert s1["train"]["loss"] == pytest.approx(s2["train"]["loss"], rel=1e-4)
