@@ -66,44 +66,46 @@ def sft_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i -log softmax(h_i W^T)[t_i] for h (N, C), W (V, C), targets t (N,), a chunk of rows at
-    a time. The gradients are made in the forward, chunk by chunk, from the usual identity
+    """sum_i -log softmax(h_i W^T)[t_i] for h (N, C), W (V, C), targets t (N,). The gradients are
+    made in the forward, from the usual identity
         dL/dz_i = softmax(z_i) - onehot(t_i)        (z_i = W h_i, the logits of row i)
         dL/dh_i = W^T dL/dz_i,   dL/dW = sum_i dL/dz_i h_i^T
-    so only a (chunk, V) block of logits exists at any time, in place of the (N, V) logits, their
-    fp32 copy, the log-softmax and its backward (Liger-Kernel's fused linear cross-entropy, Hsu et
-    al. 2024, arXiv 2410.10989, does the same in Triton). backward only scales them by dL/dloss."""
+    The logits are made and turned into dL/dz in place, in one (N, V) buffer of the compute dtype;
+    the fp32 softmax runs a chunk of rows at a time in one reused fp32 buffer. Nothing else of size
+    (N, V) is allocated: no fp32 copy of the logits, no log-softmax output, no log-softmax
+    backward (Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv 2410.10989, fuses
+    the same steps in Triton). backward only scales the saved gradients by dL/dloss."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, dtype):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):  # explicit dtypes below
             hc, wc = h.to(dtype), weight.to(dtype)
+            z = hc @ wc.T  # (N, V) logits in the compute dtype, overwritten by dL/dz below
+            buf = torch.empty(min(chunk, z.shape[0]), z.shape[1], dtype=torch.float32, device=h.device)  # (n, V)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(hc) if need else None  # (N, C)
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need else None  # (V, C)
-            for s in range(0, h.shape[0], chunk):
-                z = (hc[s:s + chunk] @ wc.T).float()  # (n, V) fp32 logits of this chunk
-                t = targets[s:s + chunk]  # (n,)
-                lse = torch.logsumexp(z, dim=-1)  # (n,)
-                loss += (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+            for s in range(0, z.shape[0], chunk):
+                zc = buf[:min(chunk, z.shape[0] - s)].copy_(z[s:s + chunk])  # (n, V) fp32 logits
+                t = targets[s:s + chunk, None]  # (n, 1)
+                target_logit = zc.gather(1, t)  # (n, 1)
+                m = zc.amax(dim=-1, keepdim=True)  # (n, 1) for a stable exp
+                total = zc.sub_(m).exp_().sum(dim=-1, keepdim=True)  # (n, 1) sum of exp(z - m)
+                loss += (m + total.log() - target_logit).sum()  # log-sum-exp - z_t
                 if need:
-                    g = z.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
-                    g[torch.arange(g.shape[0], device=g.device), t] -= 1.0  # - onehot(t)
-                    g = g.to(dtype)
-                    grad_h[s:s + chunk] = g @ wc  # (n, C)
-                    grad_w += (g.T @ hc[s:s + chunk]).float()  # (V, C)
+                    zc.div_(total).scatter_add_(1, t, torch.full_like(target_logit, -1.0))  # softmax - onehot
+                    z[s:s + chunk].copy_(zc)
+            grad_h = (z @ wc).to(h.dtype) if need else None  # (N, C)
+            grad_w = (z.T @ hc).to(weight.dtype) if need else None  # (V, C)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.h_dtype = h.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.h_dtype), (grad_w * grad_loss).to(grad_w.dtype), None, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 128) -> Tensor:
     """Summed next-token NLL through the LM head without materialising the logits:
     h (N, C) final hidden states, weight (V, C) the LM head, targets (N,) -> 0-d fp32 sum over rows
     of -log softmax(h @ weight.T)[target]. Equal to
