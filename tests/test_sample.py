@@ -111,7 +111,7 @@ def test_filter_logits_hand_values():
     assert torch.isfinite(p05[0, :1]).all() and torch.isinf(p05[0, 1:]).all()
 
 
-def test_exponential_race_samples_the_distribution():
+def test_inverse_cdf_sampling_follows_the_distribution():
     probs = torch.tensor([0.6, 0.3, 0.1])
     logits = probs.log().expand(6000, 3)
     gens = [torch.Generator().manual_seed(i) for i in range(6000)]
@@ -151,3 +151,15 @@ def test_compiled_decode_step_equals_eager(model):
     again = generate(model, prompts_of([3, 7], model.cfg.vocab_size, seed=9), 6, temperature=0.7, pad_id=2,
                      compile=True)  # another batch size and length: no crash, real tokens
     assert again.tokens.shape[0] == 2 and bool(again.mask[:, 0].all())
+
+
+def test_zero_probability_tokens_are_never_sampled():
+    """Filtered tokens (probability 0) own an empty CDF interval: over many rows, with the only
+    allowed tokens in the middle and at the end of the vocabulary, nothing else comes out."""
+    logits = torch.full((4000, 7), float("-inf"))
+    logits[:, 3] = 0.0
+    logits[:, 6] = 0.0
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    tok, _ = sample_token(logits, 1.0, 0, 1.0, gens)
+    assert set(tok.tolist()) == {3, 6}
+    assert abs((tok == 3).float().mean().item() - 0.5) < 0.04  # 5 sigma at n=4000
