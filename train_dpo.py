@@ -52,12 +52,12 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from minicai import distributed
-from minicai.checkpoint import EMBEDDED_NAME, load_model, save_hf
+from minicai.checkpoint import EMBEDDED_NAME, load_model
 from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, split
 from minicai.feedback import load_jsonl, right_pad
 from minicai.rl import logprobs_from_logits
 from minicai.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, pad_right,
-                           prepare_run_dir, run_cli, save_train_state)
+                           prepare_run_dir, run_cli, save_checkpoint)
 from minicai.utils import InputError, add_device_args, atomic_write_bytes, atomic_write_json, resolve_device
 
 
@@ -185,8 +185,15 @@ def evaluate(model, pairs, batch_size, beta, device, autocast, d: distributed.Di
     was_training = model.training
     model.eval()
     mine = distributed.shard(list(range(len(pairs))), d)
-    rows = [torch.stack(pair_batch(model, pairs, mine[s:s + batch_size], device, autocast), 1)
-            for s in range(0, len(mine), batch_size)]  # (b, 5) each: pi_a, pi_b, ref_a, ref_b, p
+    # Every rank runs the same number of forwards (rank 0's, which holds the most pairs): with
+    # --fsdp each forward is a collective (it all-gathers the sharded weights). A rank with no pairs
+    # left scores pair 0 and drops the result.
+    n_batches = math.ceil(math.ceil(len(pairs) / d.world) / batch_size)
+    rows = []
+    for s in range(0, n_batches * batch_size, batch_size):
+        idx = mine[s:s + batch_size]
+        out = torch.stack(pair_batch(model, pairs, idx or [0], device, autocast), 1)  # (b, 5): pi_a, pi_b, ref_a, ref_b, p
+        rows.append(out[:len(idx)])
     model.train(was_training)
     pi_a, pi_b, ref_a, ref_b, p = distributed.gather_uneven(torch.cat(rows) if rows else torch.zeros(0, 5, device=device),
                                                 d).unbind(1)  # (N,) each
@@ -225,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (weights stay fp32)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters/gradients/optimizer state (FSDP2 fully_shard) instead of DDP")
     g = p.add_argument_group("running")
     g.add_argument("--eval-every", type=int, default=10, help="held-out statistics every N optimizer steps")
     g.add_argument("--save-every", type=int, default=20, help="checkpoint every N optimizer steps (and at the end)")
@@ -332,10 +341,14 @@ def main(argv=None) -> int:
                                                                   global_batch, random.Random(args.seed + e))]
     total = math.ceil(len(plan) / args.grad_accum)
     warmup = max(1, round(args.warmup * total)) if args.warmup > 0 else 0
-    params = list(model.parameters())
-    ddp = distributed.wrap(model, d)  # every parameter gets a gradient (the LM head gives the log-probs)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    step = load_train_state(ckpt, opt)["step"] if resuming else 0
+    # DDP, or FSDP2 with --fsdp (fully_shard replaces the parameters by sharded DTensors, so the
+    # parameter list is taken after wrapping); every parameter gets a gradient (the LM head gives
+    # the log-probs). Fused AdamW (HF Trainer's default) unless the parameters are DTensors.
+    ddp = distributed.wrap(model, d, fsdp=args.fsdp)
+    params = list(ddp.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=not args.fsdp)
+    apply = (lambda sd: distributed.load_full_optimizer_state(model, opt, sd)) if args.fsdp else None
+    step = load_train_state(ckpt, opt, apply)["step"] if resuming else 0
     if resuming and d.main:
         print(f"resuming DPO at step {step}/{total} from {ckpt}")
     log = MetricsLog(out / "dpo_metrics.jsonl", resume_step=step if step else None) if d.main else None
@@ -343,14 +356,9 @@ def main(argv=None) -> int:
         print(f"DPO: {len(train)} training pairs, {len(val)} held-out pairs ({skipped} too long), {total} steps")
 
     def save(folder, s, with_state):
-        # every rank holds the same weights, so all of them stop here together
-        if not all(bool(torch.isfinite(w).all()) for w in params):
-            raise InputError(f"a weight became NaN or inf by step {s}: training stopped; the last good checkpoint "
-                             f"is kept (lower --lr)")
-        if d.main:
-            save_hf(folder, model, tok, meta={"stage": "dpo", "policy": args.policy, "step": s, "beta": args.beta},
-                    extra=(lambda tmp: save_train_state(tmp, opt, s, {"total": total})) if with_state else None)
-        distributed.barrier(d)
+        save_checkpoint(folder, model, tok, opt, s, {"stage": "dpo", "policy": args.policy, "step": s,
+                                                    "beta": args.beta}, d, fsdp=args.fsdp, with_state=with_state,
+                        extra={"total": total})
 
     # ---- 4. the loop
     model.train()

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minicai.checkpoint import EMBEDDED_NAME, load_model, save_hf
+from minicai.checkpoint import EMBEDDED_NAME, load_model
 from minicai.constitution import load_constitution
 from minicai.data import Prompt, load_prompts, mix, split
 from minicai import distributed
 from minicai.slcai import load_done, run_slcai
 from minicai.train import (MetricsLog, to_device, check_finite, length_buckets, load_train_state, lr_at, pad_right,
-                           prepare_run_dir, run_cli, save_train_state)
+                           prepare_run_dir, run_cli, save_checkpoint)
 from minicai.utils import InputError, add_device_args, atomic_write_json, atomic_write_text, resolve_device
 
 
@@ -222,18 +222,8 @@ def main(argv=None) -> int:
         return sum(losses) / len(losses) if losses else float("nan")
 
     def save(folder, s, with_state):
-        # FSDP: gather the full weights and optimizer state on every rank, then rank 0 writes
-        state = distributed.full_state_dict(model, d) if args.fsdp else None
-        # A weight that went NaN/inf (say, a huge --lr) must not replace the last good checkpoint
-        # (every rank checks the same full weights, so all of them stop together).
-        if not all(bool(torch.isfinite(w).all()) for w in (state.values() if state is not None else model.parameters())):
-            raise InputError(f"a weight became NaN or inf by step {s}: training stopped; the last good "
-                             f"checkpoint is kept (lower --lr, or check the data)")
-        ostate = distributed.full_optimizer_state(model, opt, d) if args.fsdp and with_state else None
-        if d.main:
-            save_hf(folder, model, tok, meta={"stage": "sl-cai", "base": args.model, "step": s}, state=state,
-                    extra=(lambda tmp: save_train_state(tmp, opt, s, {"total": total}, ostate)) if with_state else None)
-        distributed.barrier(d)
+        save_checkpoint(folder, model, tok, opt, s, {"stage": "sl-cai", "base": args.model, "step": s}, d,
+                        fsdp=args.fsdp, with_state=with_state, extra={"total": total})
 
     batches = micro_batches()
     for _ in range(step * args.grad_accum):  # skip what the resumed run already trained on

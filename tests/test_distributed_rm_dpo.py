@@ -91,9 +91,12 @@ def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
-def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path):
-    """DPO under torchrun, interrupted after its first step and resumed, ends with the policy of
-    one uninterrupted process with the same global batch."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path, mode):
+    """DPO under torchrun (DDP, or FSDP2 with --fsdp), interrupted after its first step and resumed,
+    ends with the policy of one uninterrupted process with the same global batch. --eval-batch-size
+    2 leaves the ranks unequal numbers of evaluation batches (5 vs 4 training pairs), which FSDP's
+    collective forwards must survive."""
     prefs = tmp_path / "prefs.jsonl"
     words = "the cat sat on a mat and then it ran off to see what was over there".split()
     prefs.write_text("".join(json.dumps({"prompt": f"question {i}: the {words[i]}?",
@@ -104,15 +107,16 @@ def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path):
     def args(out, batch_size):
         return [str(ROOT / "train_dpo.py"), "--preferences", str(prefs), "--policy", str(tiny_gguf), "--out", str(out),
                 "--beta", "0.5", "--lr", "1e-3", "--epochs", "2", "--grad-accum", "2", "--warmup", "0.1",
-                "--val-fraction", "0.3", "--eval-every", "2", "--eval-batch-size", "3", "--device", "cpu",
+                "--val-fraction", "0.3", "--eval-every", "2", "--eval-batch-size", "2", "--device", "cpu",
                 "--batch-size", str(batch_size)]
 
     one, two = tmp_path / "one", tmp_path / "two"
     run(args(one, 4), 1, tmp_path)
     # 2 ranks x 2 pairs = the same global micro-batch of 4; 9 training pairs make micro-batches of
     # 4, 4 and 1 per epoch: for the single pair, rank 1 computes a repeated pair with weight 0
-    run(args(two, 2) + ["--stop-after-steps", "1"], 2, tmp_path)
-    assert "resuming DPO at step 1" in run(args(two, 2), 2, tmp_path).stdout
+    fsdp = ["--fsdp"] if mode == "fsdp" else []
+    run(args(two, 2) + fsdp + ["--stop-after-steps", "1"], 2, tmp_path)
+    assert "resuming DPO at step 1" in run(args(two, 2) + fsdp, 2, tmp_path).stdout
     m1, _, _ = load_model(str(one / "model"))
     m2, _, _ = load_model(str(two / "model"))
     base, _, _ = load_model(str(tiny_gguf))

@@ -97,20 +97,20 @@ def test_sft_resume_matches_uninterrupted(tiny_gguf, tmp_path, monkeypatch):
     assert train_sl_main(sl_args(tiny_gguf, a, *common)) == 0
     b = tmp_path / "b"
     b.mkdir()
-    real_save_hf = train_sl.save_hf
+    real_save = train_sl.save_checkpoint
     calls = {"n": 0}
 
     def crash_after_first_checkpoint(folder, *args, **kw):
-        out = real_save_hf(folder, *args, **kw)
+        out = real_save(folder, *args, **kw)
         calls["n"] += 1
         if calls["n"] == 2:  # the second checkpoint is written, then the process "dies"
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(train_sl, "save_hf", crash_after_first_checkpoint)
+    monkeypatch.setattr(train_sl, "save_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train_sl_main(sl_args(tiny_gguf, b, *common))
-    monkeypatch.setattr(train_sl, "save_hf", real_save_hf)
+    monkeypatch.setattr(train_sl, "save_checkpoint", real_save)
     assert train_sl_main(sl_args(tiny_gguf, b, *common)) == 0
     ma, _, _ = load_model(str(a / "run" / "model"))
     mb, _, _ = load_model(str(b / "run" / "model"))
