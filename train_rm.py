@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     step = 0
     params = list(rm.parameters())  # the trunk's, then the head's (the optimizer layout of every checkpoint)
     ddp = distributed.wrap(rm, d)  # the one module whose forward gives the rewards: DDP averages its gradients
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel (HF Trainer default)
     if resuming:
         step = load_train_state(rm_dir, opt)["step"]
         if d.main:
