@@ -136,6 +136,7 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], device, autoc
     return (logp * resp[:, 1:]).sum(-1)  # (N,)
 
 
+@torch.no_grad()
 def reference_logps(model, pairs: list[dict], batch_size: int, device, autocast,
                     d: distributed.Dist = distributed.Dist()) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of both sides of every pair, (N,), (N,) on the CPU, computed once. Each
