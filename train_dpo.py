@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("overwrite", "stop_after_steps", "eval_batch_size")}
     out = Path(args.out)
     if d.main:
-        prepare_run_dir(out, config, args.overwrite)
+        prepare_run_dir(out, config, args.overwrite, parser=build_parser())
     distributed.barrier(d)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
     torch.manual_seed(args.seed)

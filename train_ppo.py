@@ -192,7 +192,7 @@ def main(argv=None, probe=None) -> int:
     out = Path(args.out)
     if d.main:
         prepare_run_dir(out, config, args.overwrite, resume_keys_ignored=("device", "threads", "save_every",
-                                                                           "sample_every"))
+                                                                           "sample_every"), parser=build_parser())
     distributed.barrier(d)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
     unbiased = args.whiten_var == "unbiased"

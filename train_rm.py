@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         prompts = select_prompts(args)
     out = Path(args.out)
     if d.main:
-        prepare_run_dir(out, config, args.overwrite)
+        prepare_run_dir(out, config, args.overwrite, parser=build_parser())
     distributed.barrier(d)
     policy_name = args.policy
     rm_init = args.rm_init or policy_name

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     prompts = select_prompts(args)  # anything is written
     out = Path(args.out)
     if d.main:
-        prepare_run_dir(out, config, args.overwrite)
+        prepare_run_dir(out, config, args.overwrite, parser=build_parser())
     distributed.barrier(d)
     model, tok, _ = load_model(args.model, dtype=dtype, device=device)
 

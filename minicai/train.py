@@ -180,10 +180,14 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, apply=None)
     return meta
 
 
-def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_keys_ignored=("device", "dtype")) -> Path:
+def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_keys_ignored=("device", "dtype"),
+                    parser=None) -> Path:
     """Create `out` and record the config in out/config.json. A folder made by a different config
     is refused (one line naming the first differing field) unless overwrite is set, so a resumed
-    run never mixes two configurations. Keys in resume_keys_ignored may differ between runs."""
+    run never mixes two configurations. Keys in resume_keys_ignored may differ between runs.
+    parser (the script's argparse parser): a flag that the folder's config lacks (the run was
+    started by a version without it) is accepted at its default value, which keeps the old
+    behaviour; any other value is a difference."""
     import shutil
 
     out = Path(out)
@@ -198,6 +202,8 @@ def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_key
         for k in sorted(set(old) | set(config)):
             if k in resume_keys_ignored:
                 continue
+            if k not in old and parser is not None and config.get(k) == parser.get_default(k):
+                continue  # a flag added since this run began, at its default
             if old.get(k) != config.get(k):
                 raise InputError(f"{path}: field '{k}' was {old.get(k)!r} in the run in this folder, now "
                                  f"{config.get(k)!r}; use another --out or pass --overwrite to start over")

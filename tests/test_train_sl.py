@@ -141,3 +141,22 @@ def test_bad_inputs(tiny_gguf, tmp_path, capsys):
     assert run_cli(train_sl_main, sl_args(tiny_gguf, tmp_path, "--skip-sft", "--constitution", str(bad_const),
                                           "--overwrite")) == 2
     assert "c.toml" in capsys.readouterr().err
+
+
+def test_resume_accepts_a_flag_added_since_at_its_default(tmp_path):
+    """A run folder started by a version without --fsdp resumes when --fsdp is at its default
+    (False: the old behaviour), and is refused with --fsdp on; any other changed field is refused."""
+    import train_sl
+    from minicai.train import prepare_run_dir
+    from minicai.utils import InputError
+
+    parser = train_sl.build_parser()
+    config = {k: v for k, v in vars(parser.parse_args(["--out", str(tmp_path / "r")])).items() if k != "overwrite"}
+    old = {k: v for k, v in config.items() if k != "fsdp"}
+    prepare_run_dir(tmp_path / "r", old, parser=parser)  # the older version's folder
+    prepare_run_dir(tmp_path / "r", config, parser=parser)  # resumes
+    (tmp_path / "r" / "config.json").write_text(json.dumps(old))
+    with pytest.raises(InputError, match="field 'fsdp' was None in the run in this folder, now True"):
+        prepare_run_dir(tmp_path / "r", {**config, "fsdp": True}, parser=parser)
+    with pytest.raises(InputError, match="field 'lr' was 2e-05"):
+        prepare_run_dir(tmp_path / "r", {**config, "lr": 1.0}, parser=parser)
