@@ -55,7 +55,6 @@ from minicai import distributed
 from minicai.checkpoint import EMBEDDED_NAME, load_model
 from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, split
 from minicai.feedback import load_jsonl, right_pad
-from minicai.rl import logprobs_from_logits
 from minicai.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, pad_right,
                            prepare_run_dir, run_cli, save_checkpoint)
 from minicai.utils import InputError, add_device_args, atomic_write_bytes, atomic_write_json, resolve_device
@@ -127,13 +126,15 @@ def tokenize(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
 
 def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], device, autocast) -> torch.Tensor:
     """Sum of log pi over the response tokens of each (ids, mask): (N,) fp32.
-    logits[:, t] predicts ids[:, t + 1], so token t+1 counts when mask[t + 1] is 1."""
+    Position t predicts ids[:, t + 1], so token t+1 counts when mask[t + 1] is 1; only those
+    positions go through the LM head (model(..., per_token=True)), not the prompt's."""
     ids, att = right_pad([s[0] for s in seqs], 0, device)  # (N, T), pad id irrelevant (masked)
     resp = pad_right([s[1] for s in seqs], 0).to(device)  # (N, T) 1 on response tokens
+    targets = F.pad(torch.where(resp[:, 1:].bool(), ids[:, 1:], -100), (0, 1), value=-100)  # (N, T)
     with autocast():
-        logits = model(ids, att)  # (N, T, V)
-    logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (N, T-1) fp32
-    return (logp * resp[:, 1:]).sum(-1)  # (N,)
+        logp = model(ids, att, targets=targets, per_token=True)  # (n,) fp32, row-major over targets != -100
+    rows = torch.nonzero(targets != -100)[:, 0]  # (n,) the sequence of each predicted token
+    return torch.zeros(len(seqs), device=logp.device).index_add(0, rows, logp)  # (N,)
 
 
 @torch.no_grad()

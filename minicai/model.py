@@ -268,22 +268,27 @@ class Transformer(nn.Module):
         return linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     def forward(self, ids: torch.Tensor, attn_mask: torch.Tensor | None = None, hidden: bool = False,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
         """Training/scoring forward (what DDP and FSDP wrap): padded_forward, or plain causal
         without a mask. ids (B, T) -> logits (B, T, V), or final hidden states (B, T, C) with
         hidden=True. With targets (B, T) (the id each position must predict, -100 where nothing
         is predicted; nanoGPT's forward(idx, targets)), returns the summed NLL over the predicted
         positions (0-d fp32) through losses.linear_cross_entropy: only those positions go through
-        the LM head, and never as a full (B, T, V) logits tensor."""
+        the LM head, and never as a full (B, T, V) logits tensor. per_token=True instead returns
+        log pi(target) at each predicted position, (n,) fp32 in row-major order of targets != -100
+        (DPO's sequence log-probs), through plain logits of those positions only."""
         if targets is None:
             if attn_mask is None:
                 h = self.trunk(ids)
                 return h if hidden else self.logits(h)
             return self.padded_forward(ids, attn_mask, hidden)
         from .losses import linear_cross_entropy
+        from .rl import logprobs_from_logits
 
         h = self.trunk(ids) if attn_mask is None else self.padded_forward(ids, attn_mask, hidden=True)  # (B, T, C)
         keep = targets != -100  # (B, T)
+        if per_token:
+            return logprobs_from_logits(self.logits(h[keep]), targets[keep])  # (n, V) -> (n,)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
         return linear_cross_entropy(h[keep], w, targets[keep])  # (n, C), (n,) -> 0-d
 
