@@ -55,6 +55,7 @@ from minicai import distributed
 from minicai.checkpoint import EMBEDDED_NAME, load_model
 from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, split
 from minicai.feedback import load_jsonl, right_pad
+from minicai.losses import next_token_targets
 from minicai.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, pad_right,
                            prepare_run_dir, run_cli, save_checkpoint)
 from minicai.utils import InputError, add_device_args, atomic_write_bytes, atomic_write_json, resolve_device
@@ -130,7 +131,7 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], device, autoc
     positions go through the LM head (model(..., per_token=True)), not the prompt's."""
     ids, att = right_pad([s[0] for s in seqs], 0, device)  # (N, T), pad id irrelevant (masked)
     resp = pad_right([s[1] for s in seqs], 0).to(device)  # (N, T) 1 on response tokens
-    targets = F.pad(torch.where(resp[:, 1:].bool(), ids[:, 1:], -100), (0, 1), value=-100)  # (N, T)
+    targets = next_token_targets(ids, resp)  # (N, T) response tokens only
     with autocast():
         logp = model(ids, att, targets=targets, per_token=True)  # (n,) fp32, row-major over targets != -100
     rows = torch.nonzero(targets != -100)[:, 0]  # (n,) the sequence of each predicted token

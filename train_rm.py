@@ -59,15 +59,15 @@ import torch
 from tqdm import tqdm
 
 from minicai import distributed
-from minicai.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model, save_hf
+from minicai.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
 from minicai.constitution import load_constitution
 from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, load_prompts, split
 from minicai.feedback import (dropped_path, label_prompts, load_jsonl, pair_keys, preference_stats, read_preferences,
                               reward_input, right_pad)
 from minicai.losses import pairwise_accuracy, pairwise_loss
-from minicai.model import ScalarHead, ScalarModel, last_real_index
+from minicai.model import ScalarHead, ScalarModel, last_token_scores
 from minicai.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, prepare_run_dir,
-                           run_cli, save_train_state)
+                           run_cli, save_checkpoint)
 from minicai.utils import InputError, add_device_args, atomic_write_json, atomic_write_text, resolve_device
 
 
@@ -178,12 +178,12 @@ def merge_rank_files(pref_path: Path, prompts: list[Prompt], k: int) -> None:
 
 
 def rewards(model, seqs: list[list[int]], pad_id, device, autocast) -> torch.Tensor:
-    """The reward of each sequence: the ScalarModel's output at its last real token (as
-    feedback.reward_scores, which PPO uses), (B,) fp32. model may be the DDP wrapper."""
+    """The reward of each sequence: the ScalarModel's output at its last real token
+    (model.last_token_scores, as PPO and the evaluation read it), (B,) fp32. model may be the DDP
+    wrapper."""
     ids, mask = right_pad(seqs, pad_id, device)  # (B, T)
     with autocast():
-        r = model(ids, mask)  # (B, T) a score at every token
-    return r[torch.arange(len(seqs), device=device), last_real_index(mask)].float()  # (B,)
+        return last_token_scores(model, ids, mask)  # (B,)
 
 
 def pair_rewards(model, pairs, idx, pad_id, device, autocast):
@@ -362,16 +362,9 @@ def main(argv=None) -> int:
               f"{total} steps")
 
     def save(s, extra_meta=None, with_state=True):
-        # A weight that went NaN/inf (say, a huge --lr) must not replace the last good checkpoint
-        # (every rank holds the same weights, so all of them stop together).
-        if not all(bool(torch.isfinite(w).all()) for w in params):
-            raise InputError(f"a weight became NaN or inf by step {s}: training stopped; the last good "
-                             f"checkpoint is kept (lower --lr, or check the data)")
-        if d.main:
-            save_hf(rm_dir, rm.trunk, tok, heads={"reward": rm.head},
-                    meta={"stage": "reward-model", "step": s, "rm_init": rm_init, **(extra_meta or {})},
-                    extra=(lambda tmp: save_train_state(tmp, opt, s, {"total": total})) if with_state else None)
-        distributed.barrier(d)
+        save_checkpoint(rm_dir, rm.trunk, tok, opt, s, {"stage": "reward-model", "step": s, "rm_init": rm_init,
+                                                       **(extra_meta or {})}, d, with_state=with_state,
+                        extra={"total": total}, heads={"reward": rm.head})
 
     # The batch plan is fixed by the seed: epoch e is length-bucketed with Random(seed + e), so a
     # resumed run skips exactly the batches it has trained on. Each batch is a global one, split

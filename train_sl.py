@@ -21,13 +21,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from minicai.checkpoint import EMBEDDED_NAME, load_model
 from minicai.constitution import load_constitution
 from minicai.data import Prompt, load_prompts, mix, split
 from minicai import distributed
+from minicai.losses import next_token_targets
 from minicai.slcai import load_done, run_slcai
 from minicai.train import (MetricsLog, to_device, check_finite, length_buckets, load_train_state, lr_at, pad_right,
                            prepare_run_dir, run_cli, save_checkpoint)
@@ -114,8 +114,7 @@ def batch_loss(model, examples, idx, pad_id, autocast, d: distributed.Dist, n_re
     ids = to_device(pad_right([examples[i][0] for i in idx], pad_id), dev)  # (B, T)
     mask = to_device(pad_right([examples[i][1] for i in idx], 0), dev)  # (B, T) assistant tokens
     att = to_device(pad_right([[1] * len(examples[i][0]) for i in idx], 0), dev)  # (B, T) real tokens
-    # position t predicts token t+1, on assistant tokens only; -100 = nothing to predict
-    targets = F.pad(torch.where(mask[:, 1:].bool(), ids[:, 1:], -100), (0, 1), value=-100)  # (B, T)
+    targets = next_token_targets(ids, mask)  # (B, T) assistant tokens only; -100 = nothing to predict
     if n_real is not None:
         targets[n_real:] = -100
     n_global = distributed.all_reduce_sum((targets != -100).sum().float(), d)

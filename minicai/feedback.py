@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 from .constitution import ANSWERS, GENERIC_COMPARISON, feedback_prompt
 from .data import Prompt
-from .model import ScalarHead, Transformer, last_real_index
+from .model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
 from .sample import generate
 from .tokenizer import ChatTokenizer
 from .train import pad_right
@@ -414,9 +414,7 @@ def reward_input(tok: ChatTokenizer, prompt: str, response: str) -> list[int]:
 def reward_scores(trunk: Transformer, head: ScalarHead, ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
     """The reward of each sequence of a padded batch (left or right padding): the head's output
     at the last real token. ids, attn_mask (B, T) -> (B,) fp32."""
-    h = trunk.padded_forward(ids, attn_mask, hidden=True)  # (B, T, C)
-    h_last = h[torch.arange(ids.shape[0], device=ids.device), last_real_index(attn_mask)]  # (B, C)
-    return head(h_last[:, None])[:, 0]  # (B, 1, C) -> (B, 1) -> (B,)
+    return last_token_scores(ScalarModel(trunk, head), ids, attn_mask)  # (B,)
 
 
 # ------------------------------------------------------------------------------ HHH-style evaluation

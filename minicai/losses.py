@@ -65,6 +65,13 @@ def sft_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(nll, m)
 
 
+def next_token_targets(ids: Tensor, mask: Tensor) -> Tensor:
+    """The targets of Transformer.forward(ids, attn_mask, targets=): position t predicts
+    ids[:, t + 1], counted where mask[:, t + 1] is set (the assistant reply, say); -100 where
+    nothing is predicted, the last column included. ids, mask (B, T) -> (B, T) long."""
+    return F.pad(torch.where(mask[:, 1:].bool(), ids[:, 1:], -100), (0, 1), value=-100)  # (B, T)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i -log softmax(h_i W^T)[t_i] for h (N, C), W (V, C), targets t (N,). The gradients are
     made in the forward, from the usual identity

@@ -342,6 +342,15 @@ class ScalarModel(nn.Module):
         return self.head(self.trunk.padded_forward(ids, attn_mask, hidden=True))
 
 
+def last_token_scores(model: nn.Module, ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """A ScalarModel's score of each sequence of a padded batch (left or right padding): its output
+    at the last real token, never at a pad (anchors.md pain point 2). model may be wrapped (DDP):
+    it is called, so its forward runs. ids, attn_mask (B, T) -> (B,) fp32. The reward model
+    (training, normalisation, PPO's score, evaluation) reads rewards only through here."""
+    r = model(ids, attn_mask)  # (B, T) a scalar at every position
+    return r[torch.arange(r.shape[0], device=r.device), last_real_index(attn_mask)].float()  # (B,)
+
+
 def last_real_index(attn_mask: torch.Tensor) -> torch.Tensor:
     """Column of each row's last real token, correct for left and right padding.
     attn_mask (B, T) -> (B,) long. (DeepSpeed-Chat reads the score at the last non-pad token.)"""

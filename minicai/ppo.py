@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from .model import ScalarHead, ScalarModel, Transformer, last_real_index
+from .model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
 from .rl import entropy_from_logits, logprobs_from_logits, masked_moments, mean_var_from_moments
 from .sample import Generation, left_pad
 from .utils import InputError
@@ -186,9 +186,7 @@ class RewardModelScore:
             seq, attn_mask = seq.clone(), attn_mask.clone()
             seq[rows, col] = self.end_id
             attn_mask[rows, col] = 1
-        r = self.rm(seq, attn_mask)  # (B, L) a scalar at every position
-        idx = last_real_index(attn_mask)  # (B,)
-        return r[torch.arange(r.shape[0], device=r.device), idx].float()  # (B,)
+        return last_token_scores(self.rm, seq, attn_mask)  # (B,)
 
 
 class TokenReward:

@@ -119,24 +119,26 @@ def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, step: int, 
 
 
 def save_checkpoint(folder: Path, model, tok, optimizer, step: int, meta: dict, d, fsdp: bool = False,
-                    with_state: bool = True, extra: dict | None = None) -> None:
+                    with_state: bool = True, extra: dict | None = None, heads: dict | None = None) -> None:
     """Write an HF-format checkpoint of a trained Transformer (plus the optimizer state when
     with_state), from rank 0, after checking that every weight is finite: a weight that went NaN
     or inf (say, a huge --lr) must not replace the last good checkpoint, and every rank checks the
     same weights, so all of them stop together. fsdp: the weights and the optimizer state are
     gathered into full tensors first (collectives: every rank calls this). d: distributed.Dist.
-    extra: scalars stored beside the optimizer state (train_state.json)."""
+    extra: scalars stored beside the optimizer state (train_state.json). heads: scalar heads saved
+    beside the trunk (save_hf), checked too (not with fsdp)."""
     from . import distributed
     from .checkpoint import save_hf
 
     state = distributed.full_state_dict(model, d) if fsdp else None
-    weights = state.values() if state is not None else model.parameters()
+    weights = list(state.values()) if state is not None else list(model.parameters())
+    weights += [w for h in (heads or {}).values() for w in h.parameters()]
     if not all(bool(torch.isfinite(w).all()) for w in weights):
         raise InputError(f"a weight became NaN or inf by step {step}: training stopped; the last good "
                          f"checkpoint is kept (lower --lr, or check the data)")
     ostate = distributed.full_optimizer_state(model, optimizer, d) if fsdp and with_state else None
     if d.main:
-        save_hf(folder, model, tok, meta=meta, state=state,
+        save_hf(folder, model, tok, heads=heads, meta=meta, state=state,
                 extra=(lambda tmp: save_train_state(tmp, optimizer, step, extra, ostate)) if with_state else None)
     distributed.barrier(d)
 

@@ -72,12 +72,15 @@ are caught by comparing every step's loss and gradient norm."""
 
 
 def assert_same_weights(a, b, base, atol=WEIGHT_ATOL):
-    """a and b agree within fp tolerance (WEIGHT_ATOL), and training moved them away from base by
-    more than that (so the comparison means something). state dicts in, the largest move out."""
+    """a and b (the same keys) agree within fp tolerance (WEIGHT_ATOL), and training moved them
+    away from base (keys base lacks, e.g. a new head, are not measured) by more than 20x that, so
+    the comparison means something. State dicts in, the largest move out."""
+    assert a.keys() == b.keys()
     moved = 0.0
     for k, v in a.items():
         assert torch.allclose(v, b[k], atol=atol, rtol=1e-5), (k, (v - b[k]).abs().max().item())
-        moved = max(moved, (v - base[k]).abs().max().item())
+        if k in base:
+            moved = max(moved, (v - base[k]).abs().max().item())
     assert moved > 20 * atol, moved
     return moved
 

@@ -16,19 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import random_model, tiny_config, write_tiny_gguf
 from minicai.checkpoint import load_model, load_scalar_model
-from test_distributed import ROOT, run
-
-
-def assert_same_and_moved(a: dict, b: dict, base: dict, atol: float = 5e-5) -> None:
-    """State dicts a and b agree within fp tolerance (module docstring), and training moved a away
-    from base by more than 1e-3 (so the comparison means something)."""
-    assert a.keys() == b.keys()
-    moved = 0.0
-    for k, v in a.items():
-        assert torch.allclose(v, b[k], atol=atol, rtol=1e-5), (k, (v - b[k]).abs().max().item())
-        if k in base:
-            moved = max(moved, (v - base[k]).abs().max().item())
-    assert moved > 1e-3, moved
+from test_distributed import ROOT, assert_same_weights, run
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,7 @@ def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
     # normalisation folds it into head.bias. Compare the normalised reward's offset instead.
     offsets = [s.pop("head.proj.bias") * s["head.gain"] + s.pop("head.bias") for s in (s1, s2)]
     torch.testing.assert_close(offsets[0], offsets[1], atol=1e-5, rtol=1e-4)
-    assert_same_and_moved(s1, s2, base)  # trunk, head.proj.weight, gain
+    assert_same_weights(s1, s2, base)  # trunk, head.proj.weight, gain
     assert torch.equal(m1.trunk.lm_head.weight, base["trunk.lm_head.weight"])  # unused, frozen
     r1, r2 = info1["result"], info2["result"]
     assert r1["held_out"]["pairs"] > 0 and r1["held_out"]["pairs"] == r2["held_out"]["pairs"]
@@ -120,7 +108,7 @@ def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path, mode):
     m1, _, _ = load_model(str(one / "model"))
     m2, _, _ = load_model(str(two / "model"))
     base, _, _ = load_model(str(tiny_gguf))
-    assert_same_and_moved(m1.state_dict(), m2.state_dict(), base.state_dict())
+    assert_same_weights(m1.state_dict(), m2.state_dict(), base.state_dict())
     ref = [load_file(str(o / "ref_logprobs.safetensors")) for o in (one, two)]
     for k in ("a", "b"):  # gathered from the ranks' shares in pair order
         torch.testing.assert_close(ref[0][k], ref[1][k], atol=1e-5, rtol=1e-6)
