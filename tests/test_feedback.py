@@ -184,3 +184,24 @@ def test_hhh_evaluation_on_the_fixture(tiny, tiny_gguf, tmp_path):
     with pytest.raises(InputError, match=r"bad.jsonl: record 1: needs a field 'rejected' or 'worse'"):
         read_hhh(bad)
     assert math.isfinite(res["mean_p_better"])
+
+
+def test_hhh_check_on_bigbench_and_builtin_pairs(tiny_gguf, tmp_path, capsys):
+    from test_yardstick import fixture_archive
+
+    from minicai.feedback import load_hhh
+
+    arch = fixture_archive(tmp_path)
+    out = tmp_path / "hhh.json"
+    assert feedback_main(["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(tiny_gguf),
+                          "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["items"] == 8 and 0.0 <= res["accuracy"] <= 1.0 and res["accuracy"] == res["order_averaged_accuracy"]
+    assert list(res["per_category"]) == ["harmless", "helpful", "honest", "other"]
+    assert sum(c["k"] for c in res["per_category"].values()) == round(res["accuracy"] * 8)
+    printed = capsys.readouterr().out
+    assert "harmless" in printed and "95% interval" in printed
+    items, cats = load_hhh("builtin")
+    assert len(items) == 48 and cats.count("harmless") == 32 and cats.count("helpful") == 16
+    with pytest.raises(InputError, match="pip download --no-deps bigbench==1.0.0"):
+        load_hhh("bigbench", str(tmp_path / "missing.tar.gz"))

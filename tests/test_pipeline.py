@@ -5,7 +5,8 @@ import json
 from minicai.pipeline import main as pipeline_main
 
 TINY = ["--sl-prompts", "4", "--sl-rounds", "1", "--rm-prompts", "8", "--ppo-iterations", "2", "--ppo-batch", "4",
-        "--max-new-tokens", "8", "--eval-red-team", "2", "--eval-helpful", "2", "--constitution", "hhh"]
+        "--max-new-tokens", "8", "--eval-red-team", "2", "--eval-helpful", "2", "--constitution", "hhh",
+        "--eval-harmful", "3", "--eval-benign", "2", "--bigbench", "none"]
 
 
 def test_pipeline_end_to_end_and_resume(tiny_gguf, tmp_path, monkeypatch, capsys):
@@ -22,6 +23,11 @@ def test_pipeline_end_to_end_and_resume(tiny_gguf, tmp_path, monkeypatch, capsys
     table = (out / "eval" / "eval.md").read_text()
     for name in ("base", "sl", "rl", "dpo"):
         assert f"| {name}" in table
+    res = json.loads((out / "eval" / "eval.json").read_text())
+    assert "## Judge-free (held-out)" in table and res["judge_free"]["sets"]["harmful"] == 3
+    assert res["judge_free"]["sets"]["benign"] == 4 and set(res["alignment_tax"]) == {"sl", "rl", "dpo"}
+    assert res["judge_accuracy"]["builtin_pairs"]["accuracy"]["n"] == 48
+    assert "The answer" in (out / "report.html").read_text()
     capsys.readouterr()
     # rerunning the same command finds every stage done
     assert pipeline_main(["--out", str(out), "--model", str(tiny_gguf), *TINY, "--self-improve", "1"]) == 0

