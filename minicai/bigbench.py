@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 from .utils import InputError, first_line
@@ -66,7 +67,7 @@ def read_tasks(archive: str | Path, names: list[str]) -> dict[str, list[dict]]:
                                          name.split("/")[-1] if name.startswith("hhh_alignment/") else name)
                 if len(found) == len(wanted):
                     break
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise InputError(f"{archive}: not a readable BIG-bench archive ({type(e).__name__}: {first_line(e)}); "
                          f"get it again with: {BIGBENCH_INSTALL}") from None
     missing = [m for m, n in wanted.items() if n not in found]
@@ -112,7 +113,8 @@ def hhh_items(archive: str | Path | None = None) -> list[dict]:
     for name, items in tasks.items():
         for it in items:
             if len(it["options"]) != 2:
-                raise InputError(f"{name}: an item has {len(it['options'])} options, expected 2")
+                raise InputError(f"{archive or default_archive()}: {name}: an item has {len(it['options'])} options, "
+                                 f"expected 2")
             out.append({"conversation": f"Human: {it['input']}", "better": it["options"][it["answer"]],
                         "worse": it["options"][1 - it["answer"]], "category": it["category"]})
     return out

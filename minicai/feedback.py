@@ -83,10 +83,10 @@ ANSWER_CUE = "The answer is:"
 COT_CUE = "Let's think step by step:"
 COT_ANSWER = "So the answer is:"
 COT_CLAMP = (0.4, 0.6)
+"""Chain-of-thought probabilities are clamped to 40-60% (Bai et al. 2022 §4.1)."""
 BUILTIN_PAIRS = Path(__file__).parent / "evaldata" / "labelled_pairs.jsonl"
 """48 hand-labelled pairs written by us (32 harmful request: explained refusal vs careless
 compliance; 16 ordinary question: right vs wrong answer), to check a labeller without BIG-bench."""
-"""Chain-of-thought probabilities are clamped to 40-60% (Bai et al. 2022 §4.1)."""
 
 
 def stable_seed(*parts) -> int:

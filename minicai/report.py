@@ -332,7 +332,8 @@ def headline_html(res: dict) -> str:
         for n in names:
             v = get(pol[n]["judge_free"])
             if isinstance(v, dict) and is_number(v.get("rate")):
-                rows.append((n, v["rate"], v.get("low"), v.get("high")))
+                lo, hi = v.get("low"), v.get("high")
+                rows.append((n, v["rate"], *((lo, hi) if is_number(lo) and is_number(hi) else (None, None))))
                 n_items = v.get("n")
             elif is_number(v):
                 rows.append((n, float(v), None, None))
@@ -347,11 +348,12 @@ def headline_html(res: dict) -> str:
         items = []
         for n, rep in tax.items():
             if isinstance(rep, dict) and is_number(rep.get("average_gain")):
-                items.append(f"<li><b>{esc(n)}</b>: alignment tax {100 * rep['average_gain']:+.1f}% on average "
-                             f"({esc(rep.get('verdict'))}; " + ", ".join(
-                                 f"{esc(b)} {100 * r['relative_change']:+.1f}%" for b, r in
-                                 (rep.get("benchmarks") or {}).items() if is_number(r.get("relative_change"))) +
-                             ")</li>")
+                benches = rep.get("benchmarks") if isinstance(rep.get("benchmarks"), dict) else {}
+                items.append(f"<li><b>{esc(n)}</b> against {esc(base)}: average gain {100 * rep['average_gain']:+.1f}% "
+                             f"(improvement &gt; 0: {esc(rep.get('verdict'))}); " + ", ".join(
+                                 f"{esc(b)} {100 * r['relative_change']:+.1f}% ({esc(r.get('verdict'))})"
+                                 for b, r in benches.items() if isinstance(r, dict) and is_number(r.get("relative_change")))
+                             + "</li>")
         out.append(f"<ul>{''.join(items)}</ul>")
     acc = res.get("judge_accuracy")
     if isinstance(acc, dict) and acc:
@@ -370,7 +372,9 @@ def judge_free_table_html(res: dict) -> str:
 
     def show(v):
         if isinstance(v, dict) and is_number(v.get("rate")):
-            return f"{100 * v['rate']:.0f}% ({100 * v['low']:.0f}-{100 * v['high']:.0f}, n={v.get('n')})"
+            ci = (f"{100 * v['low']:.0f}-{100 * v['high']:.0f}, " if is_number(v.get("low")) and is_number(v.get("high"))
+                  else "")
+            return f"{100 * v['rate']:.0f}% ({ci}n={esc(v.get('n'))})"
         return f"{v:.3f}" if is_number(v) else "-"
     metrics = list(HEADLINE_METRICS) + [
         ("refusal (loose), harmful prompts", lambda j: (j.get("harmful") or {}).get("refusal_loose"), False),
