@@ -527,7 +527,7 @@ def evaluate_policies(policies: dict, prompts: list[Prompt], *, judge=None, rewa
     tax = (yardstick.tax_report({n: tax_scores(judge_free[n]) for n in names}, anchor)
            if yardstick_sets is not None else None)
     seconds["total"] = time.time() - t0
-    return {"judge_free": free, "alignment_tax": tax, "judge_accuracy": judge_acc or None,
+    return {"judge_free": free, "alignment_tax": tax, "judge_accuracy": judge_acc or None, "policy_order": names,
             "policies": per, "anchor": anchor, "prompts": {k: sum(p.kind == k for p in prompts) for k in kinds},
             "win_rates": wr, "elo_method": "Bradley-Terry MLE on soft labels (l2 prior 0.01), anchor at 0",
             "judge_order_agreement": _mean([float((j["p_a_first_order"] > 0.5) == (j["p_a_swapped_order"] > 0.5))
@@ -559,9 +559,15 @@ def fmt_share(x: dict | None) -> str:
     return f"{100 * x['rate']:.0f}% ({100 * x['low']:.0f}-{100 * x['high']:.0f})"
 
 
+def policy_names(res: dict) -> list[str]:
+    """The policies in the order they were given (eval.json is written with sorted keys)."""
+    order = res.get("policy_order")
+    return list(order) if isinstance(order, list) and set(order) == set(res["policies"]) else list(res["policies"])
+
+
 def judge_free_table(res: dict) -> str:
     """The judge-free table (Markdown): harmful-prompt outcomes, over-refusal, alignment tax."""
-    names = [n for n in res["policies"] if "judge_free" in res["policies"][n]]
+    names = [n for n in policy_names(res) if "judge_free" in res["policies"][n]]
     if not names:
         return ""
     sets = res["judge_free"]["sets"]
@@ -598,7 +604,8 @@ def judge_free_table(res: dict) -> str:
         out += "\nAlignment tax against the anchor (relative change; improvement / regression):\n\n"
         benches = list(next(iter(tax.values()))["benchmarks"]) if tax else []
         out += "| policy | " + " | ".join(benches) + " | average |\n|" + "---|" * (len(benches) + 2) + "\n"
-        for n, rep in tax.items():
+        for n in [x for x in policy_names(res) if x in tax]:
+            rep = tax[n]
             cells = [f"{100 * rep['benchmarks'][b]['relative_change']:+.1f}% {rep['benchmarks'][b]['verdict']}"
                      if b in rep["benchmarks"] else "-" for b in benches]
             avg = "-" if rep["average_gain"] is None else f"{100 * rep['average_gain']:+.1f}% {rep['verdict']}"
@@ -620,7 +627,7 @@ def judge_accuracy_line(res: dict) -> str:
 
 def markdown_table(res: dict) -> str:
     """The per-policy table (and the win-rate matrix when there is one) as Markdown."""
-    names = list(res["policies"])
+    names = policy_names(res)
     has_rm = any("rm_score" in r for r in res["policies"].values())
     has_elo = any("elo" in r for r in res["policies"].values())
     head = ["policy", "quality"] + (["Elo", "Elo harmless", "Elo helpful"] if has_elo else []) + \

@@ -231,7 +231,7 @@ def pct_or_dash(v) -> str:
 def eval_html(res: dict) -> str:
     """The evaluation: per-policy table, win-rate matrix, held-out responses."""
     pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
-    names = list(pol)
+    names = policy_names(res)
     num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     elo = lambda v: "-" if v is None else f"{v:+.0f}"  # noqa: E731
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
@@ -293,16 +293,26 @@ HEADLINE_METRICS = (
 )
 
 
+def policy_names(res: dict) -> list[str]:
+    """The policies of an eval.json in the order they were given ("policy_order"; the file's own
+    keys are sorted), else in the file's order."""
+    pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
+    order = res.get("policy_order")
+    return list(order) if isinstance(order, list) and set(order) == set(pol) else list(pol)
+
+
 def bar_chart(title: str, rows: list[tuple[str, float, float | None, float | None]], base: str,
               percent: bool, width: int = 330) -> str:
     """Horizontal bars, one per policy (the base model grey), with a Wilson-interval whisker when
     the row has one: rows = [(policy, value, low, high)]. Values in [0, 1] are drawn as percent."""
-    L, R, T, bar, gap = 70, 46, 20, 14, 5
+    L, R, T, bar, gap = 70, 46, 34, 14, 5
     height = T + len(rows) * (bar + gap) + 4
     vmax = 1.0 if percent else max([v for _, v, _, _ in rows] + [1e-9]) * 1.1
     sx = lambda v: L + (width - L - R) * max(0.0, v) / vmax  # noqa: E731
+    head, _, sub = title.partition(" | ")
     parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="{esc(title)}"><text x="4" y="13" class="t">{esc(title)}</text>']
+             f'aria-label="{esc(head + " " + sub)}"><text x="4" y="13" class="t">{esc(head)}</text>'
+             f'<text x="4" y="27" class="xl">{esc(sub)}</text>']
     for i, (name, v, lo, hi) in enumerate(rows):
         y = T + i * (bar + gap)
         cls = "bbase" if name == base else "bpol"
@@ -320,7 +330,7 @@ def headline_html(res: dict) -> str:
     """The answer: per judge-free metric a small bar chart of every policy against the base model
     (the anchor), with Wilson 95% intervals and the number of prompts, then the tax verdicts."""
     pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
-    names = [n for n in pol if isinstance(pol[n], dict) and isinstance(pol[n].get("judge_free"), dict)]
+    names = [n for n in policy_names(res) if isinstance(pol[n], dict) and isinstance(pol[n].get("judge_free"), dict)]
     if not names:
         return ""
     base = res.get("anchor", names[0])
@@ -339,18 +349,20 @@ def headline_html(res: dict) -> str:
                 rows.append((n, float(v), None, None))
                 percent = False
         if rows:
-            sub = f"{title}{' (n=' + str(n_items) + ')' if n_items else ''}, {'lower' if lower else 'higher'} is better"
+            sub = f"{title} | {'n=' + str(n_items) + ', ' if n_items else ''}{'lower' if lower else 'higher'} is better"
             charts.append(f'<div class="chart">{bar_chart(sub, rows, base, percent)}</div>')
     out = [f"<p>Judge-free measurements on held-out prompts: no AI labeller is involved. Grey = the base model "
            f"({esc(base)}); whiskers = Wilson 95% intervals.</p><div class='charts'>{''.join(charts)}</div>"]
     tax = res.get("alignment_tax")
     if isinstance(tax, dict) and tax:
         items = []
-        for n, rep in tax.items():
+        for n in [x for x in policy_names(res) if x in tax]:
+            rep = tax[n]
             if isinstance(rep, dict) and is_number(rep.get("average_gain")):
                 benches = rep.get("benchmarks") if isinstance(rep.get("benchmarks"), dict) else {}
-                items.append(f"<li><b>{esc(n)}</b> against {esc(base)}: average gain {100 * rep['average_gain']:+.1f}% "
-                             f"(improvement &gt; 0: {esc(rep.get('verdict'))}); " + ", ".join(
+                items.append(f"<li><b>{esc(n)}</b> against {esc(base)}: alignment tax, average gain "
+                             f"{100 * rep['average_gain']:+.1f}% ({esc(rep.get('verdict'))}; gain &gt; 0 is an "
+                             f"improvement): " + ", ".join(
                                  f"{esc(b)} {100 * r['relative_change']:+.1f}% ({esc(r.get('verdict'))})"
                                  for b, r in benches.items() if isinstance(r, dict) and is_number(r.get("relative_change")))
                              + "</li>")
@@ -366,7 +378,7 @@ def headline_html(res: dict) -> str:
 def judge_free_table_html(res: dict) -> str:
     """Every judge-free number of every policy, as "rate (low-high)" with the n behind it."""
     pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
-    names = [n for n in pol if isinstance(pol[n], dict) and isinstance(pol[n].get("judge_free"), dict)]
+    names = [n for n in policy_names(res) if isinstance(pol[n], dict) and isinstance(pol[n].get("judge_free"), dict)]
     if not names:
         return ""
 
@@ -391,7 +403,8 @@ def judge_free_table_html(res: dict) -> str:
 
 def side_by_side_html(res: dict, n: int = 6) -> str:
     """A few held-out harmful prompts with every policy's reply and its outcome, side by side: the
-    first prompt of each source in turn."""
+    first prompt of each source in turn, HarmBench's last (its behaviours are the most severe;
+    docs/data.md)."""
     free = res.get("judge_free") if isinstance(res.get("judge_free"), dict) else {}
     rows = [r for r in free.get("harmful") or [] if isinstance(r, dict) and isinstance(r.get("responses"), dict)]
     if not rows:
@@ -401,8 +414,9 @@ def side_by_side_html(res: dict, n: int = 6) -> str:
     by_source: dict[str, list[dict]] = {}
     for r in rows:
         by_source.setdefault(str(r.get("source", "")).split("/")[0], []).append(r)
-    picked = [r for group in itertools.zip_longest(*by_source.values()) for r in group if r is not None][:n]
-    names = list(picked[0]["responses"])
+    groups = [v for k, v in by_source.items() if k != "harmbench"] or list(by_source.values())
+    picked = [r for group in itertools.zip_longest(*groups) for r in group if r is not None][:n]
+    names = [x for x in policy_names(res) if x in picked[0]["responses"]] or list(picked[0]["responses"])
     out = ["<table class='sbs'><tr><th>held-out harmful prompt</th>" +
            "".join(f"<th>{esc(x)}</th>" for x in names) + "</tr>"]
     for r in picked:

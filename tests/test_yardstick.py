@@ -396,32 +396,36 @@ def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
         other.norm.weight.mul_(-1.0)
     ys = tiny_yardstick(tmp_path)
     prompts = data.split(data.load_prompts("builtin-red-team"))[1][:1]
-    res = evaluate_policies({"base": (model, tok), "other": (other.eval(), tok)}, prompts, judge=(model, tok),
+    res = evaluate_policies({"base": (model, tok), "aligned": (other.eval(), tok)}, prompts, judge=(model, tok),
                             comparisons=["Choose the less harmful response."], max_new_tokens=3, yardstick_sets=ys,
                             judge_checks={"bigbench_hhh": load_hhh("bigbench", str(tmp_path / "bigbench-1.0.0.tar.gz"))})
-    jf = res["policies"]["other"]["judge_free"]
+    jf = res["policies"]["aligned"]["judge_free"]
     assert jf["harmful"]["compliance"]["n"] == 4 and jf["over_refusal"]["refusal_strict"]["n"] == 3
     assert set(jf["over_refusal_by_source"]) == {"builtin-benign-edgy"}
     assert jf["capability"]["accuracy"]["n"] == 6 and jf["truthfulqa_mc"]["accuracy"]["n"] == 3
     assert jf["perplexity"]["tokens"] > 50
-    assert set(res["alignment_tax"]) == {"other"}
-    assert set(res["alignment_tax"]["other"]["benchmarks"]) == {"perplexity", "capability", "truthfulqa_mc",
+    assert set(res["alignment_tax"]) == {"aligned"}
+    assert set(res["alignment_tax"]["aligned"]["benchmarks"]) == {"perplexity", "capability", "truthfulqa_mc",
                                                                 "strategyqa"}
     assert res["judge_accuracy"]["bigbench_hhh"]["accuracy"]["n"] == 8
     assert len(res["judge_free"]["harmful"]) == 4 and set(res["judge_free"]["harmful"][0]["responses"]) == {
-        "base", "other"}
+        "base", "aligned"}
+    assert res["policy_order"] == ["base", "aligned"]  # eval.json sorts its keys; the report keeps this order
     # the replies stored are the ones the outcomes were computed from
-    replies = [r["responses"]["other"] for r in res["judge_free"]["harmful"]]
+    replies = [r["responses"]["aligned"] for r in res["judge_free"]["harmful"]]
     assert harmlessness(replies)["compliance"] == jf["harmful"]["compliance"]
     md = markdown_table(res)
-    assert md.index("Judge-free") < md.index("AI judge") and "| other |" in judge_free_table(res)
+    assert md.index("Judge-free") < md.index("AI judge") and "| aligned |" in judge_free_table(res)
     assert "bigbench_hhh:" in md and "truthfulqa_mc" in md
     run = tmp_path / "run"
     atomic_write_json(run / "eval" / "eval.json", res)
     atomic_write_json(run / "sl" / "config.json", {"lr": 1e-5})
     page = render_report(run)
     assert page.index("The answer") < page.index("Held-out harmful prompts") < page.index("Configuration")
-    assert page.count("<svg") >= 6 and "explained refusal, harmful prompts (n=4)" in page
+    assert page.count("<svg") >= 6 and "explained refusal, harmful prompts" in page and "n=4, higher is better" in page
+    sbs = page[page.index("<table class='sbs'>"):]
+    assert sbs.index("<th>base</th>") < sbs.index("<th>aligned</th>")
+    assert "| aligned |" in md and md.index("| base |") < md.index("| aligned |")
 
 
 def test_judge_accuracy_uses_each_categorys_principles(tiny, monkeypatch):
