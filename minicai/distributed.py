@@ -155,5 +155,9 @@ def shard(items: list, d: Dist) -> list:
 
 
 def finish(d: Dist) -> None:
+    """Leave the process group. Every rank first waits at a barrier, so that no rank tears down
+    gloo while another still has collectives in flight (FSDP2 can leave asynchronous all-gathers
+    queued; a rank that destroyed its group early was seen to abort the other with SIGABRT)."""
     if d.world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

