@@ -201,7 +201,62 @@ def test_hhh_check_on_bigbench_and_builtin_pairs(tiny_gguf, tmp_path, capsys):
     assert sum(c["k"] for c in res["per_category"].values()) == round(res["accuracy"] * 8)
     printed = capsys.readouterr().out
     assert "harmless" in printed and "95% interval" in printed
+    assert feedback_main(["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(tiny_gguf), "--labeller",
+                          "contrast", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["labeller"] == "contrast" and res["items"] == 8 and "order_agreement" not in res
     items, cats = load_hhh("builtin")
     assert len(items) == 48 and cats.count("harmless") == 32 and cats.count("helpful") == 16
     with pytest.raises(InputError, match="pip download --no-deps bigbench==1.0.0"):
         load_hhh("bigbench", str(tmp_path / "missing.tar.gz"))
+
+
+# ------------------------------------------------------------------------------ likelihood contrast
+
+def test_contrast_equals_a_hand_computation_from_full_forwards(tiny):
+    from minicai.feedback import CONTRAST_TAU, contrast_pairs
+
+    model, tok = tiny
+    follow, violate = "Be kind.", "Be rude."
+    conv, a, b = "Human: hello there", "hi friend", "go away now"
+
+    def mean_logp(system, reply):
+        """Plain route: one unpadded forward of the whole chat, log-softmax, the reply's tokens."""
+        ctx, _ = tok.render([{"role": "system", "content": system}, {"role": "user", "content": "hello there"}],
+                            add_generation_prompt=True)
+        full, mask = tok.render([{"role": "system", "content": system}, {"role": "user", "content": "hello there"},
+                                 {"role": "assistant", "content": reply}])
+        assert full[:len(ctx)] == ctx
+        n = sum(mask) - 1  # reply tokens, without the end-of-turn marker
+        with torch.no_grad():
+            logp = model(torch.tensor([full])).double().log_softmax(-1)[0]  # (T, V)
+        return sum(float(logp[len(ctx) - 1 + t, full[len(ctx) + t]]) for t in range(n)) / n
+
+    s_a = mean_logp(follow, a) - mean_logp(violate, a)
+    s_b = mean_logp(follow, b) - mean_logp(violate, b)
+    want = 1 / (1 + math.exp(-(s_a - s_b) / CONTRAST_TAU))
+    got = contrast_pairs(model, tok, [(conv, a, b)], [[(follow, violate)]])[0]
+    assert got["per_principle"][0]["s_a"] == pytest.approx(s_a, abs=1e-5)
+    assert got["p_a"] == pytest.approx(want, abs=1e-4)
+
+
+def test_contrast_swap_is_exactly_one_minus_p_and_ties_are_exactly_half(tiny):
+    from minicai.feedback import contrast_pairs
+
+    model, tok = tiny
+    ctxs = [("Be kind.", "Be rude."), ("Be honest.", "Lie freely.")]
+    pairs = [("Human: q one", "alpha beta", "gamma"), ("Human: q two", "x y z", "the the the")]
+    fwd = contrast_pairs(model, tok, pairs, [ctxs, ctxs[:1]], batch_size=3)
+    rev = contrast_pairs(model, tok, [(c, b, a) for c, a, b in pairs], [ctxs, ctxs[:1]], batch_size=3)
+    for f, r in zip(fwd, rev):
+        assert r["p_a"] == 1.0 - f["p_a"] and f["p_a"] != 0.5
+    same = contrast_pairs(model, tok, [("Human: q", "same reply", "same reply")], [ctxs])[0]
+    assert same["p_a"] == 0.5 and all(p["p_a"] == 0.5 for p in same["per_principle"])
+
+
+def test_p_from_centered_is_exactly_symmetric():
+    from minicai.feedback import p_from_centered
+
+    for c in (0.1234567, 1e-17, 0.4999999, 0.3, 0.0):
+        assert p_from_centered(-c) == 1.0 - p_from_centered(c)
+    assert p_from_centered(0.25) == 0.75 and p_from_centered(-0.25) == 0.25
