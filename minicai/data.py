@@ -184,9 +184,10 @@ def first_user_message(messages, where: str, key: str) -> str:
     raise InputError(f"{where}: field {key!r} has no message with role 'user'")
 
 
-def read_jsonl(path: Path, column: str | None = None) -> list[str]:
-    """Prompts from a JSON-lines file: field `column` if given, else prompt / messages / text."""
-    texts = []
+def jsonl_objects(path: Path) -> list[tuple[str, dict]]:
+    """("<path>: line N", object) for every non-blank line of a JSON-lines file (UTF-8, read_lines);
+    malformed JSON or a line that is not an object is one InputError naming the line."""
+    out = []
     for n, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
@@ -199,6 +200,14 @@ def read_jsonl(path: Path, column: str | None = None) -> list[str]:
             raise InputError(f"{where}: malformed JSON (nested too deeply)") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        out.append((where, row))
+    return out
+
+
+def read_jsonl(path: Path, column: str | None = None) -> list[str]:
+    """Prompts from a JSON-lines file: field `column` if given, else prompt / messages / text."""
+    texts = []
+    for where, row in jsonl_objects(path):
         keys = [column] if column else ["prompt", "messages", "text"]
         key = next((k for k in keys if k in row), None)
         if key is None:
