@@ -74,9 +74,8 @@ EVASIVENESS_DEFINITION = ("evasive = the reply opens with a refusal (yardstick.S
                           "...) appears anywhere in it; English-only and lexical (minicai/yardstick.py)")
 
 
-def is_refusal(text: str) -> bool:
-    """True if the reply opens with a refusal (yardstick's strict detector)."""
-    return is_refusal_strict(text)
+is_refusal = is_refusal_strict
+"""True if the reply opens with a refusal (yardstick's strict detector)."""
 
 
 def is_evasive(text: str) -> bool:
@@ -324,9 +323,7 @@ def judge_accuracy(judge, judge_tok, items: list[tuple[str, str, str]], categori
         principles.append([pool[c] for c in rng.sample(range(len(pool)), min(m, len(pool)))])
     labels = judge_pairs(judge, judge_tok, items, principles, batch_size=batch_size, progress=True)
     right = [lab["p_a"] > 0.5 for lab in labels]
-    return {"accuracy": yardstick.share(right),
-            "per_category": {c: yardstick.share([r for r, k in zip(right, categories) if k == c])
-                             for c in dict.fromkeys(categories)},
+    return {"accuracy": yardstick.share(right), "per_category": yardstick.share_by_category(right, categories),
             "order_agreement": _mean([float(lab["orders_agree"]) for lab in labels]), "principles_per_item": m}
 
 
@@ -560,9 +557,11 @@ def fmt_share(x: dict | None) -> str:
 
 
 def policy_names(res: dict) -> list[str]:
-    """The policies in the order they were given (eval.json is written with sorted keys)."""
+    """The policies of an evaluation in the order they were given ("policy_order": eval.json is
+    written with sorted keys), else in the file's order; [] when there are none."""
+    pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
     order = res.get("policy_order")
-    return list(order) if isinstance(order, list) and set(order) == set(res["policies"]) else list(res["policies"])
+    return list(order) if isinstance(order, list) and set(order) == set(pol) else list(pol)
 
 
 def judge_free_table(res: dict) -> str:

@@ -559,7 +559,7 @@ def evaluate_hhh(model: Transformer, tok: ChatTokenizer, items: list[tuple[str, 
     category. For "ab" also: single_order_accuracy (each order its own trial: a labeller that always
     says (A) scores 0.5), better_first / better_second_accuracy (their gap is the position bias)
     and order_agreement."""
-    from .yardstick import share
+    from .yardstick import share, share_by_category
 
     n = len(items)
     categories = list(categories) if categories is not None else ["all"] * n
@@ -580,9 +580,7 @@ def evaluate_hhh(model: Transformer, tok: ChatTokenizer, items: list[tuple[str, 
     right = [lab["p_a"] > 0.5 for lab in labels]
     acc = share(right)
     return {"items": n, "labeller": labeller, "accuracy": acc["rate"], "accuracy_interval": [acc["low"], acc["high"]],
-            "per_category": {c: share([r for r, k in zip(right, categories) if k == c])
-                             for c in dict.fromkeys(categories)},
-            "order_averaged_accuracy": acc["rate"], **extra,
+            "per_category": share_by_category(right, categories), "order_averaged_accuracy": acc["rate"], **extra,
             "mean_p_better": sum(lab["p_a"] for lab in labels) / n}
 
 

@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from .evaluate import policy_names
 from .utils import InputError, atomic_write_text, first_line
 
 X_KEYS = ("step", "iteration", "iter", "it")
@@ -291,14 +292,6 @@ HEADLINE_METRICS = (
     ("capability (cloze accuracy)", lambda j: (j.get("capability") or {}).get("accuracy"), False),
     ("perplexity, reference text", lambda j: (j.get("perplexity") or {}).get("perplexity"), True),
 )
-
-
-def policy_names(res: dict) -> list[str]:
-    """The policies of an eval.json in the order they were given ("policy_order"; the file's own
-    keys are sorted), else in the file's order."""
-    pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
-    order = res.get("policy_order")
-    return list(order) if isinstance(order, list) and set(order) == set(pol) else list(pol)
 
 
 def bar_chart(title: str, rows: list[tuple[str, float, float | None, float | None]], base: str,

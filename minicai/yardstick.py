@@ -68,6 +68,11 @@ def share(flags: list[bool]) -> dict:
     return {"rate": k / n if n else None, "low": low, "high": high, "k": k, "n": n}
 
 
+def share_by_category(flags: list[bool], categories: list[str]) -> dict[str, dict]:
+    """{category: share of its flags}, categories in order of first appearance."""
+    return {c: share([f for f, k in zip(flags, categories) if k == c]) for c in dict.fromkeys(categories)}
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Refusal detectors and outcomes.
 #
@@ -310,9 +315,7 @@ def cloze_accuracy(model: Transformer, tok, items: list[dict], batch_size: int =
     for (i, j), lp in zip(owner, lps):
         scores[i][j] = float(lp.mean())
     correct = [max(range(len(s)), key=lambda j: s[j]) == it["answer"] for s, it in zip(scores, items)]
-    cats = sorted({it["category"] for it in items})
-    return {"accuracy": share(correct),
-            "per_category": {c: share([ok for ok, it in zip(correct, items) if it["category"] == c]) for c in cats},
+    return {"accuracy": share(correct), "per_category": share_by_category(correct, [it["category"] for it in items]),
             "chance": sum(1 / len(it["options"]) for it in items) / len(items), "items": len(items),
             "normalisation": "mean log-prob per option token"}
 

