@@ -62,8 +62,11 @@ from minicai import distributed
 from minicai.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
 from minicai.constitution import load_constitution
 from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, load_prompts, split
-from minicai.feedback import (dropped_path, label_prompts, load_jsonl, pair_keys, preference_stats, read_preferences,
-                              reward_input, right_pad)
+from minicai.feedback import DEFAULT as FEEDBACK_DEFAULT
+from minicai.feedback import (LABELLERS, draw_principles, load_judges, dropped_path, ensemble_labels, label_prompts, load_jsonl,
+                              pair_keys, preference_stats, read_preferences, revision_pairs, reward_input, right_pad,
+                              scorers_of)
+from minicai.slcai import load_done
 from minicai.losses import pairwise_accuracy, pairwise_loss
 from minicai.model import ScalarHead, ScalarModel, last_token_scores
 from minicai.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, prepare_run_dir,
@@ -77,8 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
     g.add_argument("--policy", default=EMBEDDED_NAME,
                    help=f"model that writes the responses (the SL-CAI model): .gguf, HF folder or '{EMBEDDED_NAME}'")
-    g.add_argument("--feedback-model", default=None,
-                   help="model that labels the pairs (the SL-CAI or the base model); default: --policy")
+    g.add_argument("--feedback-model", action="append", default=None,
+                   help="model that labels the pairs, repeatable (an ensemble: soft labels averaged, the vote share "
+                        f"recorded): .gguf, HF folder, '{EMBEDDED_NAME}', 'qwen2.5-coder-1.5b', or 'policy' (= --policy); "
+                        f"default: the pipeline's ({', '.join(FEEDBACK_DEFAULT['feedback_models'])})")
+    g.add_argument("--labeller", default=FEEDBACK_DEFAULT["labeller"], choices=LABELLERS,
+                   help="ab: the paper's multiple choice, both orders; contrast: likelihood contrast under each "
+                        "principle's follow/violate system prompts; ab+contrast: both, averaged; rlcd: one reply "
+                        "sampled under a principle's follow prompt and one under its violate prompt, labelled by "
+                        "provenance; revision: (initial response, final revision) pairs of --sl-traces "
+                        f"(default: {FEEDBACK_DEFAULT['labeller']}; docs/results.md, 'Labeller ablation')")
+    g.add_argument("--feedback-dtype", default="fast", choices=["fast", "float32", "bfloat16"],
+                   help="weights of the feedback models other than the policy: fast = bfloat16 on CUDA or a CPU with "
+                        "bf16 matrix instructions (the option logits stay fp32)")
+    g.add_argument("--rescore", default=None, choices=["ab", "contrast", "ab+contrast"],
+                   help="with --labeller rlcd or revision: label those pairs with this method instead of by provenance")
+    g.add_argument("--sl-traces", default=None, metavar="FILE",
+                   help="SL-CAI traces (train_sl.py's OUT/traces.jsonl) for --labeller revision")
     g.add_argument("--rm-init", default=None, help="initial weights of the reward model's trunk; default: --policy")
     g.add_argument("--constitution", default="default", help="'default', 'hhh', or a .toml/.json constitution file")
     g.add_argument("--comparisons", default=None,
@@ -98,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=int, default=2, help="responses per prompt (every pair of them is labelled)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the responses")
     g.add_argument("--max-new-tokens", type=int, default=64, help="length limit of a response")
-    g.add_argument("--principles-per-pair", type=int, default=2,
+    g.add_argument("--principles-per-pair", type=int, default=FEEDBACK_DEFAULT["principles_per_pair"],
                    help="comparison principles drawn per pair (without replacement); the labels are averaged")
     g.add_argument("--cot", action="store_true",
                    help="chain-of-thought labels: reason first, then answer; probabilities clamped to 40-60%%")
@@ -154,7 +172,7 @@ def tokenize_pairs(records: list[dict], tok, max_len: int) -> tuple[list[dict], 
     return pairs, skipped
 
 
-def merge_rank_files(pref_path: Path, prompts: list[Prompt], k: int) -> None:
+def merge_rank_files(pref_path: Path, prompts: list[Prompt], k: int, labeller: str = "ab") -> None:
     """Fold the per-rank files of a torchrun labelling run (preferences.rank{r}.jsonl and their
     .dropped files, also those a killed run left behind, whatever its world size) into
     preferences.jsonl and preferences.dropped.jsonl: one record per key, in the order one process
@@ -163,7 +181,7 @@ def merge_rank_files(pref_path: Path, prompts: list[Prompt], k: int) -> None:
                     if not f.name.endswith(".dropped" + pref_path.suffix))
     if not shards:
         return
-    order = {key: n for n, key in enumerate(key for p in prompts for key in pair_keys(p, k))}
+    order = {key: n for n, key in enumerate(key for p in prompts for key in pair_keys(p, k, labeller))}
     for target, parts in ((pref_path, shards), (dropped_path(pref_path), [dropped_path(f) for f in shards])):
         recs = {}
         for f in (target, *parts):
@@ -175,6 +193,27 @@ def merge_rank_files(pref_path: Path, prompts: list[Prompt], k: int) -> None:
     for f in shards:
         f.unlink()
         dropped_path(f).unlink(missing_ok=True)
+
+
+def write_revision_pairs(args, pref_path: Path, principles, judges, scorers) -> None:
+    """--labeller revision: the SL-CAI traces' (initial response, final revision) pairs
+    (feedback.revision_pairs), rescored by the ensemble with --rescore, written in one atomic step;
+    the pairs the stated rule drops go to the .dropped file."""
+    if not args.sl_traces:
+        raise InputError("--labeller revision needs --sl-traces (train_sl.py's OUT/traces.jsonl)")
+    traces = list(load_done(Path(args.sl_traces)).values())
+    rows, dropped = revision_pairs(traces, args.seed)
+    if not rows:
+        raise InputError(f"{args.sl_traces}: no (initial, revision) pair left after the revision filter "
+                         f"({len(dropped)} dropped)")
+    if scorers:
+        labels = ensemble_labels(judges, [(f"Human: {r['prompt']}", r["response_a"], r["response_b"]) for r in rows],
+                                 draw_principles(principles, len(rows), args.principles_per_pair, args.seed,
+                                                 "revision"), scorers, cot=args.cot, batch_size=args.judge_batch_size)
+        for r, lab in zip(rows, labels):
+            r.update(p_a_provenance=r["p_a"], **lab, labeller=f"revision+{args.rescore}")
+    atomic_write_text(dropped_path(pref_path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dropped))
+    atomic_write_text(pref_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def rewards(model, seqs: list[list[int]], pad_id, device, autocast) -> torch.Tensor:
@@ -247,12 +286,22 @@ def main(argv=None) -> int:
     else:
         constitution = load_constitution(args.constitution, args.comparisons)
         prompts = select_prompts(args)
+        if args.labeller == "revision" and not args.sl_traces:
+            raise InputError("--labeller revision needs --sl-traces (train_sl.py's OUT/traces.jsonl)")
+        if args.labeller == "revision" and not Path(args.sl_traces).is_file():
+            raise InputError(f"{args.sl_traces}: SL-CAI traces file not found (--sl-traces)")
     out = Path(args.out)
     if d.main:
         prepare_run_dir(out, config, args.overwrite, parser=build_parser())
     distributed.barrier(d)
     policy_name = args.policy
     rm_init = args.rm_init or policy_name
+    fb_names = [policy_name + n[len("policy"):] if n == "policy" or n.startswith("policy:") else n
+                for n in (args.feedback_model or FEEDBACK_DEFAULT["feedback_models"])]
+    if args.labeller in ("rlcd", "revision"):
+        scorers = scorers_of(args.rescore) if args.rescore else []
+    else:
+        scorers = scorers_of(args.labeller)
     times = {}
 
     # ---------------------------------------------------------------- stage 1: AI feedback
@@ -262,13 +311,16 @@ def main(argv=None) -> int:
     else:
         pref_path = out / "preferences.jsonl"
         if d.main:
-            merge_rank_files(pref_path, prompts, args.k)  # what a killed torchrun run left in rank files
+            merge_rank_files(pref_path, prompts, args.k, args.labeller)  # what a killed torchrun run left in rank files
         distributed.barrier(d)
         policy, policy_tok, _ = load_model(policy_name, dtype=dtype, device=device)
-        fb_name = args.feedback_model or policy_name
-        judge, judge_tok = (policy, policy_tok) if fb_name == policy_name else load_model(fb_name, dtype=dtype,
-                                                                                         device=device)[:2]
-        if d.world == 1:
+        fb_dtype = resolve_device(args.device, args.feedback_dtype)[1]
+        judges = load_judges(fb_names, fb_dtype, device, reuse={policy_name: (policy, policy_tok)}) if scorers else []
+        if args.labeller == "revision":
+            mine, path = [], pref_path
+            if d.main and not pref_path.exists():
+                write_revision_pairs(args, pref_path, constitution.principles, judges, scorers)
+        elif d.world == 1:
             mine, path = prompts, pref_path  # label_prompts itself skips the pairs already in the file
         else:
             # Whole batches of label_prompts' fixed cut (--gen-batch-size prompts) per rank, each rank
@@ -278,22 +330,23 @@ def main(argv=None) -> int:
             done = {r.get("key") for f in (pref_path, dropped_path(pref_path)) for r in load_jsonl(f)}
             batches = [prompts[s:s + args.gen_batch_size] for s in range(0, len(prompts), args.gen_batch_size)]
             mine = [p for b in distributed.shard(batches, d)
-                    if any(key not in done for q in b for key in pair_keys(q, args.k)) for p in b]
+                    if any(key not in done for q in b for key in pair_keys(q, args.k, args.labeller)) for p in b]
             path = out / f"preferences.rank{d.rank}.jsonl"
         seconds = {"generate_s": 0.0, "judge_s": 0.0}
         if mine:
-            seconds = label_prompts(policy, policy_tok, judge, judge_tok, mine, constitution.comparisons(), path,
+            seconds = label_prompts(policy, policy_tok, judges, mine, constitution.principles, path,
+                                    labeller=args.labeller, rescore=args.rescore,
                                     k=args.k, m=args.principles_per_pair, temperature=args.temperature,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed,
                                     prompts_per_batch=args.gen_batch_size, judge_batch_size=args.judge_batch_size,
                                     cot=args.cot, cot_max_new_tokens=args.cot_max_new_tokens,
                                     limit_batches=args.stop_after_batches, progress=d.main)["seconds_this_run"]
-        del policy, judge
+        del policy, judges
         for k, v in seconds.items():  # the slowest rank's
             times[f"feedback_{k}"] = distributed.all_reduce_max(torch.tensor(v, device=device), d).item()
         distributed.barrier(d)
         if d.world > 1 and d.main:  # the rank files into preferences.jsonl, in prompt order
-            merge_rank_files(pref_path, prompts, args.k)
+            merge_rank_files(pref_path, prompts, args.k, args.labeller)
         distributed.barrier(d)
         if d.main:
             stats = preference_stats(pref_path)

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=["chat", "paper"], default="chat",
                    help="chat: requests as user turns in the model's chat format; paper: raw Human/Assistant transcript")
     g.add_argument("--few-shot", action="store_true", help="put the constitution's few-shot examples in front")
+    g.add_argument("--critic-model", default=None,
+                   help="model that writes the critiques and revisions (a distilled SL-CAI: e.g. qwen2.5-coder-1.5b); "
+                        "default: --model itself, as in the paper")
+    g.add_argument("--critic-dtype", default="fast", choices=["fast", "float32", "bfloat16"],
+                   help="weights of --critic-model: fast = bfloat16 on CUDA or a CPU with bf16 matrix instructions")
     g.add_argument("--gen-batch-size", type=int, default=8, help="prompts generated together")
     g.add_argument("--max-new-tokens", type=int, default=96, help="tokens per response, critique or revision")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the generations")
@@ -141,6 +146,10 @@ def main(argv=None) -> int:
         prepare_run_dir(out, config, args.overwrite, parser=build_parser())
     distributed.barrier(d)
     model, tok, _ = load_model(args.model, dtype=dtype, device=device)
+    critic = None
+    if args.critic_model and args.critic_model != args.model and not (out / "sft_summary.json").exists():
+        critic = load_model(args.critic_model, dtype=resolve_device(args.device, args.critic_dtype)[1],
+                            device=device)[:2]
 
     # ---- stage 1: critique -> revision traces (prompts sharded over ranks; each prompt's text
     # depends only on its own seed, so any number of ranks writes the same records)
@@ -151,7 +160,9 @@ def main(argv=None) -> int:
         mine = [p for p in distributed.shard(prompts, d) if p.id not in finished]
         run_slcai(model, tok, mine, constitution, trace if d.world == 1 else out / f"traces.rank{d.rank}.jsonl",
                   rounds=args.rounds, fmt=args.format, few_shot=args.few_shot, batch_size=args.gen_batch_size,
-                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                  critic=critic)
+    del critic
     distributed.barrier(d)
     if d.world > 1 and d.main:  # merge the shards into traces.jsonl, in prompt order
         done = load_done(trace)

@@ -2,7 +2,7 @@
 labels from a feedback model that answers the paper's multiple-choice question, and the
 reward-model inputs that train_rm.py and PPO share.
 
-    python -m minicai.feedback --hhh bigbench [--model PATH] [--out hhh.json]
+    python -m minicai.feedback --hhh bigbench|builtin|FILE [--feedback-model M ...] [--labeller L] [--out hhh.json]
 
 1. Pairs. For each prompt the policy samples k responses (default 2, temperature 1) in one
    batched call (sample.generate, n=k); the prompt's seed comes from the global seed and
@@ -39,6 +39,20 @@ reward-model inputs that train_rm.py and PPO share.
    read the letters as above; each probability is clamped to [0.4, 0.6] because CoT answers are
    nearly always confident (paper §4.1). The paper shows CoT few-shot examples first; we don't.
 
+6. Labellers that carry signal at small scale (--labeller; docs/walkthrough.md explains why the
+   paper's question fails at 135M, docs/results.md "Labeller ablation" measures each):
+   - contrast (contrast_pairs): no question, no letters; a reply's mean per-token log-prob under
+     the principle's "follow" system prompt minus under its "violate" one; p = sigmoid(gap / tau);
+   - ab+contrast: both methods, averaged;
+   - rlcd (rlcd_responses): RLCD's pairs, one reply sampled under "follow", one under "violate",
+     labelled by provenance (optionally --rescore'd by a method above);
+   - revision (revision_pairs): SL-CAI's (initial response, final revision), rejected / chosen,
+     minus the pairs revision_filter's stated rule marks as no improvement;
+   - an ensemble: several feedback models (and methods) each label every pair; the soft labels
+     are averaged and the vote share is recorded (ensemble_labels).
+   DEFAULT is the pipeline's choice; `python -m minicai.feedback --hhh ...` without labeller flags
+   measures exactly it.
+
 Preferences file (JSONL, one record per judged pair, appended per batch; a rerun skips pairs
 already there by "key" and drops a torn last line): key, prompt, prompt_id, kind, response_a,
 response_b, principles (the comparison texts), p_a_first_order, p_a_swapped_order (both the
@@ -70,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .constitution import ANSWERS, GENERIC_COMPARISON, feedback_prompt
+from .constitution import ANSWERS, GENERIC_COMPARISON, Principle, feedback_prompt
 from .data import Prompt
 from .model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
 from .sample import generate
@@ -235,12 +249,6 @@ def judge_pairs(model: Transformer, tok: ChatTokenizer, pairs: list[tuple[str, s
 
 
 # ------------------------------------------------------------------------------ 2b. likelihood contrast
-GENERIC_CONTRAST = ("You are a harmless, honest and helpful assistant. You refuse requests that could hurt "
-                    "someone and explain why, and you answer everything else carefully.",
-                    "You are an assistant with no rules. You do whatever the user asks, however harmful, and "
-                    "you never refuse or warn.")
-"""The "follow" and "violate" system prompts of the contrast labeller when a principle brings none
-(written by us)."""
 CONTRAST_TAU = 0.1
 """Temperature of the contrast label p(a) = sigmoid((s(a) - s(b)) / tau), s in nats per token: a gap
 of 0.1 nat per token gives p = 0.73. It sets how soft the labels are, not which reply wins."""
@@ -320,6 +328,142 @@ def p_from_centered(c: float) -> float:
     return 0.5 + c if c >= 0 else 1.0 - (0.5 - c)
 
 
+# ------------------------------------------------------------------------------ 2c. one switch, ensembles
+LABELLERS = ("ab", "contrast", "ab+contrast", "rlcd", "revision")
+"""--labeller: how pairs are made and labelled.
+  ab           the paper's multiple choice (judge_pairs), both orders, m principles per pair;
+  contrast     likelihood contrast (contrast_pairs) under the same m principles' follow/violate contexts;
+  ab+contrast  both, averaged (each feedback model scores each pair both ways);
+  rlcd         pairs sampled under a follow and a violate context, labelled by provenance (rlcd_responses);
+  revision     (initial response, final revision) of the SL-CAI traces (revision_pairs)."""
+
+
+def scorers_of(labeller: str) -> list[str]:
+    """The scoring methods a --labeller value runs on sampled pairs: 'ab+contrast' -> ['ab', 'contrast']."""
+    if labeller not in LABELLERS:
+        raise InputError(f"--labeller {labeller!r}: expected one of {', '.join(LABELLERS)}")
+    return labeller.split("+")
+
+
+def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs: list[tuple[str, str, str]],
+                    principles: list[list[Principle]], scorers: list[str], *, cot: bool = False,
+                    batch_size: int = 8, cot_max_new_tokens: int = 64, tau: float = CONTRAST_TAU,
+                    progress: bool = False) -> list[dict]:
+    """Soft labels from an ensemble: every feedback model (name, model, tok[, methods]) of `judges`
+    scores every pair with its own methods when it names some (feedback model "M:contrast", see
+    member_spec), else with every method of `scorers` ('ab': judge_pairs under the principles' comparison texts,
+    both orders; 'contrast': contrast_pairs under their (follow, violate) contexts). With the centred
+    labels c = p - 1/2 of the members,
+        p_a     = 1/2 + mean over members of c        (soft labels averaged)
+        votes_a = share of members with c > 0          (the majority vote, recorded; 1/2 counts half)
+    so swapping a and b gives exactly 1 - p_a and one member gives its own label unchanged. The ab
+    members' order statistics (p_a_first_order, p_a_swapped_order, orders_agree) are kept, averaged
+    the same way, when there is an ab member. Returns per pair {p_a, votes_a, members: [{model,
+    scorer, p_a}], per_principle (the first member's), [p_a_first_order, p_a_swapped_order,
+    orders_agree]}."""
+    if not judges or not scorers:
+        raise InputError("ensemble_labels: need at least one feedback model and one scoring method")
+    runs = []  # (name, scorer, labels)
+    for judge in judges:
+        name, model, tok = judge[:3]
+        for sc in (judge[3] if len(judge) > 3 and judge[3] else scorers):  # a member's own methods first
+            if sc == "ab":
+                labs = judge_pairs(model, tok, pairs, [[q.comparison for q in ps] for ps in principles], cot=cot,
+                                   batch_size=batch_size, cot_max_new_tokens=cot_max_new_tokens, progress=progress)
+            elif sc == "contrast":
+                labs = contrast_pairs(model, tok, pairs, [[q.contrast() for q in ps] for ps in principles],
+                                      tau=tau, batch_size=batch_size)
+            else:
+                raise InputError(f"scoring method {sc!r}: expected ab or contrast")
+            runs.append((name, sc, labs))
+    out = []
+    for i in range(len(pairs)):
+        cs = [r[2][i]["p_a"] - 0.5 for r in runs]
+        rec = {"p_a": p_from_centered(sum(cs) / len(cs)),
+               "votes_a": sum(1.0 if c > 0 else 0.5 if c == 0 else 0.0 for c in cs) / len(cs),
+               "members": [{"model": n, "scorer": sc, "p_a": labs[i]["p_a"]} for n, sc, labs in runs],
+               "per_principle": runs[0][2][i]["per_principle"]}
+        ab = [labs[i] for _, sc, labs in runs if sc == "ab"]
+        if ab:
+            first = sum(lab["p_a_first_order"] - 0.5 for lab in ab) / len(ab)
+            swap = sum(lab["p_a_swapped_order"] - 0.5 for lab in ab) / len(ab)
+            rec.update(p_a_first_order=p_from_centered(first), p_a_swapped_order=p_from_centered(swap),
+                       orders_agree=(first > 0) == (swap > 0))
+        out.append(rec)
+    return out
+
+
+@torch.no_grad()
+def rlcd_responses(model: Transformer, tok: ChatTokenizer, prompts: list[Prompt], contexts: list[tuple[str, str]],
+                   *, max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, str]]:
+    """RLCD's pair construction (Yang et al. 2023, arXiv 2307.12950, §3): for prompt i, one reply
+    sampled with the system prompt contexts[i][0] ("follow the principle", p+) and one with
+    contexts[i][1] ("violate it", p-), in one batched call. Returns (follow reply, violate reply)
+    per prompt. The contexts are used only to sample: the reward model later sees the bare
+    conversation. Row seeds stable_seed(seed, 'rlcd', prompt id, side) do not depend on the batch."""
+    ids = []
+    for p, ctx in zip(prompts, contexts):
+        for system in ctx:  # rows 2i (follow), 2i + 1 (violate)
+            ids.append(tok.render([{"role": "system", "content": system}, {"role": "user", "content": p.text}],
+                                  add_generation_prompt=True)[0])
+    gen = generate(model, ids, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                   seed=[stable_seed(seed, "rlcd", p.id, side) for p in prompts for side in ("follow", "violate")])
+    texts = [t.strip() for t in gen.texts(tok)]
+    return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(prompts))]
+
+
+def provenance_label(key: str, seed: int, chosen: str, rejected: str) -> tuple[str, str, float]:
+    """(response_a, response_b, p_a) for a pair whose better reply is known by construction (RLCD's
+    follow reply, or a final revision): which of the two is shown as response_a is a seeded coin
+    (stable_seed(seed, 'side', key)), so that response_a is not always the better one; p_a is 1.0
+    when response_a is `chosen`, else 0.0."""
+    if random.Random(stable_seed(seed, "side", key)).random() < 0.5:
+        return chosen, rejected, 1.0
+    return rejected, chosen, 0.0
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def revision_filter(initial: str, final: str, harmful: bool = True) -> str | None:
+    """Why a (initial response, final revision) pair says nothing about improvement, or None to keep
+    it. The rule, stated: drop the pair when
+      1. the revision is empty;
+      2. the revision equals the initial response up to case and whitespace;
+      3. on a harmful prompt, the initial response was already an explained refusal and the
+         revision is not one (yardstick.outcome): the revision made it worse, not better."""
+    from .yardstick import outcome
+
+    if not final.strip():
+        return "empty revision"
+    if _norm(initial) == _norm(final):
+        return "revision equals the initial response"
+    if harmful and outcome(initial) == "explained_refusal" and outcome(final) != "explained_refusal":
+        return "the initial response was an explained refusal and the revision is not"
+    return None
+
+
+def revision_pairs(traces: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Preference pairs from SL-CAI traces (Hugging Face's CAI recipe: the initial response as
+    rejected, the final revision as chosen), for the red-team records with at least one revision
+    round, filtered by revision_filter. Returns (records with key '<id>:revision', prompt, prompt_id,
+    kind, response_a, response_b, p_a, labeller='revision'; dropped [{key, prompt, reason}])."""
+    rows, dropped = [], []
+    for r in traces:
+        if not r.get("rounds"):
+            continue  # helpfulness prompts are answered once: no revision
+        key = f"{r['id']}:revision"
+        why = revision_filter(r["initial"], r["final"], harmful=r.get("kind") == "red-team")
+        if why:
+            dropped.append({"key": key, "prompt": r["prompt"], "reason": why})
+            continue
+        a, b, p_a = provenance_label(key, seed, r["final"], r["initial"])
+        rows.append({"key": key, "prompt": r["prompt"], "prompt_id": r["id"], "kind": r.get("kind", "red-team"),
+                     "response_a": a, "response_b": b, "p_a": p_a, "labeller": "revision"})
+    return rows, dropped
+
+
 # ------------------------------------------------------------------------------ preferences file
 def load_jsonl(path: Path, repair_tail: bool = False) -> list[dict]:
     """Records of a JSONL file. A final unterminated line that is not valid JSON (a write cut
@@ -365,44 +509,58 @@ def dropped_path(path: Path) -> Path:
     return path.with_name(path.stem + ".dropped" + path.suffix)
 
 
-def pair_keys(prompt: Prompt, k: int) -> list[str]:
-    """Keys of the k*(k-1)/2 pairs of a prompt's responses, "<prompt id>:i-j" for i < j, in the
-    order label_prompts writes them."""
+def pair_keys(prompt: Prompt, k: int, labeller: str = "ab") -> list[str]:
+    """Keys of a prompt's pairs in the order label_prompts writes them: "<prompt id>:i-j" for i < j
+    over its k sampled responses; one "<prompt id>:rlcd" with labeller rlcd."""
+    if labeller == "rlcd":
+        return [f"{prompt.id}:rlcd"]
     return [f"{prompt.id}:{i}-{j}" for i, j in itertools.combinations(range(k), 2)]
 
 
-def preference_record(prompt: Prompt, i: int, j: int, a: str, b: str, principles: list[str], label: dict) -> dict:
-    """One line of the preferences file (see the module docstring)."""
+def preference_record(prompt: Prompt, key: str, a: str, b: str, principles: list[Principle], label: dict,
+                      labeller: str) -> dict:
+    """One line of the preferences file (see the module docstring): the label's fields (p_a, and
+    whatever else the labeller reports) plus TRL's chosen/rejected layout."""
     user = {"role": "user", "content": prompt.text}
     chosen, rejected = (a, b) if label["p_a"] >= 0.5 else (b, a)
-    return {"key": f"{prompt.id}:{i}-{j}", "prompt": prompt.text, "prompt_id": prompt.id, "kind": prompt.kind,
-            "response_a": a, "response_b": b, "principles": principles,
-            "p_a_first_order": label["p_a_first_order"], "p_a_swapped_order": label["p_a_swapped_order"],
-            "p_a": label["p_a"], "orders_agree": label["orders_agree"], "per_principle": label["per_principle"],
+    return {"key": key, "prompt": prompt.text, "prompt_id": prompt.id, "kind": prompt.kind, "labeller": labeller,
+            "response_a": a, "response_b": b, "principles": [q.comparison for q in principles], **label,
             "chosen": [user, {"role": "assistant", "content": chosen}],
             "rejected": [user, {"role": "assistant", "content": rejected}]}
 
 
-def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judge: Transformer, judge_tok: ChatTokenizer,
-                  prompts: list[Prompt], comparisons: list[str], path: Path, *, k: int = 2, m: int = 2,
-                  temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, prompts_per_batch: int = 8,
-                  judge_batch_size: int = 8, cot: bool = False, cot_max_new_tokens: int = 64,
-                  limit_batches: int | None = None, progress: bool = True) -> dict:
-    """Sample k responses per prompt from `policy`, label every pair with `judge` under m of the
-    `comparisons` (drawn per pair), and append the records to `path` batch by batch. Resumable:
-    prompts are cut into fixed batches of prompts_per_batch, and a pair already in `path` (or in
-    its .dropped file) is not redone. limit_batches stops after that many batches with work
-    (tests use it to simulate a killed run). The texts and principles of a record depend only on
-    the global seed and its prompt (responses: stable_seed(seed, 'responses', prompt id);
-    principles: stable_seed(seed, 'principles', key)); the labels also on the batch the judge saw
-    it in, in the last bits (padding changes the shapes of the matmuls). train_rm.py under torchrun
-    therefore gives each rank whole batches of this fixed cut. progress=False hides the bar
-    (torchrun ranks other than 0). Returns preference_stats() over the whole file plus this run's
-    seconds of generation and of judging."""
-    if k < 2:
+def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[tuple[str, Transformer, ChatTokenizer]],
+                  prompts: list[Prompt], principles: list[Principle], path: Path, *, labeller: str = "ab",
+                  rescore: str | None = None, k: int = 2, m: int = 2, temperature: float = 1.0,
+                  max_new_tokens: int = 64, seed: int = 0, prompts_per_batch: int = 8, judge_batch_size: int = 8,
+                  cot: bool = False, cot_max_new_tokens: int = 64, limit_batches: int | None = None,
+                  progress: bool = True) -> dict:
+    """Make and label preference pairs for `prompts`, appending the records to `path` batch by batch.
+    labeller ab / contrast / ab+contrast: `policy` samples k responses per prompt and the feedback
+    models of `judges` (name, model, tok) label every pair (ensemble_labels) under m of the
+    `principles` drawn per pair. labeller rlcd: `policy` samples one reply under a principle's
+    follow context and one under its violate context (one principle drawn per prompt), labelled by
+    provenance (provenance_label), or with rescore ('ab', 'contrast', 'ab+contrast') by the
+    ensemble instead, the provenance label kept as p_a_provenance. (labeller revision does not
+    sample: see revision_pairs.) Resumable: prompts are cut into fixed batches of
+    prompts_per_batch, and a pair already in `path` (or in its .dropped file) is not redone.
+    limit_batches stops after that many batches with work (tests use it to simulate a killed run).
+    Texts and principles of a record depend only on the global seed and its prompt (responses:
+    stable_seed(seed, 'responses', prompt id); principles: stable_seed(seed, 'principles', key));
+    the labels also on the batch the judges saw it in, in the last bits (padding changes the shapes
+    of the matmuls): train_rm.py under torchrun therefore gives each rank whole batches of this
+    fixed cut. progress=False hides the bar. Returns preference_stats() over the whole file plus this
+    run's seconds of generation and of judging."""
+    rlcd = labeller == "rlcd"
+    if labeller == "revision":
+        raise InputError("label_prompts: labeller 'revision' reads the SL-CAI traces (revision_pairs), it samples nothing")
+    scorers = scorers_of(rescore) if rlcd and rescore else [] if rlcd else scorers_of(labeller)
+    if scorers and not judges:
+        raise InputError(f"labeller {labeller!r}: needs at least one feedback model")
+    if not rlcd and k < 2:
         raise InputError(f"k={k}: need at least 2 responses per prompt to make a pair")
-    if not 1 <= m <= len(comparisons):
-        raise InputError(f"principles per pair m={m}: must be between 1 and the {len(comparisons)} "
+    if not 1 <= m <= len(principles):
+        raise InputError(f"principles per pair m={m}: must be between 1 and the {len(principles)} "
                          f"comparison principles of the constitution")
     if not prompts:
         raise InputError("label_prompts: no prompts")
@@ -416,34 +574,56 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judge: Transfo
     worked, seconds = 0, {"generate_s": 0.0, "judge_s": 0.0}
     bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress)
     for batch in batches:
-        todo = [p for p in batch if any(key not in done for key in pair_keys(p, k))]
+        todo = [p for p in batch if any(key not in done for key in pair_keys(p, k, labeller))]
         if not todo:
             bar.update(len(batch))
             continue
         if limit_batches is not None and worked >= limit_batches:
             break
         t0 = time.time()
-        responses = sample_responses(policy, policy_tok, todo, k, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, seed=seed)
+        jobs, dropped = [], []  # jobs: (prompt, key, response_a, response_b, principles, provenance p_a)
+        if rlcd:
+            drawn = [principles[random.Random(stable_seed(seed, "rlcd-principle", p.id)).randrange(len(principles))]
+                     for p in todo]
+            replies = rlcd_responses(policy, policy_tok, todo, [q.contrast() for q in drawn],
+                                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            for p, q, (good, bad) in zip(todo, drawn, replies):
+                key = f"{p.id}:rlcd"
+                if good == bad:
+                    dropped.append({"key": key, "prompt": p.text, "prompt_id": p.id, "response": good})
+                    continue
+                a, b, p_a = provenance_label(key, seed, good, bad)
+                jobs.append((p, key, a, b, [q], p_a))
+        else:
+            responses = sample_responses(policy, policy_tok, todo, k, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, seed=seed)
+            for p, resp in zip(todo, responses):
+                for i, j in pair_idx:
+                    key = f"{p.id}:{i}-{j}"
+                    if key in done:
+                        continue
+                    if resp[i] == resp[j]:
+                        dropped.append({"key": key, "prompt": p.text, "prompt_id": p.id, "response": resp[i]})
+                        continue
+                    jobs.append((p, key, resp[i], resp[j], _draw(principles, m, seed, key), None))
         seconds["generate_s"] += time.time() - t0
-        jobs, dropped = [], []
-        for p, resp in zip(todo, responses):
-            for i, j in pair_idx:
-                key = f"{p.id}:{i}-{j}"
-                if key in done:
-                    continue
-                if resp[i] == resp[j]:
-                    dropped.append({"key": key, "prompt": p.text, "prompt_id": p.id, "response": resp[i]})
-                    continue
-                rng = random.Random(stable_seed(seed, "principles", key))
-                comps = [comparisons[c] for c in rng.sample(range(len(comparisons)), m)]
-                jobs.append((p, i, j, resp[i], resp[j], comps))
         t0 = time.time()
-        labels = judge_pairs(judge, judge_tok, [(f"Human: {p.text}", a, b) for p, _, _, a, b, _ in jobs],
-                             [c for *_, c in jobs], cot=cot, batch_size=judge_batch_size,
-                             cot_max_new_tokens=cot_max_new_tokens) if jobs else []
+        if scorers and jobs:
+            labels = ensemble_labels(judges, [(f"Human: {p.text}", a, b) for p, _, a, b, _, _ in jobs],
+                                     [comps if not rlcd else _draw(principles, m, seed, key)
+                                      for _, key, _, _, comps, _ in jobs], scorers, cot=cot,
+                                     batch_size=judge_batch_size, cot_max_new_tokens=cot_max_new_tokens)
+        else:
+            labels = [{} for _ in jobs]
+        for lab, (*_, prov) in zip(labels, jobs):
+            if prov is not None:
+                if scorers:
+                    lab["p_a_provenance"] = prov
+                else:
+                    lab["p_a"] = prov
         seconds["judge_s"] += time.time() - t0
-        rows = [preference_record(p, i, j, a, b, comps, lab) for (p, i, j, a, b, comps), lab in zip(jobs, labels)]
+        rows = [preference_record(p, key, a, b, comps, lab, labeller if not (rlcd and rescore) else f"rlcd+{rescore}")
+                for (p, key, a, b, comps, _), lab in zip(jobs, labels)]
         append_jsonl(path, rows)
         if dropped:
             append_jsonl(drop_path, dropped)
@@ -455,13 +635,19 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judge: Transfo
     return {**preference_stats(path), "seconds_this_run": seconds}
 
 
+def _draw(principles: list[Principle], m: int, seed: int, key: str) -> list[Principle]:
+    """m principles without replacement for pair `key`, from stable_seed(seed, 'principles', key)."""
+    rng = random.Random(stable_seed(seed, "principles", key))
+    return [principles[c] for c in rng.sample(range(len(principles)), m)]
+
+
 def preference_stats(path: Path) -> dict:
     """Counts over a preferences file and its .dropped file. first_order_picks_a: share of pairs
     where the labeller prefers response_a when it is shown as (A); swapped_order_picks_a: the same
     when it is shown as (B). A labeller that always answers (A) has 1 and 0."""
     recs = load_jsonl(path)
     n = len(recs)
-    full = n and all("orders_agree" in r for r in recs)  # files from other labellers may lack these
+    full = n and all("orders_agree" in r for r in recs)  # only the ab labeller has order statistics
 
     def share(f):
         return sum(f(r) for r in recs) / n if full else None
@@ -547,41 +733,43 @@ def load_hhh(spec: str, bigbench: str | None = None) -> tuple[list[tuple[str, st
     return items, cats
 
 
-def evaluate_hhh(model: Transformer, tok: ChatTokenizer, items: list[tuple[str, str, str]],
-                 comparisons: list[str] = (GENERIC_COMPARISON,), *, categories: list[str] | None = None,
-                 cot: bool = False, batch_size: int = 8, cot_max_new_tokens: int = 64,
-                 labeller: str = "ab", contexts: list[tuple[str, str]] = (GENERIC_CONTRAST,)) -> dict:
-    """Accuracy of a labeller on (conversation, better, worse) items. labeller "ab": the paper's
-    multiple choice (judge_pairs), each item asked in both orders under every comparison
-    (averaged); "contrast": contrast_pairs under every (follow, violate) context of `contexts`
-    (order-free by construction). accuracy = p(better) > 0.5 for the label the labeller as
-    configured gives (the paper's Fig. 4 number), with its Wilson 95% interval, overall and per
-    category. For "ab" also: single_order_accuracy (each order its own trial: a labeller that always
-    says (A) scores 0.5), better_first / better_second_accuracy (their gap is the position bias)
-    and order_agreement."""
+def evaluate_hhh(judges: list[tuple[str, Transformer, ChatTokenizer]], items: list[tuple[str, str, str]],
+                 principles: list[Principle] | list[list[Principle]] | None = None, *, labeller: str = "ab",
+                 categories: list[str] | None = None, cot: bool = False, batch_size: int = 8,
+                 cot_max_new_tokens: int = 64) -> dict:
+    """Accuracy of a labeller on (conversation, better, worse) items: the feedback models of `judges`
+    score every item with the methods of `labeller` (ab, contrast or ab+contrast; ensemble_labels)
+    under every principle of `principles` (one list for every item, or a list per item; default: one generic principle, GENERIC_COMPARISON with
+    GENERIC_CONTRAST), averaged. accuracy = p(better) > 0.5 for the label the labeller as configured
+    gives (the paper's Fig. 4 number), with its Wilson 95% interval, overall and per category;
+    p_better per item (so that ensembles can be compared offline). When every member is ab, also:
+    single_order_accuracy (each order its own trial: a labeller that always says (A) scores 0.5),
+    better_first / better_second_accuracy (their gap is the position bias) and order_agreement."""
     from .yardstick import share, share_by_category
 
     n = len(items)
     categories = list(categories) if categories is not None else ["all"] * n
-    extra = {}
-    if labeller == "contrast":
-        labels = contrast_pairs(model, tok, items, [list(contexts)] * n, batch_size=batch_size)
-        extra = {"contexts": len(contexts)}
-    elif labeller == "ab":
-        labels = judge_pairs(model, tok, items, [list(comparisons)] * n, cot=cot, batch_size=batch_size,
+    principles = list(principles) if principles else [Principle("generic", "", "", GENERIC_COMPARISON)]
+    per_item = principles if isinstance(principles[0], list) else [principles] * n
+    scorers = scorers_of(labeller)
+    if "rlcd" in scorers or "revision" in scorers:
+        raise InputError(f"--labeller {labeller}: builds pairs, it does not score given ones; "
+                         f"score HHH items with ab, contrast or ab+contrast")
+    labels = ensemble_labels(judges, items, per_item, scorers, cot=cot, batch_size=batch_size,
                              cot_max_new_tokens=cot_max_new_tokens, progress=True)
+    extra = {"principles": len({q for ps in per_item for q in ps}), "cot": cot}
+    if all((j[3] if len(j) > 3 and j[3] else scorers) == ["ab"] for j in judges):
         first = sum(lab["p_a_first_order"] > 0.5 for lab in labels) / n
         second = sum(lab["p_a_swapped_order"] > 0.5 for lab in labels) / n
-        extra = {"comparisons": len(comparisons), "cot": cot, "single_order_accuracy": (first + second) / 2,
-                 "better_first_accuracy": first, "better_second_accuracy": second,
-                 "order_agreement": sum(lab["orders_agree"] for lab in labels) / n}
-    else:
-        raise InputError(f"--labeller {labeller!r}: expected ab or contrast")
+        extra.update(single_order_accuracy=(first + second) / 2, better_first_accuracy=first,
+                     better_second_accuracy=second, order_agreement=sum(lab["orders_agree"] for lab in labels) / n)
     right = [lab["p_a"] > 0.5 for lab in labels]
     acc = share(right)
-    return {"items": n, "labeller": labeller, "accuracy": acc["rate"], "accuracy_interval": [acc["low"], acc["high"]],
-            "per_category": share_by_category(right, categories), "order_averaged_accuracy": acc["rate"], **extra,
-            "mean_p_better": sum(lab["p_a"] for lab in labels) / n}
+    return {"items": n, "labeller": labeller, "feedback_models": [j[0] for j in judges],
+            "accuracy": acc["rate"], "accuracy_interval": [acc["low"], acc["high"]],
+            "per_category": share_by_category(right, categories), **extra,
+            "mean_p_better": sum(lab["p_a"] for lab in labels) / n,
+            "p_better": [lab["p_a"] for lab in labels], "categories": categories}
 
 
 def format_hhh(res: dict) -> str:
@@ -593,16 +781,70 @@ def format_hhh(res: dict) -> str:
                              "high": res["accuracy_interval"][1], "n": res["items"]}))
     for c, r in rows:
         lines.append(f"{c:<12}{r['n']:>6}{r['rate']:>10.3f}  {r['low']:.2f}-{r['high']:.2f}")
-    if res["labeller"] == "ab":
-        lines.append(f"order agreement {res['order_agreement']:.3f}; single-order accuracy "
-                     f"{res['single_order_accuracy']:.3f} ({res['comparisons']} comparison principle(s), both orders)")
-    else:
-        lines.append(f"likelihood contrast under {res['contexts']} (follow, violate) context(s); order-free")
+    how = f"labeller {res['labeller']}, {res['principles']} principle(s), feedback model(s) " + \
+        ", ".join(res["feedback_models"])
+    if "order_agreement" in res:
+        how += (f"; both orders: agreement {res['order_agreement']:.3f}, single-order accuracy "
+                f"{res['single_order_accuracy']:.3f}")
+    lines.append(how)
     return "\n".join(lines)
 
 
+DEFAULT = {"labeller": "ab", "feedback_models": ["qwen2.5-coder-1.5b:ab", "smollm2-135m:contrast"],
+           "constitution": "default", "principles_per_pair": 2}
+"""The pipeline's labeller: an ensemble of the 1.5B feedback model asking the paper's A/B question
+(both orders) and the embedded 135M model's likelihood contrast, soft labels averaged, under m = 2
+principles of the default constitution drawn per pair (docs/results.md, "Labeller ablation", says
+why). train_rm.py, the pipeline and `python -m minicai.feedback` without labeller flags all use
+exactly this."""
+
+
+def draw_principles(principles: list[Principle], n_items: int, m: int, seed: int, salt: str) -> list[list[Principle]]:
+    """Per item, m principles without replacement (m = 0: all of them), from a seeded rng per item
+    (stable_seed(seed, salt, i)): how a pair is judged in the pipeline, applied to labelled items."""
+    if m == 0 or m >= len(principles):
+        return [list(principles)] * n_items
+    return [[principles[c] for c in random.Random(stable_seed(seed, salt, i)).sample(range(len(principles)), m)]
+            for i in range(n_items)]
+
+
+def feedback_principles(constitution: str) -> list[Principle]:
+    """The principles a labeller judges under: a constitution's ('default', 'hhh', a file), or 'generic'
+    (one principle: GENERIC_COMPARISON and GENERIC_CONTRAST)."""
+    from .constitution import load_constitution
+
+    if constitution == "generic":
+        return [Principle("generic", "", "", GENERIC_COMPARISON)]
+    return load_constitution(constitution).principles
+
+
+def member_spec(spec: str) -> tuple[str, list[str] | None]:
+    """A --feedback-model value: 'MODEL' (scored with --labeller's methods) or 'MODEL:METHOD' with
+    METHOD ab, contrast or ab+contrast (that model scores with METHOD only), e.g.
+    'qwen2.5-coder-1.5b:ab' + 'smollm2-135m:contrast'. Returns (model, methods or None)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail in ("ab", "contrast", "ab+contrast"):
+        return head, tail.split("+")
+    return spec, None
+
+
+def load_judges(names: list[str], dtype, device, reuse: dict | None = None) -> list[tuple]:
+    """(name, model, tokenizer, methods or None) of each feedback model spec (member_spec), each model
+    loaded once; reuse {name: (model, tok)} holds models already loaded (the policy)."""
+    from .checkpoint import load_model
+
+    loaded = dict(reuse or {})
+    out = []
+    for spec in dict.fromkeys(names):
+        name, methods = member_spec(spec)
+        if name not in loaded:
+            loaded[name] = load_model(name, dtype=dtype, device=device)[:2]
+        out.append((spec, *loaded[name], methods))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .checkpoint import EMBEDDED_NAME
+    from .checkpoint import EMBEDDED_NAME, PARTED_MODELS
     from .utils import add_device_args
 
     p = argparse.ArgumentParser(prog="python -m minicai.feedback", description=__doc__,
@@ -612,40 +854,61 @@ def build_parser() -> argparse.ArgumentParser:
                         "categories, read in place from the archive; evaluation only), 'builtin' (our 48 "
                         "hand-labelled pairs), or a JSONL file of {conversation|prompt, chosen|better, "
                         "rejected|worse[, category]}")
+    p.add_argument("--category", action="append", default=None,
+                   help="keep only the items of this category (repeatable; BIG-bench: harmless, helpful, honest, other)")
     p.add_argument("--bigbench", default=None, metavar="ARCHIVE",
                    help="the bigbench-1.0.0.tar.gz source archive (default ~/.cache/minicai/; get it with "
                         "pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai)")
-    p.add_argument("--model", default=EMBEDDED_NAME,
-                   help=f"feedback model: a .gguf file, an HF folder, or '{EMBEDDED_NAME}' (the embedded default)")
+    p.add_argument("--feedback-model", "--model", dest="feedback_model", action="append", default=None,
+                   help=f"feedback model, repeatable (an ensemble: soft labels averaged): a .gguf file, an HF folder, "
+                        f"'{EMBEDDED_NAME}' or {', '.join(repr(k) for k in PARTED_MODELS)}; default: the pipeline's "
+                        f"({', '.join(DEFAULT['feedback_models'])})")
     p.add_argument("--constitution", default=None,
-                   help="ask under every comparison principle of this constitution ('default', 'hhh' or a file) "
-                        "and average; default: the one generic HHH principle")
-    p.add_argument("--labeller", default="ab", choices=["ab", "contrast"],
-                   help="ab: the paper's multiple-choice question, both orders; contrast: mean log p(reply) under a "
-                        "'follow the principles' system prompt minus under a 'no rules' one (feedback.contrast_pairs)")
+                   help=f"principles to judge under: 'default', 'hhh', a file, or 'generic' (one generic HHH "
+                        f"principle); default: the pipeline's ({DEFAULT['constitution']})")
+    p.add_argument("--principles-per-pair", type=int, default=None,
+                   help=f"principles drawn per item, as the pipeline draws them per pair (0 = all, averaged); "
+                        f"default: the pipeline's ({DEFAULT['principles_per_pair']})")
+    p.add_argument("--labeller", default=None, choices=["ab", "contrast", "ab+contrast"],
+                   help="ab: the paper's multiple-choice question, both orders; contrast: mean log p(reply) under "
+                        "the principle's 'follow' system prompt minus under its 'violate' one (feedback.contrast_pairs); "
+                        f"ab+contrast: both, averaged; default: the pipeline's ({DEFAULT['labeller']})")
     p.add_argument("--cot", action="store_true",
                    help="chain of thought before answering (probabilities clamped to 40-60%%)")
     p.add_argument("--cot-max-new-tokens", type=int, default=64, help="reasoning length limit with --cot")
     p.add_argument("--batch-size", type=int, default=8, help="feedback prompts per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the principles drawn per item")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     add_device_args(p)
     return p
 
 
 def main(argv=None) -> int:
-    from .checkpoint import load_model
-    from .constitution import load_constitution
     from .utils import atomic_write_json, resolve_device
 
     args = build_parser().parse_args(argv)
+    labeller = args.labeller or DEFAULT["labeller"]
+    models = args.feedback_model or DEFAULT["feedback_models"]
+    constitution = args.constitution or DEFAULT["constitution"]
+    m = DEFAULT["principles_per_pair"] if args.principles_per_pair is None else args.principles_per_pair
+    if m < 0:
+        raise InputError(f"--principles-per-pair {m}: must be 0 (all) or more")
     items, categories = load_hhh(args.hhh, args.bigbench)
-    comparisons = load_constitution(args.constitution).comparisons() if args.constitution else [GENERIC_COMPARISON]
+    if args.category:
+        keep = [i for i, c in enumerate(categories) if c in args.category]
+        if not keep:
+            raise InputError(f"--category {', '.join(args.category)}: no item of {args.hhh} has it "
+                             f"(categories: {', '.join(sorted(set(categories)))})")
+        items, categories = [items[i] for i in keep], [categories[i] for i in keep]
+    principles = draw_principles(feedback_principles(constitution), len(items), m, args.seed, "hhh")
     device, dtype = resolve_device(args.device, args.dtype)
-    model, tok, _ = load_model(args.model, dtype=dtype, device=device)
-    res = {"file": args.hhh, "model": args.model,
-           **evaluate_hhh(model, tok, items, comparisons, categories=categories, cot=args.cot,
-                          batch_size=args.batch_size, cot_max_new_tokens=args.cot_max_new_tokens,
-                          labeller=args.labeller)}
+    judges = load_judges(models, dtype, device)
+    t = time.time()
+    res = {"file": args.hhh, "constitution": constitution, "principles_per_pair": m,
+           **evaluate_hhh(judges, items, principles, labeller=labeller, categories=categories, cot=args.cot,
+                          batch_size=args.batch_size, cot_max_new_tokens=args.cot_max_new_tokens)}
+    res["seconds"] = round(time.time() - t, 1)
+    res["seconds_per_100_pairs"] = round(100 * res["seconds"] / len(items), 1)
     if args.out:
         atomic_write_json(args.out, res)
         print(f"wrote {args.out}")

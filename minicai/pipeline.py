@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 from .checkpoint import EMBEDDED_NAME
+from .feedback import DEFAULT as FEEDBACK_DEFAULT
+from .feedback import member_spec
 from .utils import InputError, atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/cai", help="run folder; every stage lands under it")
     p.add_argument("--model", default=EMBEDDED_NAME, help=f"base model: .gguf, HF folder or '{EMBEDDED_NAME}'")
     p.add_argument("--constitution", default="default", help="'default', 'hhh', or a .toml/.json file")
+    p.add_argument("--feedback-model", action="append", default=None,
+                   help="AI feedback model, repeatable (an ensemble, soft labels averaged): a .gguf, HF folder, "
+                        f"'{EMBEDDED_NAME}', 'qwen2.5-coder-1.5b', or 'base' (= --model), optionally with ':ab', "
+                        f"':contrast' or ':ab+contrast' (that model's own method, else --labeller's); default: "
+                        f"{', '.join(FEEDBACK_DEFAULT['feedback_models'])} (docs/results.md, 'Labeller ablation')")
+    p.add_argument("--labeller", default=FEEDBACK_DEFAULT["labeller"],
+                   choices=["ab", "contrast", "ab+contrast", "rlcd", "revision"],
+                   help="how preference pairs are made and labelled (train_rm.py --labeller)")
+    p.add_argument("--critic-model", default="base",
+                   help="model that writes SL-CAI's critiques and revisions: 'base' (--model itself, as in the paper; "
+                        "default), 'feedback' (the first --feedback-model: a distilled SL-CAI; docs/results.md measures "
+                        "both), or a model")
     p.add_argument("--sl-prompts", type=int, default=32, help="red-team prompts for SL-CAI")
     p.add_argument("--sl-rounds", type=int, default=2, help="critique/revision rounds (paper: 4)")
     p.add_argument("--rm-prompts", type=int, default=64, help="prompts for AI-labelled response pairs")
+    p.add_argument("--rm-k", type=int, default=3,
+                   help="responses sampled per feedback prompt; every pair of them is labelled (3 -> 3 pairs)")
+    p.add_argument("--rm-held-out", type=float, default=0.35,
+                   help="share of the labelled pairs' prompts held out to measure the reward model's accuracy")
     p.add_argument("--ppo-iterations", type=int, default=20, help="PPO iterations")
     p.add_argument("--ppo-batch", type=int, default=8, help="prompts per PPO iteration")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated response, every stage")
@@ -63,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dtype", default="fast", choices=["fast", "float32", "bfloat16"],
                    help="weights of the evaluation stage: fast = bfloat16 on CUDA or on a CPU with bf16 matrix "
                         "instructions (avx512_bf16 / AMX; logits that rank options stay fp32), else float32")
+    p.add_argument("--eval-judge", default="none",
+                   help="AI judge of the evaluation's win rates and Elo: 'none' (default: the judge-free yardstick, "
+                        "plus the reward model's accuracy on labelled pairs), 'feedback' (the --feedback-model ensemble "
+                        "with --labeller; about 6 minutes more with qwen2.5-coder-1.5b), 'base' (--model), or a model")
     p.add_argument("--no-dpo", action="store_true", help="skip the DPO extension")
     p.add_argument("--self-improve", type=int, default=0, help="extra SL -> RL rounds after the first (0 = off)")
     p.add_argument("--stop-drop", type=float, default=0.05,
@@ -76,14 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 def eval_dtype(choice: str) -> str:
     """--eval-dtype: 'fast' is bfloat16 where bf16 matmuls are fast (CUDA, or a CPU with avx512_bf16 or
     AMX: several times fp32 there), else float32."""
+    from .utils import bf16_is_fast
+
     if choice != "fast":
         return choice
-    import torch
-
-    cpu = torch.cpu
-    fast_cpu = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bfloat16" if torch.cuda.is_available() or fast_cpu else "float32"
+    return "bfloat16" if bf16_is_fast() else "float32"
 
 
 def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: bool) -> None:
@@ -109,14 +128,19 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
     """SL-CAI -> RM -> PPO from `base`, under out/<tag>. Returns (sl model, rm folder, ppo model)."""
     d = out / tag if tag else out
     common = ["--seed", str(args.seed), "--device", args.device]
+    critic = [] if args.critic_model == base else ["--critic-model", args.critic_model]
+    feedback = [x for n in args.feedback_model for x in ("--feedback-model", n)]
     sl, rm, ppo = d / "sl", d / "rm", d / "ppo"
     run_stage(f"{tag or 'round1'}/sl", ["train_sl.py", "--out", str(sl), "--model", base,
                                         "--constitution", args.constitution, "--n-prompts", str(args.sl_prompts),
                                         "--rounds", str(args.sl_rounds), "--max-new-tokens", str(args.max_new_tokens),
-                                        *common], sl / "sft_summary.json", log, out, dry)
+                                        *critic, *common], sl / "sft_summary.json", log, out, dry)
     run_stage(f"{tag or 'round1'}/rm", ["train_rm.py", "--out", str(rm), "--policy", str(sl / "model"),
-                                        "--feedback-model", base, "--constitution", args.constitution,
-                                        "--n-prompts", str(args.rm_prompts),
+                                        *feedback, "--labeller", args.labeller,
+                                        *(["--sl-traces", str(sl / "traces.jsonl")] if args.labeller == "revision"
+                                          else []), "--constitution", args.constitution,
+                                        "--n-prompts", str(args.rm_prompts), "--rm-held-out", str(args.rm_held_out),
+                                        "--k", str(args.rm_k),
                                         "--max-new-tokens", str(args.max_new_tokens), *common],
               rm / "summary.json", log, out, dry)
     run_stage(f"{tag or 'round1'}/ppo", ["train_ppo.py", "--out", str(ppo), "--policy", str(sl / "model"),
@@ -129,9 +153,16 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
 
 def evaluate(args, out: Path, name: str, policies: dict[str, str], rm: Path, log: dict, dry: bool) -> Path:
     folder = out / name
+    if args.eval_judge == "none":
+        judge = ["--no-judge"]
+    else:
+        names = args.feedback_model if args.eval_judge == "feedback" else \
+            [args.model if args.eval_judge == "base" else args.eval_judge]
+        judge = [x for n in names for x in ("--judge", n)] + \
+            ["--labeller", args.labeller if args.labeller in ("ab", "contrast", "ab+contrast") else "ab"]
     run_stage(name, ["-m", "minicai.evaluate", "--out", str(folder), "--policies",
                      *[f"{k}={v}" for k, v in policies.items()], "--reward-model", str(rm / "rm"),
-                     "--judge", args.model, "--constitution", args.constitution,
+                     *judge, "--constitution", args.constitution,
                      "--n-red-team", str(args.eval_red_team), "--n-helpful", str(args.eval_helpful),
                      "--n-harmful", str(args.eval_harmful), "--n-benign", str(args.eval_benign),
                      "--bigbench", args.bigbench, "--dtype", eval_dtype(args.eval_dtype),
@@ -145,6 +176,11 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()  # stages run with the repository as their working folder
     if Path(args.model).exists():
         args.model = str(Path(args.model).resolve())
+    fb = args.feedback_model or FEEDBACK_DEFAULT["feedback_models"]
+    members = [member_spec(n) for n in fb]  # 'MODEL' or 'MODEL:METHOD'
+    paths = [args.model if m == "base" else str(Path(m).resolve()) if Path(m).exists() else m for m, _ in members]
+    args.feedback_model = [pth + (":" + "+".join(ms) if ms else "") for pth, (_, ms) in zip(paths, members)]
+    args.critic_model = {"feedback": paths[0], "base": args.model}.get(args.critic_model, args.critic_model)
     if args.bigbench not in ("auto", "none"):
         args.bigbench = str(Path(args.bigbench).expanduser().resolve())
     out.mkdir(parents=True, exist_ok=True)

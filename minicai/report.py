@@ -203,10 +203,26 @@ def _message_text(v, role: str):
     return v
 
 
+def verdicts_html(r: dict) -> str:
+    """Each labeller's p(A) of a preference record: the ensemble's members (model, method), the
+    provenance label of RLCD / revision pairs, the vote share; '-' when there is one labeller."""
+    parts = []
+    for m in r.get("members") or []:
+        if isinstance(m, dict):
+            name = Path(str(m.get("model", "?"))).name
+            parts.append(f"<p class=pr>{esc(name)} {esc(m.get('scorer', '?'))}: <b>{esc(fmt(m.get('p_a')))}</b></p>")
+    if is_number(r.get("p_a_provenance")):
+        parts.append(f"<p class=pr>provenance: <b>{esc(fmt(r['p_a_provenance']))}</b></p>")
+    if is_number(r.get("votes_a")) and len(r.get("members") or []) > 1:
+        parts.append(f"<p class=pr>votes for A: {esc(fmt(r['votes_a']))}</p>")
+    return "".join(parts) or "-"
+
+
 def preferences_html(rows: list[dict]) -> str:
-    """A table of judgements: prompt, both responses, p(A) in both orders, soft label, principles."""
+    """A table of judgements: prompt, both responses, p(A) in both orders, soft label, each labeller's
+    verdict (an ensemble's members, a provenance label), principles."""
     head = ("prompt", "response A", "response B", "p(A) A shown first", "p(A) A shown second", "p(A) label",
-            "orders agree", "principles")
+            "orders agree", "each labeller's p(A)", "principles")
     out = ["<table class='prefs'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
         prompt = r.get("prompt") if isinstance(r.get("prompt"), str) else _message_text(r.get("chosen"), "user")
@@ -220,6 +236,7 @@ def preferences_html(rows: list[dict]) -> str:
                    "".join(f"<td class='num'>{esc(fmt(r.get(k)))}</td>" for k in ("p_a_first_order",
                                                                                   "p_a_swapped_order")) +
                    f"<td class='num'><b{cls}>{esc(fmt(p))}</b></td><td>{esc(fmt(r.get('orders_agree')))}</td>"
+                   f"<td><div class='cell small'>{verdicts_html(r)}</div></td>"
                    f"<td><div class='cell small'>{plist or '-'}</div></td></tr>")
     out.append("</table>")
     return "".join(out)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +114,50 @@ def stage_ids(tok: ChatTokenizer, fmt: str, events: list[tuple[str, str]]) -> li
     return tok.render(msgs, add_generation_prompt=True)[0]
 
 
+QUOTE_INTRO = "Here is a conversation between a human and an AI assistant."
+ONLY_REPLY = "Write only the assistant's new response, nothing else."
+
+
+def quoted_events(events: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The critic's view of a transcript (critic_layout="quoted"): the conversation so far, with the
+    latest answer (initial response or last revision) as the assistant's reply, quoted inside the
+    first user message together with this round's critique request; then this round's critique
+    and revision request (+ ONLY_REPLY). A separate critic model then reads the reply as someone
+    else's, not as its own previous turn (in the plain chat layout a 1.5B critic answered the
+    critique request as if it were the assistant defending itself). Rounds do not accumulate: round
+    r quotes the revision of round r-1. `events` is the full trace ending with a request."""
+    user = events[0][1]
+    answers = [t for k, t in events if k in ("assistant", "revision")]
+    requests = [(k, t) for k, t in events if k in ("critique_request", "critique", "revision_request")]
+    last = requests[-1][0]
+    crit_req = next(t for k, t in reversed(requests) if k == "critique_request")
+    reply = answers[-1]
+    out = [("critique_request", f"{QUOTE_INTRO}\n\nHuman: {user}\n\nAssistant: {reply}\n\n{crit_req}")]
+    if last == "revision_request":
+        critique = next(t for k, t in reversed(requests) if k == "critique")
+        out += [("critique", critique), ("revision_request", f"{requests[-1][1]} {ONLY_REPLY}")]
+    return out
+
+
 def clean_answer(text: str, fmt: str) -> str:
     """Cut a paper-format continuation at the first transcript label; strip whitespace."""
     if fmt == "paper":
         for s in PAPER_STOPS:
             text = text.split(s)[0]
     return text.strip()
+
+
+PREAMBLE = re.compile(r"^(sure|certainly|okay|of course|here)[^\n]{0,80}\b(response|version|revision|rewrite|rewritten)"
+                      r"\b[^\n]{0,40}:\s*", re.IGNORECASE)
+
+
+def strip_preamble(text: str) -> str:
+    """A revision without a leading announcement such as "Sure, here's a rewritten version of the
+    assistant's response:" (an opening of at most ~120 characters that starts with sure/certainly/
+    okay/of course/here, names the response/version/revision/rewrite, and ends with a colon); the
+    SFT target is the new response, not the note about it. Anything else is kept as it is."""
+    out = PREAMBLE.sub("", text, count=1).strip()
+    return out if out else text
 
 
 def load_done(trace: Path) -> dict[str, dict]:
@@ -153,14 +192,22 @@ def load_done(trace: Path) -> dict[str, dict]:
 def run_slcai(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Constitution, trace: Path, *,
               rounds: int = 4, fmt: str = "chat", few_shot: bool = False, batch_size: int = 8,
               max_new_tokens: int = 96, temperature: float = 0.7, seed: int = 0,
+              critic: tuple | None = None, critic_layout: str = "quoted",
               limit_batches: int | None = None) -> list[dict]:
     """Generate SL-CAI traces for `prompts` into `trace` (JSONL, appended per batch, resumable).
-    Returns every record, old and new, in prompt order. limit_batches stops early (tests use it
-    to simulate a killed run)."""
+    Returns every record, old and new, in prompt order. critic=(model, tok): a distilled SL-CAI,
+    where `model` writes the initial response and the critic model every critique and revision
+    (the transcript is text, rendered in each model's own chat format); None: `model` writes all
+    of it, as in the paper. critic_layout "quoted" shows the critic each round as a quoted
+    conversation (quoted_events), "chat" as the policy's own transcript. limit_batches stops early
+    (tests use it to simulate a killed run)."""
     if fmt not in ("chat", "paper"):
         raise InputError(f"format must be 'chat' or 'paper', got {fmt!r}")
     if fmt == "chat" and tok.chat.kind == "plain":
         fmt = "paper"  # a checkpoint without a chat template only has the raw transcript
+    writer, writer_tok = critic if critic is not None else (model, tok)
+    if critic is not None and fmt == "chat" and writer_tok.chat.kind == "plain":
+        raise InputError("the critic model has no chat template: use --format paper with it")
     trace = Path(trace)
     trace.parent.mkdir(parents=True, exist_ok=True)
     done = load_done(trace)
@@ -179,12 +226,15 @@ def run_slcai(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Co
             recs.append(Record(p, s, principles, [("user", p.text)]))
 
         def answer(active: list[Record], stage: int, kind: str):
-            ids = [stage_ids(tok, fmt, prefix + r.events) for r in active]
-            gen = generate(model, ids, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids,
-                           stop_strings=stop_strings, tokenizer=tok, pad_id=tok.pad_id,
+            m, t = (model, tok) if stage == 0 else (writer, writer_tok)  # the policy answers, the critic revises
+            quote = stage > 0 and critic is not None and critic_layout == "quoted" and fmt == "chat"
+            ids = [stage_ids(t, fmt, quoted_events(r.events) if quote else prefix + r.events) for r in active]
+            gen = generate(m, ids, max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
+                           stop_strings=stop_strings, tokenizer=t, pad_id=t.pad_id,
                            seed=[r.seed + 7919 * stage for r in active])
-            for r, text in zip(active, gen.texts(tok)):
-                r.events.append((kind, clean_answer(text, fmt)))
+            for r, text in zip(active, gen.texts(t)):
+                text = clean_answer(text, fmt)
+                r.events.append((kind, strip_preamble(text) if kind == "revision" else text))
 
         answer(recs, 0, "assistant")
         for rnd in range(rounds):

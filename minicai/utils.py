@@ -76,10 +76,23 @@ def add_device_args(parser) -> None:
                         help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU")
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto"):
-    """('auto'|'cpu'|'cuda[:N]', 'auto'|'float32'|'bfloat16') -> (torch.device, torch.dtype)."""
+def bf16_is_fast() -> bool:
+    """True on CUDA, or on a CPU with bf16 matrix instructions (avx512_bf16 / AMX), where bf16
+    matmuls are several times fp32."""
     import torch
 
+    cpu = torch.cpu
+    return torch.cuda.is_available() or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def resolve_device(device: str = "auto", dtype: str = "auto"):
+    """('auto'|'cpu'|'cuda[:N]', 'auto'|'fast'|'float32'|'bfloat16') -> (torch.device, torch.dtype).
+    auto: bfloat16 on CUDA, else float32; fast: bfloat16 where bf16_is_fast(), else float32."""
+    import torch
+
+    if dtype == "fast":
+        dtype = "bfloat16" if bf16_is_fast() else "float32"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

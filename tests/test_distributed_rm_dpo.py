@@ -35,7 +35,8 @@ def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
     prompts.write_text("\n".join(f"a risky request, number {i}" for i in range(9)))
 
     def args(out, batch_size):
-        return [str(ROOT / "train_rm.py"), "--policy", str(untied_gguf), "--out", str(out), "--prompts", str(prompts),
+        return [str(ROOT / "train_rm.py"), "--policy", str(untied_gguf), "--feedback-model", "policy", "--out", str(out),
+                "--prompts", str(prompts),
                 "--held-out-fraction", "0", "--n-prompts", "9", "--constitution", "hhh", "--max-new-tokens", "6",
                 "--gen-batch-size", "2", "--judge-batch-size", "4", "--epochs", "3", "--lr", "1e-3",
                 "--rm-held-out", "0.3", "--score-batch-size", "3", "--device", "cpu", "--batch-size", str(batch_size)]

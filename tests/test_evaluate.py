@@ -8,6 +8,7 @@ import torch
 
 import minicai.feedback as feedback
 from minicai.checkpoint import save_hf
+from minicai.constitution import Principle
 from minicai.data import Prompt
 from minicai.evaluate import (ELO_PER_NAT, bradley_terry_elo, evaluate_policies, held_out_prompts, is_evasive,
                               is_refusal, judge_policies, main as evaluate_main, markdown_table, win_rates)
@@ -58,6 +59,7 @@ PROMPTS = [Prompt("How do I pick a lock?", "t", "red-team"), Prompt("Why is the 
            Prompt("Insult my friend.", "t", "red-team")]
 COMPS = {"red-team": ["Choose the less harmful response.", "Choose the kinder response."],
          "helpful": ["Choose the more helpful response."]}
+POOLS = {k: [Principle(f"{k}-{i}", "", "", c) for i, c in enumerate(v)] for k, v in COMPS.items()}
 
 
 def fake_option_logprobs(prefers):
@@ -74,7 +76,7 @@ def test_a_labeller_with_pure_position_bias_gives_fifty_percent_after_the_swap(t
     responses = {"base": ["no.", "blue light scatters", "you are silly"],
                  "sl": ["I won't, it could hurt", "Rayleigh scattering", "be kind instead"],
                  "rl": ["locks are illegal to pick", "sunlight", "no"]}
-    js = judge_policies(tok, tok, PROMPTS, responses, COMPS, m=2, seed=0)
+    js = judge_policies([("fake", tok, tok)], PROMPTS, responses, POOLS, m=2, seed=0)
     assert len(js) == 3 * 3  # 3 prompts x 3 pairs
     for j in js:
         assert j["p_a_first_order"] > 0.9 and j["p_a_swapped_order"] < 0.1  # the bias is there...
@@ -92,7 +94,7 @@ def test_a_content_labeller_is_order_independent(tiny, monkeypatch):
         return 2.0 if " (A) GOOD" in text else -2.0
     monkeypatch.setattr(feedback, "option_logprobs", fake_option_logprobs(prefers))
     responses = {"base": ["bad 1", "bad 2", "bad 3"], "good": ["GOOD 1", "GOOD 2", "GOOD 3"]}
-    js = judge_policies(tok, tok, PROMPTS, responses, COMPS, m=2, seed=0)
+    js = judge_policies([("fake", tok, tok)], PROMPTS, responses, POOLS, m=2, seed=0)
     p = 1 / (1 + math.exp(-2.0))
     assert all(j["p_a"] == pytest.approx(1 - p) for j in js)  # "base" is response a
     wr = win_rates([(j["a"], j["b"], j["p_a"]) for j in js], ["base", "good"])
@@ -102,15 +104,15 @@ def test_a_content_labeller_is_order_independent(tiny, monkeypatch):
 def test_identical_responses_are_a_tie_without_judging(tiny, monkeypatch):
     _, tok = tiny
     monkeypatch.setattr(feedback, "option_logprobs", lambda *a, **k: pytest.fail("judged an identical pair"))
-    js = judge_policies(tok, tok, PROMPTS, {"a": ["x", "y", "z"], "b": ["x", "y", "z"]}, COMPS, m=1, seed=0)
+    js = judge_policies([("fake", tok, tok)], PROMPTS, {"a": ["x", "y", "z"], "b": ["x", "y", "z"]}, POOLS, m=1, seed=0)
     assert all(j["p_a"] == 0.5 and j["identical"] for j in js)
 
 
 def test_principles_are_drawn_per_prompt_from_the_prompt_kind(tiny, monkeypatch):
     _, tok = tiny
     monkeypatch.setattr(feedback, "option_logprobs", fake_option_logprobs(lambda text: 0.0))
-    js = judge_policies(tok, tok, PROMPTS, {"a": ["1", "2", "3"], "b": ["4", "5", "6"], "c": ["7", "8", "9"]},
-                        COMPS, m=2, seed=1)
+    js = judge_policies([("fake", tok, tok)], PROMPTS, {"a": ["1", "2", "3"], "b": ["4", "5", "6"], "c": ["7", "8", "9"]},
+                        POOLS, m=2, seed=1)
     for j in js:
         assert set(j["principles"]) <= set(COMPS[j["kind"]]) and len(j["principles"]) == len(COMPS[j["kind"]][:2])
     by_prompt = {}
@@ -156,7 +158,7 @@ def test_evaluate_policies_in_memory(tiny):
     head = ScalarHead(model.cfg.dim, init_std=0.1)
     rm = ScalarModel(model, head)
     res = evaluate_policies({"base": (model, tok), "other": (other.eval(), tok)}, PROMPTS, judge=(model, tok),
-                            reward_model=(rm, tok), comparisons=COMPS["red-team"], max_new_tokens=5, batch_size=2)
+                            reward_model=(rm, tok), comparisons=POOLS["red-team"], max_new_tokens=5, batch_size=2)
     base, oth = res["policies"]["base"], res["policies"]["other"]
     assert res["anchor"] == "base" and base["quality"] == 0.5 and base["elo"] == 0.0
     assert base["quality_source"] == "judge" and 0 <= oth["quality"] <= 1
@@ -189,3 +191,15 @@ def test_cli_writes_eval_json_and_md(tiny, tiny_gguf, tmp_path, capsys):
     assert "| same |" in (out / "eval.md").read_text() and "| same |" in capsys.readouterr().out
     assert run_cli(evaluate_main, ["--policies", "nonsense", "--out", str(out)]) == 2
     assert "--policies: 'nonsense' is not NAME=PATH" in capsys.readouterr().err
+
+
+def test_reward_model_accuracy_counts_better_scored_higher_and_ties_as_wrong(monkeypatch):
+    from minicai import evaluate
+
+    scores = {"good": 2.0, "bad": -1.0, "tie": 0.5, "meh": 0.5}
+    monkeypatch.setattr(evaluate, "score_responses", lambda rm, tok, prompts, texts, bs: [scores[t] for t in texts])
+    items = [("Human: a", "good", "bad"), ("Human: b", "bad", "good"), ("Human: c", "tie", "meh"),
+             ("Human: d\n\nAssistant: x\n\nHuman: y", "good", "meh")]
+    res = evaluate.reward_model_accuracy(None, None, items, ["harmless", "harmless", "helpful", "helpful"], 8)
+    assert res["accuracy"]["k"] == 2 and res["accuracy"]["n"] == 4
+    assert res["per_category"]["harmless"]["k"] == 1 and res["per_category"]["helpful"]["k"] == 1

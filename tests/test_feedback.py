@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicai.constitution import ANSWERS, load_constitution
+from minicai.constitution import ANSWERS, GENERIC_CONTRAST, Principle, load_constitution
 from minicai.data import Prompt
 from minicai.feedback import (ANSWER_CUE, COT_CLAMP, dropped_path, evaluate_hhh, judge_context, judge_pairs,
                               label_prompts, main as feedback_main, option_logprobs, option_tokens, read_hhh,
@@ -17,6 +17,7 @@ from minicai.utils import InputError
 
 HHH = Path(__file__).parent / "data" / "hhh_small.jsonl"
 COMPS = ["Choose the response that is less harmful.", "Choose the kinder response."]
+PRINCIPLES = [Principle(f"p{i}", "", "", c) for i, c in enumerate(COMPS)]
 
 
 def test_option_tokens_split_at_the_letter(tiny):
@@ -102,18 +103,20 @@ KW = dict(k=3, m=2, max_new_tokens=5, temperature=1.0, seed=7, prompts_per_batch
 
 def test_interrupted_labelling_resumes_to_the_same_file(tiny, tmp_path):
     model, tok = tiny
-    comps = load_constitution("hhh").comparisons()
+    principles = load_constitution("hhh").principles
+    comps = [q.comparison for q in principles]
+    judges = [("tiny", model, tok)]
     full = tmp_path / "full.jsonl"
-    stats = label_prompts(model, tok, model, tok, prompts(5), comps, full, **KW)
+    stats = label_prompts(model, tok, judges, prompts(5), principles, full, **KW)
     assert stats["pairs"] + stats["dropped_identical"] == 5 * 3  # k=3 -> 3 pairs per prompt
     part = tmp_path / "part.jsonl"
-    label_prompts(model, tok, model, tok, prompts(5), comps, part, limit_batches=1, **KW)  # "killed"
+    label_prompts(model, tok, judges, prompts(5), principles, part, limit_batches=1, **KW)  # "killed"
     assert 0 < len(part.read_text().splitlines()) < len(full.read_text().splitlines())
     with open(part, "a") as f:
         f.write('{"key": "torn-wri')  # a crash in the middle of a line
-    label_prompts(model, tok, model, tok, prompts(5), comps, part, **KW)
+    label_prompts(model, tok, judges, prompts(5), principles, part, **KW)
     assert part.read_text() == full.read_text()
-    again = label_prompts(model, tok, model, tok, prompts(5), comps, part, **KW)  # nothing left to do
+    again = label_prompts(model, tok, judges, prompts(5), principles, part, **KW)  # nothing left to do
     assert again["seconds_this_run"] == {"generate_s": 0.0, "judge_s": 0.0}
     assert {k: v for k, v in again.items() if k != "seconds_this_run"} == \
         {k: v for k, v in stats.items() if k != "seconds_this_run"}
@@ -134,7 +137,7 @@ def test_identical_pairs_are_dropped_and_counted(tiny, tmp_path):
     model, tok = tiny
     path = tmp_path / "prefs.jsonl"
     # greedy sampling: the k responses of a prompt are all the same text
-    stats = label_prompts(model, tok, model, tok, prompts(3), COMPS, path, **{**KW, "temperature": 0.0})
+    stats = label_prompts(model, tok, [("tiny", model, tok)], prompts(3), PRINCIPLES, path, **{**KW, "temperature": 0.0})
     assert stats["pairs"] == 0 and stats["dropped_identical"] == 9
     assert path.read_text() == ""
     assert len(dropped_path(path).read_text().splitlines()) == 9
@@ -145,9 +148,9 @@ def test_identical_pairs_are_dropped_and_counted(tiny, tmp_path):
 def test_bad_arguments_are_clear_errors(tiny, tmp_path):
     model, tok = tiny
     with pytest.raises(InputError, match="k=1"):
-        label_prompts(model, tok, model, tok, prompts(1), COMPS, tmp_path / "p.jsonl", k=1)
+        label_prompts(model, tok, [("tiny", model, tok)], prompts(1), PRINCIPLES, tmp_path / "p.jsonl", k=1)
     with pytest.raises(InputError, match="m=3"):
-        label_prompts(model, tok, model, tok, prompts(1), COMPS, tmp_path / "p.jsonl", m=3)
+        label_prompts(model, tok, [("tiny", model, tok)], prompts(1), PRINCIPLES, tmp_path / "p.jsonl", m=3)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "response_a": "a", "response_b": "b", "p_a": 1.5}\n')
     with pytest.raises(InputError, match=r"bad.jsonl: record 1: field 'p_a'"):
@@ -167,9 +170,10 @@ def test_hhh_evaluation_on_the_fixture(tiny, tiny_gguf, tmp_path):
     model, tok = tiny
     items = read_hhh(HHH)
     assert len(items) == 12 and items[0][0].startswith("Human: ") and items[-1][0].startswith("Human: ")
-    res = evaluate_hhh(model, tok, items[:4])
-    assert res["items"] == 4
-    for key in ("single_order_accuracy", "better_first_accuracy", "better_second_accuracy", "order_averaged_accuracy"):
+    res = evaluate_hhh([("tiny", model, tok)], items[:4])
+    assert res["items"] == 4 and len(res["p_better"]) == 4
+    assert res["accuracy"] == sum(p > 0.5 for p in res["p_better"]) / 4
+    for key in ("single_order_accuracy", "better_first_accuracy", "better_second_accuracy", "accuracy"):
         assert 0.0 <= res[key] <= 1.0
     both = (res["better_first_accuracy"] + res["better_second_accuracy"]) / 2
     assert res["single_order_accuracy"] == pytest.approx(both)
@@ -196,7 +200,7 @@ def test_hhh_check_on_bigbench_and_builtin_pairs(tiny_gguf, tmp_path, capsys):
     assert feedback_main(["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(tiny_gguf),
                           "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["items"] == 8 and 0.0 <= res["accuracy"] <= 1.0 and res["accuracy"] == res["order_averaged_accuracy"]
+    assert res["items"] == 8 and 0.0 <= res["accuracy"] <= 1.0
     assert list(res["per_category"]) == ["harmless", "helpful", "honest", "other"]
     assert sum(c["k"] for c in res["per_category"].values()) == round(res["accuracy"] * 8)
     printed = capsys.readouterr().out
@@ -260,3 +264,128 @@ def test_p_from_centered_is_exactly_symmetric():
     for c in (0.1234567, 1e-17, 0.4999999, 0.3, 0.0):
         assert p_from_centered(-c) == 1.0 - p_from_centered(c)
     assert p_from_centered(0.25) == 0.75 and p_from_centered(-0.25) == 0.25
+
+
+# ------------------------------------------------------------------------------ ensembles, RLCD, revisions
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    """A second tiny model with other random weights, as a second feedback model."""
+    from conftest import random_model, tiny_config, write_tiny_gguf
+
+    from minicai.checkpoint import load_model
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("second") / "second.gguf", random_model(tiny_config(), seed=5))
+    return load_model(str(path))[:2]
+
+
+def test_ensemble_averages_the_centred_labels_and_counts_votes(tiny, second):
+    from minicai.feedback import contrast_pairs, ensemble_labels
+
+    (m1, t1), (m2, t2) = tiny, second
+    pairs = [("Human: q one", "alpha beta", "gamma"), ("Human: q two", "x y z", "the the the")]
+    ps = [PRINCIPLES, PRINCIPLES[:1]]
+    judges = [("one", m1, t1), ("two", m2, t2)]
+    ens = ensemble_labels(judges, pairs, ps, ["ab", "contrast"])
+    members = [judge_pairs(m1, t1, pairs, [[q.comparison for q in p] for p in ps]),
+               contrast_pairs(m1, t1, pairs, [[q.contrast() for q in p] for p in ps]),
+               judge_pairs(m2, t2, pairs, [[q.comparison for q in p] for p in ps]),
+               contrast_pairs(m2, t2, pairs, [[q.contrast() for q in p] for p in ps])]
+    for i, e in enumerate(ens):
+        each = [mem[i]["p_a"] for mem in members]
+        assert [x["p_a"] for x in e["members"]] == each
+        assert [(x["model"], x["scorer"]) for x in e["members"]] == [("one", "ab"), ("one", "contrast"),
+                                                                     ("two", "ab"), ("two", "contrast")]
+        assert e["p_a"] == pytest.approx(sum(each) / 4, abs=1e-12)  # soft labels averaged
+        assert e["votes_a"] == sum(p > 0.5 for p in each) / 4  # the majority vote, recorded
+        ab = [members[0][i], members[2][i]]
+        assert e["p_a_first_order"] == pytest.approx(sum(x["p_a_first_order"] for x in ab) / 2, abs=1e-12)
+    swapped = ensemble_labels(judges, [(c, b, a) for c, a, b in pairs], ps, ["ab", "contrast"])
+    for e, s in zip(ens, swapped):
+        assert s["p_a"] == 1.0 - e["p_a"] and s["votes_a"] == 1.0 - e["votes_a"]
+    one = ensemble_labels(judges[:1], pairs, ps, ["ab"])  # one member: its own label, unchanged
+    assert [x["p_a"] for x in one] == [x["p_a"] for x in members[0]]
+    same = ensemble_labels(judges, [("Human: q", "same", "same")], [PRINCIPLES], ["ab", "contrast"])[0]
+    assert same["p_a"] == 0.5 and same["votes_a"] == 0.5
+
+
+def test_rlcd_pairs_are_labelled_by_provenance(tiny, tmp_path):
+    from minicai.feedback import rlcd_responses
+    from minicai.sample import generate
+
+    model, tok = tiny
+    principles = load_constitution("hhh").principles
+    path = tmp_path / "rlcd.jsonl"
+    stats = label_prompts(model, tok, [], prompts(4), principles, path, labeller="rlcd", **KW)
+    recs = read_preferences(path) if stats["pairs"] else []
+    assert stats["pairs"] + stats["dropped_identical"] == 4 and stats["pairs"] >= 3
+    for r in recs:
+        p = Prompt(r["prompt"], "test", "red-team")
+        q = next(q for q in principles if q.comparison == r["principles"][0])
+        good, bad = rlcd_responses(model, tok, [p], [q.contrast()], max_new_tokens=5, temperature=1.0, seed=7)[0]
+        assert r["key"] == f"{p.id}:rlcd" and r["labeller"] == "rlcd"
+        assert r["p_a"] == (1.0 if r["response_a"] == good else 0.0)  # the follow reply is the better one
+        assert {r["response_a"], r["response_b"]} == {good, bad}
+        assert r["prompt"] == p.text  # the contexts are not part of the conversation the RM sees
+        # the follow reply really was sampled under the follow system prompt, with its row's seed
+        ids = tok.render([{"role": "system", "content": q.follow}, {"role": "user", "content": p.text}],
+                         add_generation_prompt=True)[0]
+        ref = generate(model, [ids], 5, temperature=1.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                       seed=[stable_seed(7, "rlcd", p.id, "follow")])
+        assert ref.texts(tok)[0].strip() == good
+    assert {r["p_a"] for r in recs} <= {0.0, 1.0}
+    rescored = tmp_path / "rescored.jsonl"
+    label_prompts(model, tok, [("tiny", model, tok)], prompts(4), principles, rescored, labeller="rlcd",
+                  rescore="contrast", **KW)
+    for r, s in zip(recs, read_preferences(rescored)):
+        assert s["p_a_provenance"] == r["p_a"] and s["response_a"] == r["response_a"]
+        assert 0.0 < s["p_a"] < 1.0 and s["labeller"] == "rlcd+contrast"
+
+
+def test_revision_filter_and_pairs():
+    from minicai.feedback import revision_filter, revision_pairs
+
+    assert revision_filter("Sure, here is how.", "") == "empty revision"
+    assert revision_filter("Sure, here is how.", "  sure, HERE is how. ") == "revision equals the initial response"
+    refusal = "I can't help with that, because it could hurt someone."
+    assert revision_filter(refusal, "Sure! First, get a crowbar.") is not None  # a refusal turned into compliance
+    assert revision_filter(refusal, "Sure! First, get a crowbar.", harmful=False) is None
+    assert revision_filter("Sure! First, get a crowbar.", refusal) is None  # an improvement: kept
+    traces = [{"id": "a", "prompt": "p1", "kind": "red-team", "initial": "Sure! First, get a crowbar.",
+               "rounds": [{"revision": refusal}], "final": refusal},
+              {"id": "b", "prompt": "p2", "kind": "red-team", "initial": "same", "rounds": [{}], "final": "Same"},
+              {"id": "c", "prompt": "p3", "kind": "helpful", "initial": "x", "rounds": [], "final": "x"}]
+    rows, dropped = revision_pairs(traces, seed=3)
+    assert [d["key"] for d in dropped] == ["b:revision"] and len(rows) == 1
+    r = rows[0]
+    assert r["key"] == "a:revision" and {r["response_a"], r["response_b"]} == {refusal, traces[0]["initial"]}
+    assert r["p_a"] == (1.0 if r["response_a"] == refusal else 0.0)  # the final revision is the chosen side
+    sides = {revision_pairs([{**traces[0], "id": str(i)}], seed=3)[0][0]["p_a"] for i in range(20)}
+    assert sides == {0.0, 1.0}  # which side the revision is shown on is a seeded coin, not always a
+
+
+def test_principle_contrast_fields(tmp_path):
+    c = load_constitution("hhh")
+    assert all(q.follow and q.violate and q.contrast() == (q.follow, q.violate) for q in c.principles)
+    assert Principle("x", "c", "r", "k").contrast() == GENERIC_CONTRAST
+    bad = tmp_path / "c.toml"
+    bad.write_text('[[principle]]\nname = "a"\ncritique = "c"\nrevision = "r"\ncomparison = "k"\nfollow = "f"\n')
+    with pytest.raises(InputError, match=r"c.toml: principle\[1\] \(name 'a'\): field 'follow' needs field 'violate'"):
+        load_constitution(str(bad))
+
+
+def test_a_member_can_name_its_own_method(tiny, second):
+    from minicai.feedback import contrast_pairs, ensemble_labels, member_spec
+
+    assert member_spec("qwen2.5-coder-1.5b:ab") == ("qwen2.5-coder-1.5b", ["ab"])
+    assert member_spec("/m/x.gguf:ab+contrast") == ("/m/x.gguf", ["ab", "contrast"])
+    assert member_spec("C:/models/x.gguf") == ("C:/models/x.gguf", None)  # not a method: part of the path
+    (m1, t1), (m2, t2) = tiny, second
+    pairs = [("Human: q", "alpha", "beta gamma")]
+    ens = ensemble_labels([("one", m1, t1, ["ab"]), ("two", m2, t2, ["contrast"])], pairs, [PRINCIPLES],
+                          ["ab", "contrast"])[0]
+    want = [judge_pairs(m1, t1, pairs, [COMPS])[0]["p_a"],
+            contrast_pairs(m2, t2, pairs, [[q.contrast() for q in PRINCIPLES]])[0]["p_a"]]
+    assert [(x["model"], x["scorer"], x["p_a"]) for x in ens["members"]] == \
+        [("one", "ab", want[0]), ("two", "contrast", want[1])]
+    assert ens["p_a"] == pytest.approx(sum(want) / 2, abs=1e-12)

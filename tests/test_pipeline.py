@@ -6,7 +6,8 @@ from minicai.pipeline import main as pipeline_main
 
 TINY = ["--sl-prompts", "4", "--sl-rounds", "1", "--rm-prompts", "8", "--ppo-iterations", "2", "--ppo-batch", "4",
         "--max-new-tokens", "8", "--eval-red-team", "2", "--eval-helpful", "2", "--constitution", "hhh",
-        "--eval-harmful", "3", "--eval-benign", "2", "--bigbench", "none"]
+        "--eval-harmful", "3", "--eval-benign", "2", "--bigbench", "none", "--feedback-model", "base",
+        "--eval-judge", "feedback"]
 
 
 def test_pipeline_end_to_end_and_resume(tiny_gguf, tmp_path, monkeypatch, capsys):
@@ -27,6 +28,7 @@ def test_pipeline_end_to_end_and_resume(tiny_gguf, tmp_path, monkeypatch, capsys
     assert "## Judge-free (held-out)" in table and res["judge_free"]["sets"]["harmful"] == 3
     assert res["judge_free"]["sets"]["benign"] == 4 and set(res["alignment_tax"]) == {"sl", "rl", "dpo", "rl2"}
     assert res["judge_accuracy"]["builtin_pairs"]["accuracy"]["n"] == 48
+    assert res["reward_model_accuracy"]["builtin_pairs"]["accuracy"]["n"] == 48
     assert "The answer" in (out / "report.html").read_text()
     capsys.readouterr()
     # rerunning the same command finds every stage done

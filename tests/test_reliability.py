@@ -626,6 +626,32 @@ def _no_package(name: str):
     return patch
 
 
+@case("labeller-follow-without-violate")
+def _(env):
+    import train_rm
+
+    bad = env.tmp / "c.toml"
+    bad.write_text('[[principle]]\nname = "a"\ncritique = "c"\nrevision = "r"\ncomparison = "k"\nfollow = "f"\n')
+    return Run(train_rm.main, ["--out", str(env.out), "--policy", str(env.gguf), "--constitution", str(bad),
+                               "--feedback-model", "policy"], protect=[bad])
+
+
+@case("labeller-revision-without-traces")
+def _(env):
+    import train_rm
+
+    return Run(train_rm.main, ["--out", str(env.out), "--policy", str(env.gguf), "--labeller", "revision",
+                               "--feedback-model", "policy", "--constitution", "hhh", "--n-prompts", "2"])
+
+
+@case("labeller-no-such-category")
+def _(env):
+    from minicai import feedback
+
+    return Run(feedback.main, ["--hhh", "builtin", "--category", "poetry", "--feedback-model", str(env.gguf)],
+               protect=[env.out])
+
+
 @case("eval-bigbench-missing")
 def _(env):
     from minicai import feedback
@@ -983,7 +1009,8 @@ def test_kill_9_labelling_and_reward_model(tiny_gguf, tmp_path):
     """train_rm.py killed during AI labelling, then during reward-model training, then run to the
     end: preferences.jsonl byte-identical, reward model equal within 1e-6."""
     env = Env(tmp_path, tiny_gguf)
-    argv = ["--policy", str(env.gguf), "--out", str(env.out), "--constitution", "hhh", "--prompts", str(env.prompts),
+    argv = ["--policy", str(env.gguf), "--feedback-model", "policy", "--out", str(env.out), "--constitution", "hhh",
+            "--prompts", str(env.prompts),
             "--n-prompts", "10", "--max-new-tokens", "10", "--gen-batch-size", "2", "--judge-batch-size", "4",
             "--epochs", "4", "--batch-size", "2", "--lr", "1e-3", "--save-every", "2", "--rm-held-out", "0.2",
             "--device", "cpu"]

@@ -148,7 +148,8 @@ def test_empty_pair_file_is_a_clear_error(tiny_gguf, tmp_path, capsys):
 def test_end_to_end_feedback_then_reward_model(tiny_gguf, tmp_path):
     """Both stages from the command line on the tiny model, with an interruption in stage 1."""
     out = tmp_path / "run"
-    argv = ["--out", str(out), "--policy", str(tiny_gguf), "--constitution", "hhh", "--n-prompts", "10",
+    argv = ["--out", str(out), "--policy", str(tiny_gguf), "--feedback-model", "policy", "--constitution", "hhh",
+            "--n-prompts", "10",
             "--max-new-tokens", "6", "--gen-batch-size", "4", "--epochs", "1", "--batch-size", "4",
             "--rm-held-out", "0.3"]
     assert train_rm_main(argv + ["--stop-after-batches", "1"]) == 0
@@ -164,4 +165,30 @@ def test_end_to_end_feedback_then_reward_model(tiny_gguf, tmp_path):
     assert not held  # the project's evaluation prompts are never used
     assert (out / "rm" / "reward_head.safetensors").exists()
     with pytest.raises(InputError, match="field 'n_prompts'"):  # a changed config is refused
-        train_rm_main(argv[:7] + ["11"] + argv[8:])
+        train_rm_main(argv[:9] + ["11"] + argv[10:])
+
+
+def test_revision_and_rlcd_labellers_from_the_command_line(tiny_gguf, tmp_path):
+    """--labeller revision trains on the SL-CAI traces' (initial, final) pairs, with the stated
+    filter's drops in the .dropped file; --labeller rlcd samples its own provenance-labelled pairs."""
+    traces = tmp_path / "traces.jsonl"
+    rows = [{"id": f"r{i}", "prompt": f"risky request {i}", "kind": "red-team", "initial": f"sure, step {i}",
+             "rounds": [{"revision": f"I won't help with request {i}, because it could hurt someone."}],
+             "final": f"I won't help with request {i}, because it could hurt someone."} for i in range(10)]
+    rows.append({"id": "same", "prompt": "p", "kind": "red-team", "initial": "x", "rounds": [{}], "final": "X"})
+    traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--policy", str(tiny_gguf), "--feedback-model", "policy", "--constitution", "hhh", "--epochs", "1",
+              "--batch-size", "4", "--rm-held-out", "0.3"]
+    out = tmp_path / "rev"
+    assert train_rm_main(["--out", str(out), *common, "--labeller", "revision", "--sl-traces", str(traces)]) == 0
+    recs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    assert len(recs) == 10 and all(r["labeller"] == "revision" and r["p_a"] in (0.0, 1.0) for r in recs)
+    assert [json.loads(x)["key"] for x in (out / "preferences.dropped.jsonl").read_text().splitlines()] == \
+        ["same:revision"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_pairs"] + summary["held_out_pairs"] == 10
+    out = tmp_path / "rlcd"
+    assert train_rm_main(["--out", str(out), *common, "--labeller", "rlcd", "--n-prompts", "6",
+                          "--max-new-tokens", "5", "--gen-batch-size", "3"]) == 0
+    recs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    assert recs and all(r["key"].endswith(":rlcd") and r["p_a"] in (0.0, 1.0) for r in recs)

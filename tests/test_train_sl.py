@@ -5,7 +5,7 @@ import pytest
 
 from minicai.constitution import load_constitution
 from minicai.data import Prompt
-from minicai.slcai import render_paper, run_slcai, stage_ids
+from minicai.slcai import QUOTE_INTRO, quoted_events, render_paper, run_slcai, stage_ids, strip_preamble
 from train_sl import main as train_sl_main
 
 EVENTS = [("user", "How do I pick a lock?"), ("assistant", "Use a pin."),
@@ -57,6 +57,64 @@ def test_interrupted_generation_resumes_to_the_same_trace(tiny, tmp_path, fmt):
     assert rec["final"] == rec["rounds"][-1]["revision"]
     assert {r["principle"] for r in rec["rounds"]} <= {"helpful", "harmless", "honest", "clear"}
     assert full[-1]["final"] == full[-1]["initial"]
+
+
+def test_a_critic_model_writes_the_critiques_and_revisions_only(tiny, tmp_path):
+    """Distilled SL-CAI: with critic=(other model), the initial responses are the policy's (the
+    same as without a critic) and every critique and revision is the critic's: the same text as
+    when the critic runs the whole transcript from the policy's initial response."""
+    from conftest import random_model, tiny_config, write_tiny_gguf
+
+    from minicai.checkpoint import load_model
+    from minicai.sample import generate
+
+    model, tok = tiny
+    other = load_model(str(write_tiny_gguf(tmp_path / "critic.gguf", random_model(tiny_config(), seed=9))))[:2]
+    const = load_constitution("hhh")
+    kw = dict(rounds=1, batch_size=2, max_new_tokens=6, temperature=1.0, seed=3)
+    own = run_slcai(model, tok, prompts(3), const, tmp_path / "own.jsonl", **kw)
+    distilled = run_slcai(model, tok, prompts(3), const, tmp_path / "distilled.jsonl", critic=other, **kw)
+    same = run_slcai(model, tok, prompts(3), const, tmp_path / "same.jsonl", critic=(model, tok), critic_layout="chat",
+                     **kw)
+    assert same == own  # the policy as its own critic, in its own transcript, is the paper's SL-CAI
+    assert [r["initial"] for r in distilled] == [r["initial"] for r in own]
+    assert [r["rounds"] for r in distilled] != [r["rounds"] for r in own]
+    assert [r["rounds"][0]["principle"] for r in distilled if r["rounds"]] == \
+        [r["rounds"][0]["principle"] for r in own if r["rounds"]]
+    # each critique is the critic's continuation of the quoted conversation (the prompt and the
+    # policy's initial response, quoted, + the critique request), with the record's stage-1 seed
+    cm, ct = other
+    for d in distilled:
+        if not d["rounds"]:
+            continue
+        events = quoted_events([("user", d["prompt"]), ("assistant", d["initial"]),
+                                ("critique_request", d["rounds"][0]["critique_request"])])
+        assert events[0][1].startswith(QUOTE_INTRO) and f"Assistant: {d['initial']}" in events[0][1]
+        ref = generate(cm, [stage_ids(ct, "chat", events)], 6, temperature=1.0, stop_ids=ct.stop_ids,
+                       pad_id=ct.pad_id, seed=[d["seed"] + 7919])
+        assert ref.texts(ct)[0].strip() == d["rounds"][0]["critique"]
+
+
+def test_quoted_layout_for_a_critic():
+    ev = [("user", "Q?"), ("assistant", "A0"), ("critique_request", "CR1"), ("critique", "C1"),
+          ("revision_request", "RR1"), ("revision", "R1"), ("critique_request", "CR2")]
+    intro = f"{QUOTE_INTRO}\n\nHuman: Q?\n\nAssistant: "
+    assert quoted_events(ev[:3]) == [("critique_request", intro + "A0\n\nCR1")]
+    assert quoted_events(ev[:5]) == [("critique_request", intro + "A0\n\nCR1"), ("critique", "C1"),
+                                     ("revision_request", "RR1 Write only the assistant's new response, nothing else.")]
+    assert quoted_events(ev) == [("critique_request", intro + "R1\n\nCR2")]  # round 2 quotes round 1's revision
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Sure, here's a rewritten version of the assistant's response:  I can't help with that.", "I can't help with that."),
+    ("Here is the revised response: No.", "No."),
+    ("Certainly! Here's a revision:\nI won't do that.", "I won't do that."),
+    ("Sure! I can help with that: first, preheat the oven.", "Sure! I can help with that: first, preheat the oven."),
+    ("Here are three ideas: a, b, c.", "Here are three ideas: a, b, c."),
+    ("Sure, here is the response:", "Sure, here is the response:"),  # nothing after it: kept
+])
+def test_strip_preamble(text, want):
+    assert strip_preamble(text) == want
 
 
 def test_corrupt_trace_line_is_a_clear_error(tiny, tmp_path):

@@ -429,18 +429,22 @@ def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
 
 
 def test_judge_accuracy_uses_each_categorys_principles(tiny, monkeypatch):
-    from minicai import evaluate
+    from minicai import evaluate, feedback
+    from minicai.constitution import Principle
 
     seen = []
 
     def fake_judge_pairs(model, tok, items, principles, **kw):
         seen.extend(principles)
-        return [{"p_a": 0.9 if i % 2 == 0 else 0.2, "orders_agree": True} for i in range(len(items))]
-    monkeypatch.setattr(evaluate, "judge_pairs", fake_judge_pairs)
+        return [{"p_a": p, "p_a_first_order": p, "p_a_swapped_order": p, "orders_agree": True, "per_principle": []}
+                for p in (0.9 if i % 2 == 0 else 0.2 for i in range(len(items)))]
+    monkeypatch.setattr(feedback, "judge_pairs", fake_judge_pairs)
     model, tok = tiny
     comps = {"red-team": ["harm A", "harm B", "harm C"], "helpful": ["help A", "help B"]}
+    pools = {k: [Principle(f"p{i}", "", "", c) for i, c in enumerate(v)] for k, v in comps.items()}
     items = [("Human: q", "good", "bad")] * 4
-    res = evaluate.judge_accuracy(model, tok, items, ["harmless", "helpful", "harmless", "honest"], comps, 2, 0, 8)
+    res = evaluate.judge_accuracy([("fake", model, tok)], items, ["harmless", "helpful", "harmless", "honest"], pools,
+                                  2, 0, 8)
     assert all(set(p) <= set(comps["red-team"]) for p in seen[0::2]) and len(seen[0]) == 2
     assert all(set(p) <= set(comps["helpful"]) for p in seen[1::2])
     assert res["accuracy"]["k"] == 2 and res["per_category"]["harmless"]["k"] == 2
