@@ -210,6 +210,8 @@ def verdicts_html(r: dict) -> str:
     for m in r.get("members") or []:
         if isinstance(m, dict):
             name = Path(str(m.get("model", "?"))).name
+            head, sep, tail = name.rpartition(":")
+            name = head if sep and tail in ("ab", "contrast", "ab+contrast") else name  # 'M:ab' -> 'M'
             parts.append(f"<p class=pr>{esc(name)} {esc(m.get('scorer', '?'))}: <b>{esc(fmt(m.get('p_a')))}</b></p>")
     if is_number(r.get("p_a_provenance")):
         parts.append(f"<p class=pr>provenance: <b>{esc(fmt(r['p_a_provenance']))}</b></p>")
