@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ from tqdm import tqdm
 from . import yardstick
 from .constitution import Principle
 from .data import Prompt, load_prompts, split
-from .feedback import ensemble_labels, reward_input, reward_scores, right_pad, scorers_of, stable_seed
+from .feedback import draw, ensemble_labels, reward_input, reward_scores, right_pad, scorers_of, stable_seed
 from .sample import generate
 from .utils import InputError, atomic_write_json, atomic_write_text
 from .yardstick import is_refusal_strict, outcome
@@ -325,8 +324,7 @@ def judge_accuracy(judges, items: list[tuple[str, str, str]], categories: list[s
     drawn = []
     for i, cat in enumerate(categories):
         pool = principles["red-team" if cat == "harmless" else "helpful"]
-        rng = random.Random(stable_seed(seed, "judge-check", i))
-        drawn.append([pool[c] for c in rng.sample(range(len(pool)), min(m, len(pool)))])
+        drawn.append(draw(pool, m, seed, "judge-check", i))
     labels = ensemble_labels(judges, items, drawn, list(scorers), batch_size=batch_size, progress=True)
     right = [lab["p_a"] > 0.5 for lab in labels]
     agree = [float(lab["orders_agree"]) for lab in labels if "orders_agree" in lab]
@@ -373,8 +371,7 @@ def judge_policies(judges, prompts: list[Prompt], responses: dict[str, list[str]
     jobs, out = [], []
     for i, p in enumerate(prompts):
         pool = list(principles[p.kind])
-        rng = random.Random(stable_seed(seed, "eval-principles", p.id))
-        drawn = [pool[c] for c in rng.sample(range(len(pool)), min(m, len(pool)))]
+        drawn = draw(pool, m, seed, "eval-principles", p.id)
         for a, b in itertools.combinations(names, 2):
             ra, rb = responses[a][i], responses[b][i]
             rec = {"prompt_id": p.id, "kind": p.kind, "a": a, "b": b, "principles": [q.comparison for q in drawn],

@@ -635,10 +635,16 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
     return {**preference_stats(path), "seconds_this_run": seconds}
 
 
+def draw(pool: list, m: int, *seed_parts) -> list:
+    """min(m, len(pool)) items of `pool` without replacement, from a rng seeded with
+    stable_seed(*seed_parts): the one way every stage draws the principles of a pair or an item."""
+    rng = random.Random(stable_seed(*seed_parts))
+    return [pool[c] for c in rng.sample(range(len(pool)), min(m, len(pool)))]
+
+
 def _draw(principles: list[Principle], m: int, seed: int, key: str) -> list[Principle]:
-    """m principles without replacement for pair `key`, from stable_seed(seed, 'principles', key)."""
-    rng = random.Random(stable_seed(seed, "principles", key))
-    return [principles[c] for c in rng.sample(range(len(principles)), m)]
+    """m principles without replacement for pair `key` (draw(..., seed, 'principles', key))."""
+    return draw(principles, m, seed, "principles", key)
 
 
 def preference_stats(path: Path) -> dict:
@@ -807,8 +813,7 @@ def draw_principles(principles: list[Principle], n_items: int, m: int, seed: int
     (stable_seed(seed, salt, i)): how a pair is judged in the pipeline, applied to labelled items."""
     if m == 0 or m >= len(principles):
         return [list(principles)] * n_items
-    return [[principles[c] for c in random.Random(stable_seed(seed, salt, i)).sample(range(len(principles)), m)]
-            for i in range(n_items)]
+    return [draw(principles, m, seed, salt, i) for i in range(n_items)]
 
 
 def feedback_principles(constitution: str) -> list[Principle]:

@@ -13,8 +13,8 @@
 
 Each stage is its own script, run as a subprocess with the flags printed before it runs, so any
 stage can be rerun or changed by hand. Every stage resumes: rerunning the command skips finished
-stages and continues an interrupted one where it stopped. The defaults finish in well under an
-hour on 2 CPU cores (docs/results.md has the measured wall times).
+stages and continues an interrupted one where it stopped. The defaults take about 46 minutes on
+2 CPU cores, most of it labelling with the 1.5B feedback model (docs/results.md has the stage times).
 
 Iterative self-improvement (--self-improve K): after round 1, repeat SL-CAI -> RM -> PPO from the
 latest RL policy, up to K more rounds, each evaluated against the base model on held-out prompts;

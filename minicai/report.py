@@ -209,9 +209,9 @@ def verdicts_html(r: dict) -> str:
     parts = []
     for m in r.get("members") or []:
         if isinstance(m, dict):
-            name = Path(str(m.get("model", "?"))).name
-            head, sep, tail = name.rpartition(":")
-            name = head if sep and tail in ("ab", "contrast", "ab+contrast") else name  # 'M:ab' -> 'M'
+            from .feedback import member_spec
+
+            name = Path(member_spec(str(m.get("model", "?")))[0]).name  # 'path/M.gguf:ab' -> 'M.gguf'
             parts.append(f"<p class=pr>{esc(name)} {esc(m.get('scorer', '?'))}: <b>{esc(fmt(m.get('p_a')))}</b></p>")
     if is_number(r.get("p_a_provenance")):
         parts.append(f"<p class=pr>provenance: <b>{esc(fmt(r['p_a_provenance']))}</b></p>")
