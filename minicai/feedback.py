@@ -345,6 +345,12 @@ def scorers_of(labeller: str) -> list[str]:
     return labeller.split("+")
 
 
+def member_methods(judge: tuple, scorers: list[str]) -> list[str]:
+    """The scoring methods of one ensemble member (name, model, tok[, methods]): its own when it
+    names some (feedback model "M:contrast"), else `scorers`."""
+    return judge[3] if len(judge) > 3 and judge[3] else scorers
+
+
 def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs: list[tuple[str, str, str]],
                     principles: list[list[Principle]], scorers: list[str], *, cot: bool = False,
                     batch_size: int = 8, cot_max_new_tokens: int = 64, tau: float = CONTRAST_TAU,
@@ -366,7 +372,7 @@ def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs:
     runs = []  # (name, scorer, labels)
     for judge in judges:
         name, model, tok = judge[:3]
-        for sc in (judge[3] if len(judge) > 3 and judge[3] else scorers):  # a member's own methods first
+        for sc in member_methods(judge, scorers):
             if sc == "ab":
                 labs = judge_pairs(model, tok, pairs, [[q.comparison for q in ps] for ps in principles], cot=cot,
                                    batch_size=batch_size, cot_max_new_tokens=cot_max_new_tokens, progress=progress)
@@ -583,8 +589,7 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
         t0 = time.time()
         jobs, dropped = [], []  # jobs: (prompt, key, response_a, response_b, principles, provenance p_a)
         if rlcd:
-            drawn = [principles[random.Random(stable_seed(seed, "rlcd-principle", p.id)).randrange(len(principles))]
-                     for p in todo]
+            drawn = [draw(principles, 1, seed, "rlcd-principle", p.id)[0] for p in todo]
             replies = rlcd_responses(policy, policy_tok, todo, [q.contrast() for q in drawn],
                                      max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
             for p, q, (good, bad) in zip(todo, drawn, replies):
@@ -605,12 +610,12 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
                     if resp[i] == resp[j]:
                         dropped.append({"key": key, "prompt": p.text, "prompt_id": p.id, "response": resp[i]})
                         continue
-                    jobs.append((p, key, resp[i], resp[j], _draw(principles, m, seed, key), None))
+                    jobs.append((p, key, resp[i], resp[j], draw(principles, m, seed, "principles", key), None))
         seconds["generate_s"] += time.time() - t0
         t0 = time.time()
         if scorers and jobs:
             labels = ensemble_labels(judges, [(f"Human: {p.text}", a, b) for p, _, a, b, _, _ in jobs],
-                                     [comps if not rlcd else _draw(principles, m, seed, key)
+                                     [comps if not rlcd else draw(principles, m, seed, "principles", key)
                                       for _, key, _, _, comps, _ in jobs], scorers, cot=cot,
                                      batch_size=judge_batch_size, cot_max_new_tokens=cot_max_new_tokens)
         else:
@@ -641,10 +646,6 @@ def draw(pool: list, m: int, *seed_parts) -> list:
     rng = random.Random(stable_seed(*seed_parts))
     return [pool[c] for c in rng.sample(range(len(pool)), min(m, len(pool)))]
 
-
-def _draw(principles: list[Principle], m: int, seed: int, key: str) -> list[Principle]:
-    """m principles without replacement for pair `key` (draw(..., seed, 'principles', key))."""
-    return draw(principles, m, seed, "principles", key)
 
 
 def preference_stats(path: Path) -> dict:
@@ -764,7 +765,7 @@ def evaluate_hhh(judges: list[tuple[str, Transformer, ChatTokenizer]], items: li
     labels = ensemble_labels(judges, items, per_item, scorers, cot=cot, batch_size=batch_size,
                              cot_max_new_tokens=cot_max_new_tokens, progress=True)
     extra = {"principles": len({q for ps in per_item for q in ps}), "cot": cot}
-    if all((j[3] if len(j) > 3 and j[3] else scorers) == ["ab"] for j in judges):
+    if all(member_methods(j, scorers) == ["ab"] for j in judges):
         first = sum(lab["p_a_first_order"] > 0.5 for lab in labels) / n
         second = sum(lab["p_a_swapped_order"] > 0.5 for lab in labels) / n
         extra.update(single_order_accuracy=(first + second) / 2, better_first_accuracy=first,
