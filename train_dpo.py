@@ -1,7 +1,7 @@
 """DPO on the AI-labelled preferences: the alternative to reward model + PPO (Rafailov et al. 2023).
 
     python train_dpo.py --preferences runs/rm/preferences.jsonl --policy runs/sl/model --out runs/dpo
-    torchrun --nproc_per_node 4 train_dpo.py ...    (data-parallel: minicai/distributed.py)
+    torchrun --nproc_per_node 4 train_dpo.py ...    (data-parallel: minicai/infra/distributed.py)
 
 Data. The preferences JSONL that train_rm.py writes (minicai/feedback.py): prompt, response_a,
 response_b and the soft label p_a = P(response_a is better), from the labeller's order-swapped,
@@ -51,14 +51,14 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from minicai import distributed
-from minicai.checkpoint import EMBEDDED_NAME, load_model
-from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, split
+from minicai.infra import distributed
+from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
+from minicai.infra.data import PREFERENCE_SPLIT_SALT, Prompt, split
 from minicai.feedback import load_jsonl, right_pad
 from minicai.losses import next_token_targets
-from minicai.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, pad_right,
+from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, pad_right,
                            prepare_run_dir, run_cli, save_checkpoint)
-from minicai.utils import InputError, add_device_args, atomic_write_bytes, atomic_write_json, resolve_device
+from minicai.infra.utils import InputError, add_device_args, atomic_write_bytes, atomic_write_json, resolve_device
 
 
 # ------------------------------------------------------------------------------ the loss

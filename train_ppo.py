@@ -3,7 +3,7 @@
     python train_ppo.py --out runs/ppo --reward-model runs/rm/rm --iterations 20
 
 One visible loop, numbered like vwxyzjn/summarize_from_feedback_details ppo.py; the formulas are
-in minicai/rl.py, the padded-batch plumbing in minicai/ppo.py. Per iteration:
+in minicai/rl.py, the padded-batch plumbing in minicai/infra/ppo.py. Per iteration:
 
   1. rollout   sample one response per prompt from the policy (left-padded prompts, static KV
                cache); a row ends at its first stop token (Generation.mask covers it).
@@ -58,18 +58,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from minicai import distributed
-from minicai.checkpoint import EMBEDDED_NAME, load_head, load_model, load_scalar_model, save_hf
-from minicai.data import load_prompts, split
+from minicai.infra import distributed
+from minicai.infra.checkpoint import EMBEDDED_NAME, load_head, load_model, load_scalar_model, save_hf
+from minicai.infra.data import load_prompts, split
 from minicai.model import ScalarHead, ScalarModel
-from minicai.ppo import (EOS_PENALTY_MODES, PolicyValue, RewardModelScore, TokenReward, check_same_shapes,
+from minicai.infra.ppo import (EOS_PENALTY_MODES, PolicyValue, RewardModelScore, TokenReward, check_same_shapes,
                          check_same_tokenizer, end_of_turn_id, gather_generation, global_whiten_stats,
                          missing_eos_penalty, prompt_batch, response_forward, response_values, rollout_batch)
 from minicai.rl import (REWARD_AT, KLController, explained_variance, gae_mask, gae_vectorized, kl_per_token,
                         masked_mean, masked_whiten, per_token_rewards, policy_loss, value_loss)
 from minicai.sample import generate
-from minicai.train import MetricsLog, check_finite, load_train_state, prepare_run_dir, run_cli, save_train_state
-from minicai.utils import InputError, atomic_write_json, resolve_device
+from minicai.infra.train import MetricsLog, check_finite, load_train_state, prepare_run_dir, run_cli, save_train_state
+from minicai.infra.utils import InputError, atomic_write_json, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,7 +293,7 @@ def main(argv=None, probe=None) -> int:
         # steps 2-5 on this rank's rows: (b, ...) tensors, gathered back to (B, ...) after step 5
         seq_m, att_m, mask_m = seq[mine], attn_mask[mine], mask[mine]  # (b, P+G), (b, P+G), (b, G)
         with torch.no_grad(), autocast():
-            # ---- 2. score: reward model at the last real token (minicai.ppo.RewardModelScore); with
+            # ---- 2. score: reward model at the last real token (minicai.infra.ppo.RewardModelScore); with
             # --score-truncated close, a truncated response is read closed with the end-of-turn marker
             raw_score = reward_fn(seq_m, att_m, mask_m, gen.stopped[mine])  # (b,)
             # TRL subtracts --no-eos-penalty from the score; summarize_from_feedback_details replaces it

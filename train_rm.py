@@ -1,7 +1,7 @@
 """RL-CAI, first half: AI-feedback preference labels, then a reward model (Bai et al. 2022, §4.1).
 
     python train_rm.py --policy runs/sl/model --feedback-model runs/sl/model --out runs/rm
-    torchrun --nproc_per_node 4 train_rm.py ...    (data-parallel: minicai/distributed.py)
+    torchrun --nproc_per_node 4 train_rm.py ...    (data-parallel: minicai/infra/distributed.py)
 
 Stage 1, feedback (minicai/feedback.py): for each training prompt the policy (the SL-CAI model)
 samples k responses; the feedback model reads the paper's multiple-choice prompt for every pair,
@@ -58,10 +58,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minicai import distributed
-from minicai.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
+from minicai.infra import distributed
+from minicai.infra.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
 from minicai.constitution import load_constitution
-from minicai.data import PREFERENCE_SPLIT_SALT, Prompt, load_prompts, split
+from minicai.infra.data import PREFERENCE_SPLIT_SALT, Prompt, load_prompts, split
 from minicai.feedback import DEFAULT as FEEDBACK_DEFAULT
 from minicai.feedback import (LABELLERS, draw_principles, load_judges, dropped_path, ensemble_labels, label_prompts, load_jsonl,
                               pair_keys, preference_stats, read_preferences, revision_pairs, reward_input, right_pad,
@@ -69,9 +69,9 @@ from minicai.feedback import (LABELLERS, draw_principles, load_judges, dropped_p
 from minicai.slcai import load_done
 from minicai.losses import pairwise_accuracy, pairwise_loss
 from minicai.model import ScalarHead, ScalarModel, last_token_scores
-from minicai.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, prepare_run_dir,
+from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, prepare_run_dir,
                            run_cli, save_checkpoint)
-from minicai.utils import InputError, add_device_args, atomic_write_json, atomic_write_text, resolve_device
+from minicai.infra.utils import InputError, add_device_args, atomic_write_json, atomic_write_text, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minicai.checkpoint import EMBEDDED_NAME, load_model
+from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
 from minicai.constitution import load_constitution
-from minicai.data import Prompt, load_prompts, mix, split
-from minicai import distributed
+from minicai.infra.data import Prompt, load_prompts, mix, split
+from minicai.infra import distributed
 from minicai.losses import next_token_targets
 from minicai.slcai import load_done, run_slcai
-from minicai.train import (MetricsLog, to_device, check_finite, length_buckets, load_train_state, lr_at, pad_right,
+from minicai.infra.train import (MetricsLog, to_device, check_finite, length_buckets, load_train_state, lr_at, pad_right,
                            prepare_run_dir, run_cli, save_checkpoint)
-from minicai.utils import InputError, add_device_args, atomic_write_json, atomic_write_text, resolve_device
+from minicai.infra.utils import InputError, add_device_args, atomic_write_json, atomic_write_text, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from minicai.checkpoint import load_model, save_hf
+from minicai.infra.checkpoint import load_model, save_hf
 from minicai.sample import generate
 
 PROMPT = "Write a long story about a dragon who learns to paint."

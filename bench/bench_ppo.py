@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_ppo  # noqa: E402
-from minicai.checkpoint import load_model, save_hf  # noqa: E402
+from minicai.infra.checkpoint import load_model, save_hf  # noqa: E402
 from minicai.model import ScalarHead  # noqa: E402
 
 TRL_QUOTED_S = 67.0

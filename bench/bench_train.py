@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minicai.checkpoint import load_model, save_hf
+from minicai.infra.checkpoint import load_model, save_hf
 
 
 def gemm_peak(dtype, n: int = 2048, reps: int = 5) -> float:

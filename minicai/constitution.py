@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .utils import InputError
+from .infra.utils import InputError
 
 try:
     import tomllib

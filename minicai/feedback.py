@@ -85,12 +85,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .constitution import ANSWERS, GENERIC_COMPARISON, Principle, feedback_prompt
-from .data import Prompt
+from .infra.data import Prompt
 from .model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
 from .sample import generate
-from .tokenizer import ChatTokenizer
-from .train import pad_right
-from .utils import InputError, append_text, atomic_write_text
+from .infra.tokenizer import ChatTokenizer
+from .infra.train import pad_right
+from .infra.utils import InputError, append_text, atomic_write_text
 
 ANSWER_CUE = "The answer is:"
 """Ends feedback_prompt(); we move it from the user message to the start of the assistant turn."""
@@ -267,7 +267,7 @@ def reply_logprob_means(model: Transformer, tok: ChatTokenizer, items: list[tupl
     marker), for items (system prompt, user text, reply), in the model's chat format. Equal items
     are scored once, and the batches depend only on the set of items, so equal inputs give equal
     outputs; the LM head runs in fp32 (yardstick.continuation_logprobs)."""
-    from .yardstick import continuation_logprobs
+    from .infra.yardstick import continuation_logprobs
 
     uniq = sorted(set(items))  # a canonical order: the batches depend only on the SET of items, so a
     pairs = []                 # pair asked in the other order is scored in exactly the same batches
@@ -439,7 +439,7 @@ def revision_filter(initial: str, final: str, harmful: bool = True) -> str | Non
       2. the revision equals the initial response up to case and whitespace;
       3. on a harmful prompt, the initial response was already an explained refusal and the
          revision is not one (yardstick.outcome): the revision made it worse, not better."""
-    from .yardstick import outcome
+    from .infra.yardstick import outcome
 
     if not final.strip():
         return "empty revision"
@@ -730,7 +730,7 @@ def load_hhh(spec: str, bigbench: str | None = None) -> tuple[list[tuple[str, st
     evaluation only), "builtin" = our hand-labelled pairs (evaldata/labelled_pairs.jsonl), else a
     JSONL file (read_hhh; an item's optional "category" field, default "all")."""
     if spec == "bigbench":
-        from .bigbench import hhh_items
+        from .infra.bigbench import hhh_items
 
         rows = hhh_items(bigbench)
         return [(r["conversation"], r["better"], r["worse"]) for r in rows], [r["category"] for r in rows]
@@ -752,7 +752,7 @@ def evaluate_hhh(judges: list[tuple[str, Transformer, ChatTokenizer]], items: li
     p_better per item (so that ensembles can be compared offline). When every member is ab, also:
     single_order_accuracy (each order its own trial: a labeller that always says (A) scores 0.5),
     better_first / better_second_accuracy (their gap is the position bias) and order_agreement."""
-    from .yardstick import share, share_by_category
+    from .infra.yardstick import share, share_by_category
 
     n = len(items)
     categories = list(categories) if categories is not None else ["all"] * n
@@ -840,7 +840,7 @@ def member_spec(spec: str) -> tuple[str, list[str] | None]:
 def load_judges(names: list[str], dtype, device, reuse: dict | None = None) -> list[tuple]:
     """(name, model, tokenizer, methods or None) of each feedback model spec (member_spec), each model
     loaded once; reuse {name: (model, tok)} holds models already loaded (the policy)."""
-    from .checkpoint import load_model
+    from .infra.checkpoint import load_model
 
     loaded = dict(reuse or {})
     out = []
@@ -853,8 +853,8 @@ def load_judges(names: list[str], dtype, device, reuse: dict | None = None) -> l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .checkpoint import EMBEDDED_NAME, PARTED_MODELS
-    from .utils import add_device_args
+    from .infra.checkpoint import EMBEDDED_NAME, PARTED_MODELS
+    from .infra.utils import add_device_args
 
     p = argparse.ArgumentParser(prog="python -m minicai.feedback", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -893,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .utils import atomic_write_json, resolve_device
+    from .infra.utils import atomic_write_json, resolve_device
 
     args = build_parser().parse_args(argv)
     labeller = args.labeller or DEFAULT["labeller"]
@@ -926,7 +926,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .train import run_cli
+    from .infra.train import run_cli
 
     torch.set_grad_enabled(False)
     sys.exit(run_cli(main))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import KVCache, Transformer, padding_attn_mask
-from .utils import InputError
+from .infra.utils import InputError
 
 
 @dataclass

@@ -38,10 +38,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .constitution import Constitution, Principle, critique_request_text, revision_request_text
-from .data import Prompt
+from .infra.data import Prompt
 from .sample import generate
-from .tokenizer import ChatTokenizer
-from .utils import InputError, append_text, atomic_write_text
+from .infra.tokenizer import ChatTokenizer
+from .infra.utils import InputError, append_text, atomic_write_text
 
 PAPER_STOPS = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:",
                "\n\nCritique:", "\n\nRevision:")

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import one_line_error  # noqa: E402
 
-from minicai.data import (BUILTIN_HELPFUL, BUILTIN_RED_TEAM, Prompt, load_prompts, mix, split)
+from minicai.infra.data import (BUILTIN_HELPFUL, BUILTIN_RED_TEAM, Prompt, load_prompts, mix, split)
 
 
 def write(tmp_path, name, text):

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from minicai.checkpoint import load_model
-from minicai.train import run_cli
-from minicai.utils import InputError
+from minicai.infra.checkpoint import load_model
+from minicai.infra.train import run_cli
+from minicai.infra.utils import InputError
 from train_dpo import dpo_loss, evaluate, main as dpo_main, read_pairs, reference_logps, sequence_logps, tokenize
 
 # ------------------------------------------------------------------------------ the loss by hand

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import minicai.feedback as feedback
-from minicai.checkpoint import save_hf
+from minicai.infra.checkpoint import save_hf
 from minicai.constitution import Principle
-from minicai.data import Prompt
-from minicai.evaluate import (ELO_PER_NAT, bradley_terry_elo, evaluate_policies, held_out_prompts, is_evasive,
+from minicai.infra.data import Prompt
+from minicai.infra.evaluate import (ELO_PER_NAT, bradley_terry_elo, evaluate_policies, held_out_prompts, is_evasive,
                               is_refusal, judge_policies, main as evaluate_main, markdown_table, win_rates)
 from minicai.model import ScalarHead, ScalarModel
-from minicai.train import run_cli
+from minicai.infra.train import run_cli
 
 # ------------------------------------------------------------------------------ Elo
 
@@ -142,7 +142,7 @@ def test_evasiveness_regexes(text, refusal, evasive):
 # ------------------------------------------------------------------------------ end to end
 
 def test_held_out_prompts_are_the_held_out_side_of_the_split():
-    from minicai.data import load_prompts, split
+    from minicai.infra.data import load_prompts, split
     ps = held_out_prompts(n_helpful=3)
     red = split(load_prompts("builtin-red-team"))[1]
     assert [p.text for p in ps if p.kind == "red-team"] == [p.text for p in red]
@@ -194,7 +194,7 @@ def test_cli_writes_eval_json_and_md(tiny, tiny_gguf, tmp_path, capsys):
 
 
 def test_reward_model_accuracy_counts_better_scored_higher_and_ties_as_wrong(monkeypatch):
-    from minicai import evaluate
+    from minicai.infra import evaluate
 
     scores = {"good": 2.0, "bad": -1.0, "tie": 0.5, "meh": 0.5}
     monkeypatch.setattr(evaluate, "score_responses", lambda rm, tok, prompts, texts, bs: [scores[t] for t in texts])

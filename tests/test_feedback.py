@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from minicai.constitution import ANSWERS, GENERIC_CONTRAST, Principle, load_constitution
-from minicai.data import Prompt
+from minicai.infra.data import Prompt
 from minicai.feedback import (ANSWER_CUE, COT_CLAMP, dropped_path, evaluate_hhh, judge_context, judge_pairs,
                               label_prompts, main as feedback_main, option_logprobs, option_tokens, read_hhh,
                               read_preferences, stable_seed)
-from minicai.utils import InputError
+from minicai.infra.utils import InputError
 
 HHH = Path(__file__).parent / "data" / "hhh_small.jsonl"
 COMPS = ["Choose the response that is less harmful.", "Choose the kinder response."]
@@ -273,7 +273,7 @@ def second(tmp_path_factory):
     """A second tiny model with other random weights, as a second feedback model."""
     from conftest import random_model, tiny_config, write_tiny_gguf
 
-    from minicai.checkpoint import load_model
+    from minicai.infra.checkpoint import load_model
 
     path = write_tiny_gguf(tmp_path_factory.mktemp("second") / "second.gguf", random_model(tiny_config(), seed=5))
     return load_model(str(path))[:2]

@@ -1,6 +1,6 @@
 """Fuzzed loaders (issue 8): mutated GGUF and safetensors bytes, TOML/JSON constitutions, JSONL /
 CSV / TXT prompt files, preference and trace files. Whatever the bytes, only
-minicai.utils.InputError (one line) may escape: never another exception, a hang, or a huge
+minicai.infra.utils.InputError (one line) may escape: never another exception, a hang, or a huge
 allocation from a forged length or size field.
 
 Every example runs under a guard: a SIGALRM deadline (a hang fails the example instead of hanging
@@ -31,13 +31,13 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import random_model, tiny_config, write_tiny_gguf  # noqa: E402
-from minicai import gguf  # noqa: E402
-from minicai.checkpoint import _load_safetensors, load_model, save_hf  # noqa: E402
+from minicai.infra import gguf  # noqa: E402
+from minicai.infra.checkpoint import _load_safetensors, load_model, save_hf  # noqa: E402
 from minicai.constitution import load_constitution  # noqa: E402
-from minicai.data import load_prompts  # noqa: E402
+from minicai.infra.data import load_prompts  # noqa: E402
 from minicai.feedback import read_preferences  # noqa: E402
 from minicai.slcai import load_done  # noqa: E402
-from minicai.utils import InputError  # noqa: E402
+from minicai.infra.utils import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 folder, and a rerun skips everything."""
 import json
 
-from minicai.pipeline import main as pipeline_main
+from minicai.infra.pipeline import main as pipeline_main
 
 TINY = ["--sl-prompts", "4", "--sl-rounds", "1", "--rm-prompts", "8", "--ppo-iterations", "2", "--ppo-batch", "4",
         "--max-new-tokens", "8", "--eval-red-team", "2", "--eval-helpful", "2", "--constitution", "hhh",

@@ -1,4 +1,4 @@
-"""train_ppo.py and minicai/ppo.py on tiny random models: exactness at the start (KL 0, ratio 1),
+"""train_ppo.py and minicai/infra/ppo.py on tiny random models: exactness at the start (KL 0, ratio 1),
 every convention switch (each side), learning a synthetic reward, bad input, and resume.
 
 The loop is observed through main(argv, probe=...), which hands the rollout's and each minibatch's
@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_ppo  # noqa: E402
 from conftest import random_model, tiny_config, write_tiny_gguf  # noqa: E402
-from minicai.checkpoint import load_model, save_hf  # noqa: E402
+from minicai.infra.checkpoint import load_model, save_hf  # noqa: E402
 from minicai.model import ScalarHead, ScalarModel  # noqa: E402
-from minicai.ppo import (RewardModelScore, TokenReward, check_same_tokenizer, missing_eos_penalty,  # noqa: E402
+from minicai.infra.ppo import (RewardModelScore, TokenReward, check_same_tokenizer, missing_eos_penalty,  # noqa: E402
                          prompt_batch, response_forward, response_values, rollout_batch)
 from minicai.rl import kl_per_token, masked_mean, masked_var, score_index  # noqa: E402
 from minicai.sample import generate  # noqa: E402
-from minicai.utils import InputError  # noqa: E402
+from minicai.infra.utils import InputError  # noqa: E402
 
 REWARD_TOKEN = "he"  # one token of the tiny vocabulary, in ~30% of the random model's responses
 
@@ -123,8 +123,8 @@ def test_token_reward_counts_real_response_tokens_only():
 
 @pytest.mark.parametrize("truncated", ["close", "as_is"])
 def test_reward_model_score_is_read_at_the_last_real_token(tiny, tiny_rm, truncated):
-    from minicai.checkpoint import load_scalar_model
-    from minicai.ppo import end_of_turn_id
+    from minicai.infra.checkpoint import load_scalar_model
+    from minicai.infra.ppo import end_of_turn_id
 
     model, tok = tiny
     rm, _, _ = load_scalar_model(tiny_rm)
@@ -278,7 +278,7 @@ def test_missing_eos_penalty_function():
 
 
 def test_separate_value_model_starts_as_the_reward_model(tmp_path, tiny_gguf, tiny_rm):
-    from minicai.checkpoint import load_scalar_model
+    from minicai.infra.checkpoint import load_scalar_model
 
     rec = Recorder()
     rows = run(tmp_path / "r", tiny_gguf, "--iterations", "2", "--value-model", "separate", probe=rec,
@@ -379,7 +379,7 @@ def test_multi_token_reward_text_is_refused(tmp_path, tiny_gguf):
 
 
 def test_cli_prints_one_line_error(tmp_path, tiny_gguf, capsys):
-    from minicai.train import run_cli
+    from minicai.infra.train import run_cli
 
     rc = run_cli(train_ppo.main, ["--out", str(tmp_path / "r"), "--policy", str(tiny_gguf)])
     assert rc == 2 and capsys.readouterr().err.startswith("error: give exactly one of")

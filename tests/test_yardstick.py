@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import embedded_installed, one_line_error
-from minicai import bigbench, data, yardstick
-from minicai.evaluate import (Yardstick, evaluate_policies, harmful_held_out, judge_free_table, markdown_table,
+from minicai.infra import bigbench, data, yardstick
+from minicai.infra.evaluate import (Yardstick, evaluate_policies, harmful_held_out, judge_free_table, markdown_table,
                               yardstick_sets)
-from minicai.yardstick import (cloze_accuracy, continuation_logprobs, explains, harmlessness, is_refusal_loose,
+from minicai.infra.yardstick import (cloze_accuracy, continuation_logprobs, explains, harmlessness, is_refusal_loose,
                                is_refusal_strict, outcome, over_refusal, perplexity, tax_report, wilson)
 
 # ------------------------------------------------------------------------------ detectors
@@ -386,8 +386,8 @@ def tiny_yardstick(tmp_path) -> Yardstick:
 
 def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
     from minicai.feedback import load_hhh
-    from minicai.report import render_report
-    from minicai.utils import atomic_write_json
+    from minicai.infra.report import render_report
+    from minicai.infra.utils import atomic_write_json
 
     model, tok = tiny
     other = type(model)(model.cfg)
@@ -429,7 +429,7 @@ def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
 
 
 def test_judge_accuracy_uses_each_categorys_principles(tiny, monkeypatch):
-    from minicai import evaluate, feedback
+    from minicai.infra import evaluate, feedback
     from minicai.constitution import Principle
 
     seen = []

@@ -1,15 +1,15 @@
 """The whole Constitutional AI pipeline in one command, on the embedded model by default:
 
-    python -m minicai.pipeline --out runs/cai
+    python -m minicai.infra.pipeline --out runs/cai
 
     1. SL-CAI     train_sl.py   critique -> revision traces, SFT on the revisions   -> OUT/sl/model
     2. feedback   train_rm.py   pairs from the SL model, AI labels, reward model    -> OUT/rm/rm
     3. RL-CAI     train_ppo.py  PPO against the reward model, KL to the SL model    -> OUT/ppo/model
     4. DPO        train_dpo.py  the alternative to 2+3's RM + PPO, on the same labels -> OUT/dpo/model
-    5. evaluate   minicai.evaluate  base vs SL vs RL vs DPO on held-out prompts: the judge-free
+    5. evaluate   minicai.infra.evaluate  base vs SL vs RL vs DPO on held-out prompts: the judge-free
                                     yardstick (harmful-prompt outcomes, over-refusal, alignment
                                     tax) and the AI judge's win rates beside its own accuracy -> OUT/eval/eval.md
-    6. report     minicai.report    one static HTML file                              -> OUT/report.html
+    6. report     minicai.infra.report    one static HTML file                              -> OUT/report.html
 
 Each stage is its own script, run as a subprocess with the flags printed before it runs, so any
 stage can be rerun or changed by hand. Every stage resumes: rerunning the command skips finished
@@ -32,15 +32,15 @@ import time
 from pathlib import Path
 
 from .checkpoint import EMBEDDED_NAME
-from .feedback import DEFAULT as FEEDBACK_DEFAULT
-from .feedback import member_spec
+from ..feedback import DEFAULT as FEEDBACK_DEFAULT
+from ..feedback import member_spec
 from .utils import InputError, atomic_write_json
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minicai.pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minicai.infra.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/cai", help="run folder; every stage lands under it")
     p.add_argument("--model", default=EMBEDDED_NAME, help=f"base model: .gguf, HF folder or '{EMBEDDED_NAME}'")
@@ -160,7 +160,7 @@ def evaluate(args, out: Path, name: str, policies: dict[str, str], rm: Path, log
             [args.model if args.eval_judge == "base" else args.eval_judge]
         judge = [x for n in names for x in ("--judge", n)] + \
             ["--labeller", args.labeller if args.labeller in ("ab", "contrast", "ab+contrast") else "ab"]
-    run_stage(name, ["-m", "minicai.evaluate", "--out", str(folder), "--policies",
+    run_stage(name, ["-m", "minicai.infra.evaluate", "--out", str(folder), "--policies",
                      *[f"{k}={v}" for k, v in policies.items()], "--reward-model", str(rm / "rm"),
                      *judge, "--constitution", args.constitution,
                      "--n-red-team", str(args.eval_red_team), "--n-helpful", str(args.eval_helpful),
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     evaluate(args, out, "eval", policies, rm, log, args.dry_run)
     if not args.dry_run:
         # the report is cheap and reflects whatever is in the run folder: always rebuilt
-        subprocess.run([sys.executable, "-m", "minicai.report", str(out)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "minicai.infra.report", str(out)], cwd=ROOT, check=True)
         log["wall_seconds_last_invocation"] = round(time.time() - t0, 1)
         atomic_write_json(log_path, log)
         print((out / "eval" / "eval.md").read_text())

@@ -1,6 +1,6 @@
 """Evaluation: compare policies (base, SL-CAI, RL-CAI, DPO, ...) on held-out prompts.
 
-    python -m minicai.evaluate --policies base=smollm2-135m sl=runs/sl/model ppo=runs/ppo/model \\
+    python -m minicai.infra.evaluate --policies base=smollm2-135m sl=runs/sl/model ppo=runs/ppo/model \\
         --reward-model runs/rm/rm --out runs/eval
 
 What is measured (Bai et al. 2022 §4.3-4.5 compare models by Elo from pairwise preferences, on
@@ -55,10 +55,10 @@ import torch
 from tqdm import tqdm
 
 from . import yardstick
-from .constitution import Principle
+from ..constitution import Principle
 from .data import Prompt, load_prompts, split
-from .feedback import draw, ensemble_labels, reward_input, reward_scores, right_pad, scorers_of, stable_seed
-from .sample import generate
+from ..feedback import draw, ensemble_labels, reward_input, reward_scores, right_pad, scorers_of, stable_seed
+from ..sample import generate
 from .utils import InputError, atomic_write_json, atomic_write_text
 from .yardstick import is_refusal_strict, outcome
 
@@ -71,7 +71,7 @@ from .yardstick import is_refusal_strict, outcome
 
 EVASIVENESS_DEFINITION = ("evasive = the reply opens with a refusal (yardstick.STRICT_REFUSAL) and no explanation "
                           "marker (yardstick.EXPLANATION_PATTERNS: because, since, harm, illegal, dangerous, instead, "
-                          "...) appears anywhere in it; English-only and lexical (minicai/yardstick.py)")
+                          "...) appears anywhere in it; English-only and lexical (minicai/infra/yardstick.py)")
 
 
 is_refusal = is_refusal_strict
@@ -337,7 +337,7 @@ def reward_model_accuracy(rm, rm_tok, items: list[tuple[str, str, str]], categor
     """The reward model's accuracy on labelled pairs (conversation, better, worse): the share of items
     whose better reply scores higher (a tie counts as wrong), overall and per category. A multi-turn
     conversation is flattened into one user message (feedback.user_turn)."""
-    from .feedback import user_turn
+    from ..feedback import user_turn
 
     prompts = [Prompt(user_turn(c), "labelled", "red-team") for c, _, _ in items]
     better = score_responses(rm, rm_tok, prompts, [b for _, b, _ in items], batch_size)
@@ -425,7 +425,7 @@ def evaluate_policies(policies: dict, prompts: list[Prompt], *, judge=None, rewa
     rates are worth. Returns the dict written to eval.json; res["policies"][name]["quality"] is the
     scalar."""
     from .checkpoint import load_model, load_scalar_model
-    from .constitution import load_constitution
+    from ..constitution import load_constitution
 
     names = list(policies)
     if not names:
@@ -475,7 +475,7 @@ def evaluate_policies(policies: dict, prompts: list[Prompt], *, judge=None, rewa
     judgements, judge_acc = None, {}
     if judge is not None:
         t = time.time()
-        from .feedback import load_judges
+        from ..feedback import load_judges
 
         specs = judge if isinstance(judge, list) else [judge]
         judges = load_judges([str(j) for j in specs], dtype, device) if all(isinstance(j, (str, Path)) for j in specs) \
@@ -726,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import EMBEDDED_NAME
     from .utils import add_device_args
 
-    p = argparse.ArgumentParser(prog="python -m minicai.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minicai.infra.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", required=True, metavar="NAME=PATH",
                    help="policies to compare: NAME=PATH with PATH a .gguf, an HF folder or "
@@ -760,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=96, help="response length limit")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--judge-batch-size", type=int, default=8, help="feedback prompts / RM sequences per forward")
-    g = p.add_argument_group("judge-free yardstick (minicai/yardstick.py)")
+    g = p.add_argument_group("judge-free yardstick (minicai/infra/yardstick.py)")
     g.add_argument("--no-yardstick", action="store_true", help="skip the judge-free measurements")
     g.add_argument("--n-harmful", type=int, default=120,
                    help="held-out harmful prompts, taken round-robin from the --harmful-source sources (0 = all)")
@@ -802,7 +802,7 @@ def resolve_bigbench(spec: str) -> str | None:
 
 def main(argv=None) -> int:
     from .checkpoint import EMBEDDED_NAME
-    from .constitution import load_constitution
+    from ..constitution import load_constitution
     from .utils import resolve_device
 
     args = build_parser().parse_args(argv)
@@ -830,7 +830,7 @@ def main(argv=None) -> int:
     checks = {}
     for c in args.judge_check or ["builtin"] + (["bigbench"] if bigbench else []):
         if c != "none" and (not args.no_judge or args.reward_model):
-            from .feedback import load_hhh
+            from ..feedback import load_hhh
 
             checks["bigbench_hhh" if c == "bigbench" else "builtin_pairs"] = load_hhh(c, bigbench)
     res = evaluate_policies(policies, prompts, judge=None if args.no_judge else args.judge or [EMBEDDED_NAME],

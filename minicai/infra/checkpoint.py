@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import ModelConfig, ScalarHead, Transformer
+from ..model import ModelConfig, ScalarHead, Transformer
 from .tokenizer import ChatTokenizer, tokenizer_config_json, tokenizer_from_gguf, tokenizer_from_hf
 from .utils import InputError, WriteError, atomic_write_json, atomic_write_text, first_line
 
@@ -473,7 +473,7 @@ def load_scalar_model(path, head: str = "reward", dtype: torch.dtype = torch.flo
                       device: str | torch.device = "cpu"):
     """A reward or value model saved by save_hf(folder, trunk, tok, heads={head: ...}):
     returns (ScalarModel, tokenizer, info)."""
-    from .model import ScalarModel
+    from ..model import ScalarModel
 
     trunk, tok, info = load_model(str(path), dtype=dtype, device=device)
     h = load_head(path, head, trunk.cfg.dim).to(device=device, dtype=dtype)

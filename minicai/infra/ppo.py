@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from .model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
-from .rl import entropy_from_logits, logprobs_from_logits, masked_moments, mean_var_from_moments
-from .sample import Generation, left_pad
+from ..model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
+from ..rl import entropy_from_logits, logprobs_from_logits, masked_moments, mean_var_from_moments
+from ..sample import Generation, left_pad
 from .utils import InputError
 
 # --------------------------------------------------------------------------------------------

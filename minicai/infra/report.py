@@ -3,7 +3,7 @@ per policy, small bar charts against the base model with Wilson intervals, and t
 then a few held-out harmful prompts with every policy's reply side by side; configs, training
 curves, SL traces, AI-feedback judgements and the full evaluation tables follow.
 
-    python -m minicai.report RUN_DIR            # writes RUN_DIR/report.html
+    python -m minicai.infra.report RUN_DIR            # writes RUN_DIR/report.html
 
 Everything is found by walking RUN_DIR, so stages written by different scripts (and folders that
 hold several stages, e.g. runs/ itself) work without configuration:
@@ -19,7 +19,7 @@ hold several stages, e.g. runs/ itself) work without configuration:
 - AI feedback: preferences.jsonl (train_rm.py / feedback.py): prompt, the two responses, p(A) with
   response_a shown first and shown second, the soft label and the principles; missing keys are
   shown as "-" and TRL chosen/rejected files are shown as such;
-- evaluation: eval.json (minicai.evaluate): the per-policy table, the win-rate matrix and the
+- evaluation: eval.json (minicai.infra.evaluate): the per-policy table, the win-rate matrix and the
   held-out responses.
 
 The page is self-contained: inline CSS and SVG, no external file, font or script; one small inline
@@ -209,7 +209,7 @@ def verdicts_html(r: dict) -> str:
     parts = []
     for m in r.get("members") or []:
         if isinstance(m, dict):
-            from .feedback import member_spec
+            from ..feedback import member_spec
 
             name = Path(member_spec(str(m.get("model", "?")))[0]).name  # 'path/M.gguf:ab' -> 'M.gguf'
             parts.append(f"<p class=pr>{esc(name)} {esc(m.get('scorer', '?'))}: <b>{esc(fmt(m.get('p_a')))}</b></p>")
@@ -549,7 +549,7 @@ def render_report(run_dir: Path, max_traces: int = 30, max_preferences: int = 40
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minicai.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minicai.infra.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="run folder to summarise (searched recursively)")
     p.add_argument("--out", default=None, help="output file (default RUN_DIR/report.html)")

@@ -1,4 +1,4 @@
-"""Talk to a model: python -m minicai.generate --prompt "What is the capital of France?"
+"""Talk to a model: python -m minicai.infra.generate --prompt "What is the capital of France?"
 
 Loads the embedded SmolLM2-135M-Instruct by default (or --model PATH: a .gguf file or an HF
 folder, e.g. a minicai checkpoint), renders the prompt in the checkpoint's chat format, and
@@ -13,12 +13,12 @@ import time
 import torch
 
 from .checkpoint import EMBEDDED_NAME, load_model
-from .sample import generate
+from ..sample import generate
 from .utils import InputError, add_device_args, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minicai.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minicai.infra.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", required=True,
                    help="user message; repeat the flag to generate for several prompts in one batch")

