@@ -54,9 +54,10 @@ from tqdm import tqdm
 from minicai.infra import distributed
 from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
 from minicai.infra.data import PREFERENCE_SPLIT_SALT, Prompt, split
-from minicai.feedback import load_jsonl, right_pad
+from minicai.feedback import load_jsonl
+from minicai.sample import pad
 from minicai.losses import next_token_targets
-from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, pad_right,
+from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at,
                            prepare_run_dir, run_cli, save_checkpoint)
 from minicai.infra.utils import InputError, add_device_args, atomic_write_bytes, atomic_write_json, resolve_device
 
@@ -129,8 +130,8 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], device, autoc
     """Sum of log pi over the response tokens of each (ids, mask): (N,) fp32.
     Position t predicts ids[:, t + 1], so token t+1 counts when mask[t + 1] is 1; only those
     positions go through the LM head (model(..., per_token=True)), not the prompt's."""
-    ids, att = right_pad([s[0] for s in seqs], 0, device)  # (N, T), pad id irrelevant (masked)
-    resp = pad_right([s[1] for s in seqs], 0).to(device)  # (N, T) 1 on response tokens
+    ids, att = pad([s[0] for s in seqs], 0, "right", device)  # (N, T), pad id irrelevant (masked)
+    resp = pad([s[1] for s in seqs], 0, "right", device)[0]  # (N, T) 1 on response tokens
     targets = next_token_targets(ids, resp)  # (N, T) response tokens only
     with autocast():
         logp = model(ids, att, targets=targets, per_token=True)  # (n,) fp32, row-major over targets != -100

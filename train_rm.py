@@ -64,8 +64,9 @@ from minicai.constitution import load_constitution
 from minicai.infra.data import PREFERENCE_SPLIT_SALT, Prompt, load_prompts, split
 from minicai.feedback import DEFAULT as FEEDBACK_DEFAULT
 from minicai.feedback import (LABELLERS, draw_principles, load_judges, dropped_path, ensemble_labels, label_prompts, load_jsonl,
-                              pair_keys, preference_stats, read_preferences, revision_pairs, reward_input, right_pad,
+                              pair_keys, preference_stats, read_preferences, revision_pairs, reward_input,
                               scorers_of)
+from minicai.sample import pad
 from minicai.slcai import load_done
 from minicai.losses import pairwise_accuracy, pairwise_loss
 from minicai.model import ScalarHead, ScalarModel, last_token_scores
@@ -220,7 +221,7 @@ def rewards(model, seqs: list[list[int]], pad_id, device, autocast) -> torch.Ten
     """The reward of each sequence: the ScalarModel's output at its last real token
     (model.last_token_scores, as PPO and the evaluation read it), (B,) fp32. model may be the DDP
     wrapper."""
-    ids, mask = right_pad(seqs, pad_id, device)  # (B, T)
+    ids, mask = pad(seqs, pad_id, "right", device)  # (B, T)
     with autocast():
         return last_token_scores(model, ids, mask)  # (B,)
 

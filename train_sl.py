@@ -28,8 +28,9 @@ from minicai.constitution import load_constitution
 from minicai.infra.data import Prompt, load_prompts, mix, split
 from minicai.infra import distributed
 from minicai.losses import next_token_targets
+from minicai.sample import pad
 from minicai.slcai import load_done, run_slcai
-from minicai.infra.train import (MetricsLog, to_device, check_finite, length_buckets, load_train_state, lr_at, pad_right,
+from minicai.infra.train import (MetricsLog, to_device, check_finite, length_buckets, load_train_state, lr_at,
                            prepare_run_dir, run_cli, save_checkpoint)
 from minicai.infra.utils import InputError, add_device_args, atomic_write_json, atomic_write_text, resolve_device
 
@@ -116,9 +117,8 @@ def batch_loss(model, examples, idx, pad_id, autocast, d: distributed.Dist, n_re
     busy (distributed.rank_share): they get no targets, so weight 0. Returns (loss to backpropagate,
     global mean loss)."""
     dev = next(model.parameters()).device
-    ids = to_device(pad_right([examples[i][0] for i in idx], pad_id), dev)  # (B, T)
-    mask = to_device(pad_right([examples[i][1] for i in idx], 0), dev)  # (B, T) assistant tokens
-    att = to_device(pad_right([[1] * len(examples[i][0]) for i in idx], 0), dev)  # (B, T) real tokens
+    ids, att = (to_device(x, dev) for x in pad([examples[i][0] for i in idx], pad_id))  # (B, T) ids, real tokens
+    mask = to_device(pad([examples[i][1] for i in idx], 0)[0], dev)  # (B, T) assistant tokens
     targets = next_token_targets(ids, mask)  # (B, T) assistant tokens only; -100 = nothing to predict
     if n_real is not None:
         targets[n_real:] = -100

@@ -71,7 +71,6 @@ both orders; accuracy per category and overall with Wilson 95% intervals.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import math
@@ -87,9 +86,8 @@ from tqdm import tqdm
 from .constitution import ANSWERS, GENERIC_COMPARISON, Principle, feedback_prompt
 from .infra.data import Prompt
 from .model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
-from .sample import generate
+from .sample import generate, pad, stable_seed
 from .infra.tokenizer import ChatTokenizer
-from .infra.train import pad_right
 from .infra.utils import InputError, append_text, atomic_write_text
 
 ANSWER_CUE = "The answer is:"
@@ -101,12 +99,6 @@ COT_CLAMP = (0.4, 0.6)
 BUILTIN_PAIRS = Path(__file__).parent / "evaldata" / "labelled_pairs.jsonl"
 """48 hand-labelled pairs written by us (32 harmful request: explained refusal vs careless
 compliance; 16 ordinary question: right vs wrong answer), to check a labeller without BIG-bench."""
-
-
-def stable_seed(*parts) -> int:
-    """A 48-bit seed from any parts (ints, strings), stable across runs, machines and Python's
-    hash randomisation: the first 6 bytes of SHA-256 of the parts joined by ':'."""
-    return int.from_bytes(hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()[:6], "big")
 
 
 # ------------------------------------------------------------------------------ 1. response pairs
@@ -144,13 +136,6 @@ def judge_context(tok: ChatTokenizer, conversation: str, comparison: str, first:
     return ids + tok.encode(cue)
 
 
-def right_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (B, T) and attention mask (B, T) with 1 on real tokens."""
-    ids = pad_right(seqs, pad_id)  # (B, T)
-    mask = pad_right([[1] * len(s) for s in seqs], 0)  # (B, T)
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def option_logprobs(model: Transformer, contexts: list[list[int]], option_ids: tuple[int, int], pad_id: int,
                     batch_size: int = 8, desc: str | None = None) -> torch.Tensor:
@@ -166,7 +151,7 @@ def option_logprobs(model: Transformer, contexts: list[list[int]], option_ids: t
     cols = torch.tensor(option_ids, device=device)
     for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
         rows = order[s:s + batch_size]
-        ids, mask = right_pad([list(uniq[r]) for r in rows], pad_id, device)  # (B, T)
+        ids, mask = pad([list(uniq[r]) for r in rows], pad_id, "right", device)  # (B, T)
         h = model.padded_forward(ids, mask, hidden=True)  # (B, T, C)
         h_last = h[torch.arange(len(rows), device=device), last_real_index(mask)]  # (B, C)
         # LM head in fp32 even for bf16 weights: bf16 logits are spaced ~0.06 apart near 10, as

@@ -44,12 +44,15 @@ def check_prefix_mask(mask: Tensor) -> None:
         raise ValueError("mask must be right-padded: each row's real tokens must be a prefix of the row")
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, denominator: Tensor | float | None = None) -> Tensor:
     """Mean of x over real tokens: all of them (dim=None, a 0-d tensor) or along `dim`.
-    summarize_from_feedback_details ppo.py masked_mean; TRL trl/trainer/utils.py masked_mean."""
+    summarize_from_feedback_details ppo.py masked_mean; TRL trl/trainer/utils.py masked_mean.
+    denominator (dim=None only): divide the masked sum by this count instead of mask.sum(); a
+    data-parallel loss passes the global count (infra.distributed.loss_denominator), so that its
+    gradient is that of one process holding the whole batch."""
     m = mask.to(x.dtype)
     if dim is None:
-        return _where(mask, x).sum() / m.sum()
+        return _where(mask, x).sum() / (m.sum() if denominator is None else denominator)
     return _where(mask, x).sum(dim) / m.sum(dim)
 
 

@@ -23,6 +23,7 @@ policy (anchors.md pain point 4), so PPO rollouts should keep top_k=0, top_p=1.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -50,15 +51,25 @@ class Generation:
         return [tok.decode(t[m].tolist(), skip_special) for t, m in zip(self.tokens, self.mask)]
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """list of id lists -> ids (B, P) left-padded with pad_id, mask (B, P) 1 on real tokens."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+def stable_seed(*parts) -> int:
+    """A 48-bit seed from any parts (ints, strings), stable across runs, machines and Python's
+    hash randomisation: the first 6 bytes of SHA-256 of the parts joined by ':'. Every per-prompt
+    and per-row seed of the project comes from here."""
+    return int.from_bytes(hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()[:6], "big")
+
+
+def pad(seqs: list[list[int]], pad_id: int, side: str = "right", device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """list of B id lists -> ids (B, T) padded with pad_id on the `side` ('right': training and
+    scoring; 'left': prompts for generation, so that every row's next token is at the same
+    column), mask (B, T) long, 1 on real tokens. T = the longest list."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for b, s in enumerate(seqs):
         if s:
-            ids[b, P - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[b, P - len(s):] = 1
+            cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+            ids[b, cols] = torch.tensor(s, dtype=torch.long)
+            mask[b, cols] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -164,7 +175,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     seeds = [seed + b for b in range(B)] if isinstance(seed, int) else list(seed)
     if len(seeds) != B:
         raise InputError(f"generate: {len(seeds)} seeds for {B} prompts")
-    ids, pmask = left_pad(prompts, pad_id, device)  # (B, P)
+    ids, pmask = pad(prompts, pad_id, "left", device)  # (B, P)
     P = ids.shape[1]
     G = max(0, min(max_new_tokens, ctx - P))
     S = P + G  # cache slots
@@ -173,16 +184,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     # 1. prefill once per prompt
     pos = (torch.arange(P, device=device) - (P - pmask.sum(-1, keepdim=True))).clamp(min=0)  # (B, P)
-    pad = P - pmask.sum(-1)  # (B,) left padding per row
+    n_pad = P - pmask.sum(-1)  # (B,) left padding per row
     key_valid = torch.cat([pmask.bool(), torch.ones(B, G, dtype=torch.bool, device=device)], dim=1)  # (B, S)
-    has_pad = bool((pad > 0).any())
+    has_pad = bool((n_pad > 0).any())
     cache = model.new_cache(B, S)
     logits = prefill(model, ids, pos, padding_attn_mask(key_valid, P) if has_pad else None, cache)  # (B, V)
 
     # 2. n samples per prompt: copy the cache rather than prefilling again
     if n > 1:
         cache = cache.repeat_interleave(n)
-        logits, key_valid, pad = (x.repeat_interleave(n, dim=0) for x in (logits, key_valid, pad))
+        logits, key_valid, n_pad = (x.repeat_interleave(n, dim=0) for x in (logits, key_valid, n_pad))
         ids, pmask = ids.repeat_interleave(n, dim=0), pmask.repeat_interleave(n, dim=0)
     N = B * n
     gens = None if temperature == 0 else _row_generators(seeds, n, device)
@@ -215,5 +226,5 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             break
         slot = P + t
         step_mask = key_valid[:, None, None, :slot + 1] if has_pad else None  # (N, 1, 1, slot+1)
-        logits = step_fn(model, tokens[:, t:t + 1], (slot - pad)[:, None], step_mask, cache, slot)
+        logits = step_fn(model, tokens[:, t:t + 1], (slot - n_pad)[:, None], step_mask, cache, slot)
     return Generation(ids, pmask, tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped)

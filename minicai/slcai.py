@@ -28,7 +28,6 @@ batch: a resumed run writes the same trace as an uninterrupted one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -39,17 +38,12 @@ from tqdm import tqdm
 
 from .constitution import Constitution, Principle, critique_request_text, revision_request_text
 from .infra.data import Prompt
-from .sample import generate
+from .sample import generate, stable_seed
 from .infra.tokenizer import ChatTokenizer
 from .infra.utils import InputError, append_text, atomic_write_text
 
 PAPER_STOPS = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:",
                "\n\nCritique:", "\n\nRevision:")
-
-
-def prompt_seed(seed: int, prompt_id: str) -> int:
-    """A prompt's own seed: stable across runs, batch layouts and Python hash randomisation."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:6], "big")
 
 
 @dataclass
@@ -221,7 +215,7 @@ def run_slcai(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Co
         batch = todo[start:start + batch_size]
         recs = []
         for p in batch:
-            s = prompt_seed(seed, p.id)
+            s = stable_seed(seed, p.id)  # a prompt's own seed: its text does not depend on its batch
             principles = constitution.sample(random.Random(s), rounds) if p.kind == "red-team" else []
             recs.append(Record(p, s, principles, [("user", p.text)]))
 

@@ -12,7 +12,8 @@ from minicai.constitution import ANSWERS, GENERIC_CONTRAST, Principle, load_cons
 from minicai.infra.data import Prompt
 from minicai.feedback import (ANSWER_CUE, COT_CLAMP, dropped_path, evaluate_hhh, judge_context, judge_pairs,
                               label_prompts, main as feedback_main, option_logprobs, option_tokens, read_hhh,
-                              read_preferences, stable_seed)
+                              read_preferences)
+from minicai.sample import stable_seed
 from minicai.infra.utils import InputError
 
 HHH = Path(__file__).parent / "data" / "hhh_small.jsonl"

@@ -10,9 +10,9 @@ import torch
 
 import train_rm
 from minicai.infra.checkpoint import load_scalar_model
-from minicai.feedback import reward_input, reward_scores, right_pad
+from minicai.feedback import reward_input, reward_scores
 from minicai.model import ScalarHead
-from minicai.sample import left_pad
+from minicai.sample import pad
 from minicai.infra.train import run_cli
 from minicai.infra.utils import InputError
 from train_rm import main as train_rm_main
@@ -36,8 +36,8 @@ def test_score_is_read_at_the_last_real_token_for_left_and_right_padding(tiny):
     with torch.no_grad():
         alone = torch.stack([reward_scores(model, head, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
                              for s in seqs])  # (3,) no padding at all
-        right = reward_scores(model, head, *right_pad(seqs, tok.pad_id))
-        left = reward_scores(model, head, *left_pad(seqs, tok.pad_id))
+        right = reward_scores(model, head, *pad(seqs, tok.pad_id, "right"))
+        left = reward_scores(model, head, *pad(seqs, tok.pad_id, "left"))
         # the score must come from the last token: head(h) at that token in an unpadded forward
         h = model.padded_forward(torch.tensor([seqs[0]]), torch.ones(1, len(seqs[0]), dtype=torch.long), hidden=True)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
@@ -82,7 +82,7 @@ def test_reward_model_learns_a_synthetic_preference(tiny_gguf, tmp_path):
     seqs = list(dict.fromkeys(tuple(reward_input(tok, r["prompt"], r[s])) for r in recs
                               for s in ("response_a", "response_b")))
     with torch.no_grad():
-        r = reward_scores(model.trunk, model.head, *right_pad([list(s) for s in seqs], tok.pad_id))
+        r = reward_scores(model.trunk, model.head, *pad([list(s) for s in seqs], tok.pad_id, "right"))
     assert r.mean().item() == pytest.approx(0.0, abs=1e-3)
     assert r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
     # a finished run is not trained again

@@ -63,6 +63,15 @@ def all_reduce_max(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
+def loss_denominator(mask: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The count a data-parallel loss divides its masked sum by: the number of real tokens (or
+    rows) of the whole global batch, divided by the number of processes because DDP averages
+    the processes' gradients. Each rank's loss sum_local / this then has, after DDP's average,
+    the gradient of sum_global / count_global: the single-process loss. One process: mask.sum().
+    mask: any shape, bool or 0/1 -> 0-d fp32."""
+    return all_reduce_sum(mask.sum().float(), d) / d.world
+
+
 def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
     """Undo `shard` for a tensor: rank r holds rows r, r + world, ... of the global batch, all ranks
     the same shape (b, ...); every rank gets the global (b * world, ...) tensor in global row order

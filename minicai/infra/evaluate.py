@@ -57,8 +57,8 @@ from tqdm import tqdm
 from . import yardstick
 from ..constitution import Principle
 from .data import Prompt, load_prompts, split
-from ..feedback import draw, ensemble_labels, reward_input, reward_scores, right_pad, scorers_of, stable_seed
-from ..sample import generate
+from ..feedback import draw, ensemble_labels, reward_input, reward_scores, scorers_of
+from ..sample import generate, pad, stable_seed
 from .utils import InputError, atomic_write_json, atomic_write_text
 from .yardstick import is_refusal_strict, outcome
 
@@ -354,7 +354,7 @@ def score_responses(rm, rm_tok, prompts: list[Prompt], texts: list[str], batch_s
     seqs = [reward_input(rm_tok, p.text, t) for p, t in zip(prompts, texts)]
     scores = []
     for s in range(0, len(seqs), batch_size):
-        ids, mask = right_pad(seqs[s:s + batch_size], rm_tok.pad_id, device)  # (B, T)
+        ids, mask = pad(seqs[s:s + batch_size], rm_tok.pad_id, "right", device)  # (B, T)
         scores += reward_scores(rm.trunk, rm.head, ids, mask).float().cpu().tolist()  # (B,)
     return scores
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from . import distributed
 from ..model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
 from ..rl import entropy_from_logits, logprobs_from_logits, masked_moments, mean_var_from_moments
-from ..sample import Generation, left_pad
+from ..sample import Generation, pad
 from .utils import InputError
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def gather_generation(gen: Generation, prompts: list[list[int]], pad_id: int, d:
     logprobs = distributed.gather_rows(F.pad(gen.logprobs, (0, extra)), d)  # (B, G)
     mask = distributed.gather_rows(F.pad(gen.mask, (0, extra)), d)  # (B, G) bool
     stopped = distributed.gather_rows(gen.stopped, d)  # (B,)
-    ids, pmask = left_pad(prompts, pad_id, dev)  # (B, P) the global left padding
+    ids, pmask = pad(prompts, pad_id, "left", dev)  # (B, P) the global left padding
     return Generation(ids, pmask, tokens, logprobs, mask, stopped)
 
 

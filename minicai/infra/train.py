@@ -38,15 +38,6 @@ def length_buckets(lengths: list[int], batch_size: int, rng: random.Random) -> l
     return batches
 
 
-def pad_right(seqs: list[list[int]], pad: int) -> torch.Tensor:
-    """list of lists -> (B, T) right-padded tensor."""
-    T = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), pad, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        out[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device copy; on CUDA from pinned memory without blocking the host."""
     if device.type == "cuda":
@@ -183,13 +174,14 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, apply=None)
 
 
 def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_keys_ignored=("device", "dtype"),
-                    parser=None) -> Path:
+                    parser=None, defaults: dict | None = None) -> Path:
     """Create `out` and record the config in out/config.json. A folder made by a different config
     is refused (one line naming the first differing field) unless overwrite is set, so a resumed
     run never mixes two configurations. Keys in resume_keys_ignored may differ between runs.
     parser (the script's argparse parser): a flag that the folder's config lacks (the run was
     started by a version without it) is accepted at its default value, which keeps the old
-    behaviour; any other value is a difference."""
+    behaviour; any other value is a difference. defaults (cli.defaults(Args)): the same, from
+    a config dataclass instead of a parser."""
     import shutil
 
     out = Path(out)
@@ -206,6 +198,8 @@ def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_key
                 continue
             if k not in old and parser is not None and config.get(k) == parser.get_default(k):
                 continue  # a flag added since this run began, at its default
+            if k not in old and defaults is not None and k in defaults and config.get(k) == defaults[k]:
+                continue
             if old.get(k) != config.get(k):
                 raise InputError(f"{path}: field '{k}' was {old.get(k)!r} in the run in this folder, now "
                                  f"{config.get(k)!r}; use another --out or pass --overwrite to start over")
