@@ -54,7 +54,7 @@ from tqdm import tqdm
 from minicai.infra import distributed
 from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
 from minicai.infra.data import PREFERENCE_SPLIT_SALT, Prompt, split
-from minicai.feedback import load_jsonl
+from minicai.infra.files import read_preferences
 from minicai.sample import pad
 from minicai.losses import next_token_targets
 from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at,
@@ -78,49 +78,6 @@ def dpo_loss(pi_a: torch.Tensor, pi_b: torch.Tensor, ref_a: torch.Tensor, ref_b:
 
 
 # ------------------------------------------------------------------------------ data
-def read_pairs(path: Path) -> list[dict]:
-    """Pairs {prompt, a, b, p} from a preferences JSONL: our layout (prompt, response_a,
-    response_b, p_a) or TRL's chosen/rejected (p = 1). Bad records are one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: preferences file not found")
-    pairs = []
-    for n, r in enumerate(load_jsonl(path), start=1):
-        where = f"{path}: record {n}"
-        if "response_a" in r or "p_a" in r:
-            for key in ("prompt", "response_a", "response_b"):
-                if not isinstance(r.get(key), str):
-                    raise InputError(f"{where}: field {key!r} is missing or not a string")
-            p = r.get("p_a")
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-                raise InputError(f"{where}: field 'p_a' must be a number in [0, 1], got {p!r}")
-            pairs.append({"prompt": r["prompt"], "a": r["response_a"], "b": r["response_b"], "p": float(p)})
-        elif "chosen" in r and "rejected" in r:
-            prompt, chosen = _trl_side(r, "chosen", where)
-            prompt_r, rejected = _trl_side(r, "rejected", where)
-            pairs.append({"prompt": prompt or prompt_r, "a": chosen, "b": rejected, "p": 1.0})
-        else:
-            raise InputError(f"{where}: needs fields response_a/response_b/p_a or chosen/rejected")
-    if not pairs:
-        raise InputError(f"{path}: no preference pairs (the file is empty)")
-    return pairs
-
-
-def _trl_side(r: dict, key: str, where: str) -> tuple[str, str]:
-    """(prompt, response) of one side of a TRL record: a string with r["prompt"], or a message list."""
-    v = r[key]
-    if isinstance(v, str):
-        if not isinstance(r.get("prompt"), str):
-            raise InputError(f"{where}: field 'prompt' must be a string when {key!r} is a string")
-        return r["prompt"], v
-    if isinstance(v, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v):
-        user = next((m["content"] for m in v if m.get("role") == "user"), None)
-        reply = next((m["content"] for m in reversed(v) if m.get("role") == "assistant"), None)
-        if user is not None and reply is not None:
-            return user, reply
-    raise InputError(f"{where}: field {key!r} must be a string or a [user, assistant] message list")
-
-
 def tokenize(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """(ids, mask) of [user: prompt, assistant: response]; mask = the reply and its end marker."""
     return tok.render([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
@@ -279,7 +236,7 @@ def main(argv=None) -> int:
     device, dtype = resolve_device(args.device, "float32" if args.dtype == "auto" else args.dtype)
     d = distributed.init(device)
     device = distributed.rank_device(device, d)
-    records = read_pairs(Path(args.preferences))  # bad input fails before anything is written
+    records = read_preferences(Path(args.preferences))  # bad input fails before anything is written
     config = {k: v for k, v in vars(args).items() if k not in ("overwrite", "stop_after_steps", "eval_batch_size")}
     out = Path(args.out)
     if d.main:
@@ -299,13 +256,13 @@ def main(argv=None) -> int:
     # ---- 1. pairs: labels, tokens, the train / held-out split by prompt
     pairs, skipped = [], 0
     for r in records:
-        p = r["p"]
+        p = r["p_a"]
         if args.labels == "hard":
             if p == 0.5:
                 continue  # a tie carries no hard preference
             p = 1.0 if p > 0.5 else 0.0
         p = p * (1 - args.label_smoothing) + (1 - p) * args.label_smoothing
-        ta, tb = tokenize(tok, r["prompt"], r["a"]), tokenize(tok, r["prompt"], r["b"])
+        ta, tb = tokenize(tok, r["prompt"], r["response_a"]), tokenize(tok, r["prompt"], r["response_b"])
         if max(len(ta[0]), len(tb[0])) > args.max_len:
             skipped += 1
             continue

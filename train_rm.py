@@ -63,9 +63,10 @@ from minicai.infra.checkpoint import EMBEDDED_NAME, load_model, load_scalar_mode
 from minicai.constitution import load_constitution
 from minicai.infra.data import PREFERENCE_SPLIT_SALT, Prompt, load_prompts, split
 from minicai.feedback import DEFAULT as FEEDBACK_DEFAULT
-from minicai.feedback import (LABELLERS, draw_principles, load_judges, dropped_path, ensemble_labels, label_prompts, load_jsonl,
-                              pair_keys, preference_stats, read_preferences, revision_pairs, reward_input,
+from minicai.feedback import (LABELLERS, draw_principles, load_judges, dropped_path, ensemble_labels, label_prompts,
+                              pair_keys, preference_stats, revision_pairs, reward_input,
                               scorers_of)
+from minicai.infra.files import read_jsonl, read_preferences, write_jsonl
 from minicai.sample import pad
 from minicai.slcai import load_done
 from minicai.losses import pairwise_accuracy, pairwise_loss
@@ -186,11 +187,11 @@ def merge_rank_files(pref_path: Path, prompts: list[Prompt], k: int, labeller: s
     for target, parts in ((pref_path, shards), (dropped_path(pref_path), [dropped_path(f) for f in shards])):
         recs = {}
         for f in (target, *parts):
-            for r in load_jsonl(f):
+            for r in read_jsonl(f, "drop"):
                 recs.setdefault(r.get("key"), r)  # a key in two files (a rerun after a crash): the same record
         if recs:
             rows = sorted(recs.values(), key=lambda r: order.get(r.get("key"), len(order)))
-            atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_jsonl(target, rows)
     for f in shards:
         f.unlink()
         dropped_path(f).unlink(missing_ok=True)
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
             # into its own file, skipping the batches already merged: the policy and the judge then
             # see exactly the batches of one process, so the labels agree to the last bit (a prompt-
             # by-prompt split changes the judge's padded batches, and p_a by ~1e-7).
-            done = {r.get("key") for f in (pref_path, dropped_path(pref_path)) for r in load_jsonl(f)}
+            done = {r.get("key") for f in (pref_path, dropped_path(pref_path)) for r in read_jsonl(f, "drop")}
             batches = [prompts[s:s + args.gen_batch_size] for s in range(0, len(prompts), args.gen_batch_size)]
             mine = [p for b in distributed.shard(batches, d)
                     if any(key not in done for q in b for key in pair_keys(q, args.k, args.labeller)) for p in b]

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import random
 import sys
@@ -88,7 +87,8 @@ from .infra.data import Prompt
 from .model import ScalarHead, ScalarModel, Transformer, last_real_index, last_token_scores
 from .sample import generate, pad, stable_seed
 from .infra.tokenizer import ChatTokenizer
-from .infra.utils import InputError, append_text, atomic_write_text
+from .infra.files import append_jsonl, read_jsonl
+from .infra.utils import InputError
 
 ANSWER_CUE = "The answer is:"
 """Ends feedback_prompt(); we move it from the user message to the start of the assistant turn."""
@@ -456,44 +456,6 @@ def revision_pairs(traces: list[dict], seed: int = 0) -> tuple[list[dict], list[
 
 
 # ------------------------------------------------------------------------------ preferences file
-def load_jsonl(path: Path, repair_tail: bool = False) -> list[dict]:
-    """Records of a JSONL file. A final unterminated line that is not valid JSON (a write cut
-    off by a crash) is dropped, and with repair_tail the file is rewritten without it; any other
-    bad line is an error naming the line."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 (byte {e.start})") from None
-    lines = text.split("\n")
-    records, good = [], []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            if n == len(lines):  # unterminated last line: torn write
-                break
-            reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            raise InputError(f"{path}: line {n}: not valid JSON ({reason})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{path}: line {n}: expected a JSON object")
-        records.append(rec)
-        good.append(line)
-    if repair_tail and len(good) != sum(1 for ln in lines if ln.strip()):
-        atomic_write_text(path, "".join(g + "\n" for g in good))  # a crash here keeps the old file
-    return records
-
-
-def append_jsonl(path: Path, rows: list[dict]) -> None:
-    """Append rows in one write, flushed and fsynced: a killed process leaves all of them or none;
-    a power cut or a full disk at worst a torn last line, which load_jsonl drops."""
-    append_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), fsync=True)
-
-
 def dropped_path(path: Path) -> Path:
     """preferences.jsonl -> preferences.dropped.jsonl (pairs of identical responses)."""
     path = Path(path)
@@ -558,8 +520,8 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     drop_path = dropped_path(path)
-    done = {r.get("key") for r in load_jsonl(path, repair_tail=True)}
-    done |= {r.get("key") for r in load_jsonl(drop_path, repair_tail=True)}
+    done = {r.get("key") for r in read_jsonl(path, "repair")}
+    done |= {r.get("key") for r in read_jsonl(drop_path, "repair")}
     pair_idx = list(itertools.combinations(range(k), 2))
     batches = [prompts[s:s + prompts_per_batch] for s in range(0, len(prompts), prompts_per_batch)]
     worked, seconds = 0, {"generate_s": 0.0, "judge_s": 0.0}
@@ -637,37 +599,18 @@ def preference_stats(path: Path) -> dict:
     """Counts over a preferences file and its .dropped file. first_order_picks_a: share of pairs
     where the labeller prefers response_a when it is shown as (A); swapped_order_picks_a: the same
     when it is shown as (B). A labeller that always answers (A) has 1 and 0."""
-    recs = load_jsonl(path)
+    recs = read_jsonl(path)
     n = len(recs)
     full = n and all("orders_agree" in r for r in recs)  # only the ab labeller has order statistics
 
     def share(f):
         return sum(f(r) for r in recs) / n if full else None
-    return {"pairs": n, "dropped_identical": len(load_jsonl(dropped_path(path))),
+    return {"pairs": n, "dropped_identical": len(read_jsonl(dropped_path(path))),
             "order_agreement": share(lambda r: bool(r["orders_agree"])),
             "first_order_picks_a": share(lambda r: r["p_a_first_order"] > 0.5),
             "swapped_order_picks_a": share(lambda r: r["p_a_swapped_order"] > 0.5),
             "a_preferred": sum(r["p_a"] > 0.5 for r in recs) / n if n else None,
             "mean_abs_label_margin": sum(abs(r["p_a"] - 0.5) for r in recs) / n if n else None}
-
-
-def read_preferences(path: Path) -> list[dict]:
-    """Preference pairs for reward-model training: each record needs prompt, response_a,
-    response_b (strings) and p_a (a number in [0, 1]). Bad records are one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: preferences file not found")
-    recs = load_jsonl(path)
-    for n, r in enumerate(recs, start=1):
-        for key in ("prompt", "response_a", "response_b"):
-            if not isinstance(r.get(key), str):
-                raise InputError(f"{path}: record {n}: field {key!r} is missing or not a string")
-        p = r.get("p_a")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise InputError(f"{path}: record {n}: field 'p_a' must be a number in [0, 1], got {p!r}")
-    if not recs:
-        raise InputError(f"{path}: no preference pairs (the file is empty); run the feedback stage first")
-    return recs
 
 
 # ------------------------------------------------------------------------------ reward-model inputs
@@ -694,14 +637,14 @@ def read_hhh(path: Path) -> list[tuple[str, str, str]]:
     if not path.is_file():
         raise InputError(f"{path}: HHH file not found")
     items = []
-    for n, r in enumerate(load_jsonl(path), start=1):
+    for n, r in read_jsonl(path, numbered=True):
         def field(*names):
             for name in names:
                 if name in r:
                     if not isinstance(r[name], str) or not r[name].strip():
-                        raise InputError(f"{path}: record {n}: field {name!r} must be a non-empty string")
+                        raise InputError(f"{path}: line {n}: field {name!r} must be a non-empty string")
                     return r[name]
-            raise InputError(f"{path}: record {n}: needs a field {' or '.join(repr(x) for x in names)}")
+            raise InputError(f"{path}: line {n}: needs a field {' or '.join(repr(x) for x in names)}")
         conv = field("conversation") if "conversation" in r else f"Human: {field('prompt').strip()}"
         items.append((conv, field("chosen", "better"), field("rejected", "worse")))
     if not items:
@@ -721,7 +664,7 @@ def load_hhh(spec: str, bigbench: str | None = None) -> tuple[list[tuple[str, st
         return [(r["conversation"], r["better"], r["worse"]) for r in rows], [r["category"] for r in rows]
     path = BUILTIN_PAIRS if spec == "builtin" else Path(spec)
     items = read_hhh(path)
-    cats = [str(r.get("category", "all")) for r in load_jsonl(path)]
+    cats = [str(r.get("category", "all")) for r in read_jsonl(path)]
     return items, cats
 
 

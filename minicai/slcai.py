@@ -28,7 +28,6 @@ batch: a resumed run writes the same trace as an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -40,7 +39,8 @@ from .constitution import Constitution, Principle, critique_request_text, revisi
 from .infra.data import Prompt
 from .sample import generate, stable_seed
 from .infra.tokenizer import ChatTokenizer
-from .infra.utils import InputError, append_text, atomic_write_text
+from .infra.files import append_jsonl, read_jsonl
+from .infra.utils import InputError
 
 PAPER_STOPS = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:",
                "\n\nCritique:", "\n\nRevision:")
@@ -157,29 +157,12 @@ def strip_preamble(text: str) -> str:
 def load_done(trace: Path) -> dict[str, dict]:
     """Records already in the trace, by prompt id. A torn last line (a crash mid-write) is
     dropped from the file; any other bad line is an error naming the line."""
-    if not trace.exists():
-        return {}
-    try:
-        lines = trace.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{trace}: not UTF-8 (byte {e.start}); delete the file to regenerate") from None
-    done, good = {}, []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            if i >= len(lines) - 2:  # the final line, unterminated: a write that was cut off
-                break
-            raise InputError(f"{trace}: line {i + 1}: not valid JSON; delete the file to regenerate") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("id"), (str, int)):
-            raise InputError(f"{trace}: line {i + 1}: not a trace record (no 'id'); "
-                             f"delete the file to regenerate")
+    hint = "; delete the file to regenerate"
+    done = {}
+    for n, rec in read_jsonl(trace, "repair", hint, numbered=True):
+        if not isinstance(rec.get("id"), (str, int)):
+            raise InputError(f"{trace}: line {n}: not a trace record (no 'id'){hint}")
         done[rec["id"]] = rec
-        good.append(line)
-    if len(good) != sum(1 for ln in lines if ln.strip()):
-        atomic_write_text(trace, "".join(g + "\n" for g in good))  # a crash here keeps the old file
     return done
 
 
@@ -243,7 +226,7 @@ def run_slcai(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Co
             answer(active, 2 * rnd + 2, "revision")
         rows = [r.to_json() for r in recs]
         # one write: a killed run keeps the whole batch or none of it
-        append_text(trace, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in rows))
+        append_jsonl(trace, rows)
         done.update((rec["id"], rec) for rec in rows)
         bar.update(len(batch))
     bar.close()

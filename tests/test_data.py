@@ -106,7 +106,7 @@ def test_bad_files(tmp_path):
     one_line_error(lambda: load_prompts(write(tmp_path, "e.txt", "# only a comment\n\n")), "e.txt", "no prompts")
     one_line_error(lambda: load_prompts(write(tmp_path, "e.jsonl", "")), "e.jsonl", "no prompts")
     one_line_error(lambda: load_prompts(write(tmp_path, "m.jsonl", '{"prompt": "a"}\n{"prompt": \n')),
-                   "m.jsonl: line 2: malformed JSON")
+                   "m.jsonl: line 2: not valid JSON")
     one_line_error(lambda: load_prompts(write(tmp_path, "f.jsonl", '{"prompt": "a"}\n\n{"question": "b"}\n')),
                    "f.jsonl: line 3: no field 'prompt' or 'messages' or 'text'")
     one_line_error(lambda: load_prompts(write(tmp_path, "n.jsonl", '{"prompt": 5}\n')),

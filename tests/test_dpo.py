@@ -10,7 +10,8 @@ import torch
 from minicai.infra.checkpoint import load_model
 from minicai.infra.train import run_cli
 from minicai.infra.utils import InputError
-from train_dpo import dpo_loss, evaluate, main as dpo_main, read_pairs, reference_logps, sequence_logps, tokenize
+from minicai.infra.files import read_preferences
+from train_dpo import dpo_loss, evaluate, main as dpo_main, reference_logps, sequence_logps, tokenize
 
 # ------------------------------------------------------------------------------ the loss by hand
 BETA = 0.1
@@ -76,29 +77,28 @@ def test_reference_and_evaluation_passes_build_no_autograd_graph(tiny):
     assert ev["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
 
 
-def test_read_pairs_accepts_our_layout_and_trl_chosen_rejected(tmp_path):
+def test_read_preferences_accepts_our_layout_and_trl_chosen_rejected(tmp_path):
     f = tmp_path / "p.jsonl"
     rows = [{"prompt": "q1", "response_a": "a1", "response_b": "b1", "p_a": 0.3},
             {"prompt": "q2", "chosen": "c2", "rejected": "r2"},
             {"chosen": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "c3"}],
              "rejected": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "r3"}]}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert read_pairs(f) == [{"prompt": "q1", "a": "a1", "b": "b1", "p": 0.3},
-                             {"prompt": "q2", "a": "c2", "b": "r2", "p": 1.0},
-                             {"prompt": "q3", "a": "c3", "b": "r3", "p": 1.0}]
+    assert read_preferences(f) == [rows[0], {"prompt": "q2", "response_a": "c2", "response_b": "r2", "p_a": 1.0},
+                                   {"prompt": "q3", "response_a": "c3", "response_b": "r3", "p_a": 1.0}]
 
 
 @pytest.mark.parametrize("row, msg", [
-    ({"prompt": "q", "response_a": "a", "response_b": "b", "p_a": 1.5}, r"record 1: field 'p_a' must be a number"),
-    ({"prompt": "q", "response_a": "a", "p_a": 0.5}, r"record 1: field 'response_b' is missing"),
-    ({"prompt": "q", "text": "x"}, r"record 1: needs fields"),
-    ({"chosen": [{"role": "user", "content": "q"}], "rejected": "r"}, r"record 1: field 'chosen' must be"),
+    ({"prompt": "q", "response_a": "a", "response_b": "b", "p_a": 1.5}, r"line 1: field 'p_a' must be a number"),
+    ({"prompt": "q", "response_a": "a", "p_a": 0.5}, r"line 1: field 'response_b' is missing"),
+    ({"prompt": "q", "text": "x"}, r"line 1: needs fields"),
+    ({"chosen": [{"role": "user", "content": "q"}], "rejected": "r"}, r"line 1: field 'chosen' must be"),
 ])
 def test_bad_preference_records_are_one_line_errors(tmp_path, row, msg):
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps(row) + "\n")
     with pytest.raises(InputError, match=r"bad.jsonl: " + msg):
-        read_pairs(f)
+        read_preferences(f)
 
 
 # ------------------------------------------------------------------------------ tiny-model runs
@@ -138,12 +138,12 @@ def test_dpo_raises_the_margin_on_training_pairs(tiny, tiny_gguf, tmp_path):
     assert abs(rows[0]["rewards/margins"]) < 0.05 and rows[-1]["rewards/margins"] > 0.5
     # recompute on the saved policy: chosen gains log-prob relative to rejected, vs the base model
     trained, _, _ = load_model(str(tmp_path / "run" / "model"))
-    pairs = read_pairs(prefs)
+    pairs = read_preferences(prefs)
     with torch.no_grad():
         def logps(m, side):
             return sequence_logps(m, [tokenize(tok, x["prompt"], x[side]) for x in pairs], "cpu", torch.no_grad)
-        h = (logps(trained, "a") - logps(base, "a")) - (logps(trained, "b") - logps(base, "b"))  # (N,)
-    sign = torch.tensor([1.0 if x["p"] > 0.5 else -1.0 for x in pairs])
+        h = (logps(trained, "response_a") - logps(base, "response_a")) - (logps(trained, "response_b") - logps(base, "response_b"))  # (N,)
+    sign = torch.tensor([1.0 if x["p_a"] > 0.5 else -1.0 for x in pairs])
     assert (sign * h).mean() > 1.0 and ((sign * h) > 0).float().mean() > 0.8
     summary = json.loads((tmp_path / "run" / "dpo_summary.json").read_text())
     assert summary["held_out_pairs"] > 0 and summary["held_out_accuracy"] is not None
@@ -171,6 +171,6 @@ def test_bad_arguments_exit_2(tiny_gguf, tmp_path, capsys):
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text('{"prompt": "q", "response_a": "a", "response_b": "b"}\n')
     assert run_cli(dpo_main, dpo_args(tiny_gguf, prefs, tmp_path / "x")) == 2
-    assert "prefs.jsonl: record 1: field 'p_a' must be a number in [0, 1], got None" in capsys.readouterr().err
+    assert "prefs.jsonl: line 1: field 'p_a' must be a number in [0, 1], got None" in capsys.readouterr().err
     assert run_cli(dpo_main, dpo_args(tiny_gguf, tmp_path / "nope.jsonl", tmp_path / "x")) == 2
     assert "nope.jsonl: preferences file not found" in capsys.readouterr().err

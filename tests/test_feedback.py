@@ -11,8 +11,8 @@ import torch
 from minicai.constitution import ANSWERS, GENERIC_CONTRAST, Principle, load_constitution
 from minicai.infra.data import Prompt
 from minicai.feedback import (ANSWER_CUE, COT_CLAMP, dropped_path, evaluate_hhh, judge_context, judge_pairs,
-                              label_prompts, main as feedback_main, option_logprobs, option_tokens, read_hhh,
-                              read_preferences)
+                              label_prompts, main as feedback_main, option_logprobs, option_tokens, read_hhh)
+from minicai.infra.files import read_preferences
 from minicai.sample import stable_seed
 from minicai.infra.utils import InputError
 
@@ -154,7 +154,7 @@ def test_bad_arguments_are_clear_errors(tiny, tmp_path):
         label_prompts(model, tok, [("tiny", model, tok)], prompts(1), PRINCIPLES, tmp_path / "p.jsonl", m=3)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "response_a": "a", "response_b": "b", "p_a": 1.5}\n')
-    with pytest.raises(InputError, match=r"bad.jsonl: record 1: field 'p_a'"):
+    with pytest.raises(InputError, match=r"bad.jsonl: line 1: field 'p_a'"):
         read_preferences(bad)
     bad.write_text('{"prompt": "p"\n{"prompt": "q"}\n')
     with pytest.raises(InputError, match=r"bad.jsonl: line 1: not valid JSON"):
@@ -186,7 +186,7 @@ def test_hhh_evaluation_on_the_fixture(tiny, tiny_gguf, tmp_path):
     assert json.loads(out.read_text())["items"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a"}\n')
-    with pytest.raises(InputError, match=r"bad.jsonl: record 1: needs a field 'rejected' or 'worse'"):
+    with pytest.raises(InputError, match=r"bad.jsonl: line 1: needs a field 'rejected' or 'worse'"):
         read_hhh(bad)
     assert math.isfinite(res["mean_p_better"])
 

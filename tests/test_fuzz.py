@@ -35,7 +35,7 @@ from minicai.infra import gguf  # noqa: E402
 from minicai.infra.checkpoint import _load_safetensors, load_model, save_hf  # noqa: E402
 from minicai.constitution import load_constitution  # noqa: E402
 from minicai.infra.data import load_prompts  # noqa: E402
-from minicai.feedback import read_preferences  # noqa: E402
+from minicai.infra.files import read_preferences  # noqa: E402
 from minicai.slcai import load_done  # noqa: E402
 from minicai.infra.utils import InputError  # noqa: E402
 
@@ -559,8 +559,6 @@ PREF_KEYS = ["prompt", "response_a", "response_b", "p_a", "chosen", "rejected", 
 def test_fuzzed_preference_and_trace_files_only_input_error(profile, scratch):
     """The run files a resumed run reads back (preferences.jsonl for train_rm / train_dpo,
     traces.jsonl for SL-CAI), with junk records and torn lines."""
-    from train_dpo import read_pairs
-
     line = st.one_of(json_values(PREF_KEYS).map(dumps), st.text(max_size=20),
                      st.fixed_dictionaries({"prompt": json_scalars, "response_a": json_scalars,
                                             "response_b": json_scalars, "p_a": json_scalars}).map(dumps),
@@ -574,7 +572,7 @@ def test_fuzzed_preference_and_trace_files_only_input_error(profile, scratch):
     def run(data, trailing_newline):
         data = data + (b"\n" if trailing_newline else b"")
         path = scratch / "records.jsonl"
-        for fn in (read_preferences, read_pairs, load_done):
+        for fn in (read_preferences, load_done):
             path.write_bytes(data)
             only_input_error(fn, path)
 

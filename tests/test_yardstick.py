@@ -429,7 +429,8 @@ def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
 
 
 def test_judge_accuracy_uses_each_categorys_principles(tiny, monkeypatch):
-    from minicai.infra import evaluate, feedback
+    from minicai import feedback
+    from minicai.infra import evaluate
     from minicai.constitution import Principle
 
     seen = []

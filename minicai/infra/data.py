@@ -30,6 +30,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import files
 from .utils import InputError
 
 KINDS = ("red-team", "helpful", "benign-edgy")
@@ -185,23 +186,9 @@ def first_user_message(messages, where: str, key: str) -> str:
 
 
 def jsonl_objects(path: Path) -> list[tuple[str, dict]]:
-    """("<path>: line N", object) for every non-blank line of a JSON-lines file (UTF-8, read_lines);
-    malformed JSON or a line that is not an object is one InputError naming the line."""
-    out = []
-    for n, line in enumerate(read_lines(path), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-        except RecursionError:
-            raise InputError(f"{where}: malformed JSON (nested too deeply)") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        out.append((where, row))
-    return out
+    """("<path>: line N", object) for every non-blank line of a JSON-lines file (files.read_jsonl:
+    UTF-8, a BOM allowed); a malformed line is one InputError naming the line."""
+    return [(f"{path}: line {n}", row) for n, row in files.read_jsonl(path, numbered=True)]
 
 
 def read_jsonl(path: Path, column: str | None = None) -> list[str]:
@@ -267,6 +254,15 @@ def split(prompts: list[Prompt], held_out_fraction: float = 0.2,
 PREFERENCE_SPLIT_SALT = "minicai-rm"
 """Salt of the split of AI-labelled pairs into train / held-out (by prompt), shared by train_rm.py and
 train_dpo.py so that the reward model and DPO are scored on the same held-out pairs."""
+
+
+def split_pairs(pairs: list[dict], held_out_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Split preference pairs (dicts with a "prompt") into (train, held_out) by prompt, with
+    PREFERENCE_SPLIT_SALT: every pair of a prompt falls on the same side, and the reward model
+    and DPO hold out the same pairs. Both lists keep the input order."""
+    held = {p.text for p in split([Prompt(t, "", "red-team") for t in dict.fromkeys(x["prompt"] for x in pairs)],
+                                  held_out_fraction, salt=PREFERENCE_SPLIT_SALT)[1]}
+    return [x for x in pairs if x["prompt"] not in held], [x for x in pairs if x["prompt"] in held]
 
 
 def mix(red: list[Prompt], helpful: list[Prompt], helpful_fraction: float,

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .utils import InputError, append_text, atomic_write_json, atomic_write_text
+from .files import read_jsonl, write_jsonl
+from .utils import InputError, append_text, atomic_write_json
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -61,26 +62,15 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            try:
-                lines = self.path.read_text(encoding="utf-8").split("\n")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{self.path}: not UTF-8 (byte {e.start}); delete it or pass --overwrite") from None
+            hint = "; delete it or pass --overwrite"
             keep = []
-            for n, ln in enumerate(lines, start=1):
-                if not ln.strip():
-                    continue
-                try:
-                    row = json.loads(ln)
-                except (ValueError, RecursionError):
-                    if n == len(lines):  # unterminated last line: a torn write
-                        break
-                    raise InputError(f"{self.path}: line {n}: not valid JSON; delete it or pass --overwrite") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{self.path}: line {n}: not a metrics row; delete it or pass --overwrite")
+            for n, row in read_jsonl(self.path, "drop", hint, numbered=True):
                 step = row.get("step", 0)
-                if not isinstance(step, (int, float)) or step <= resume_step:
-                    keep.append(ln)
-            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+                if not isinstance(step, (int, float)):
+                    raise InputError(f"{self.path}: line {n}: not a metrics row{hint}")
+                if step <= resume_step:
+                    keep.append(row)
+            write_jsonl(self.path, keep)
         elif self.path.exists():
             self.path.unlink()
 
