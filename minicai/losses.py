@@ -15,9 +15,12 @@ from torch import Tensor
 from .rl import upcast_fp32, masked_mean
 
 
-def pairwise_loss(r_a: Tensor, r_b: Tensor, p_a: Tensor | float, margin: Tensor | float = 0.0) -> Tensor:
+def pairwise_loss(r_a: Tensor, r_b: Tensor, p_a: Tensor | float, margin: Tensor | float = 0.0,
+                  denominator: Tensor | float | None = None) -> Tensor:
     """Soft-label Bradley-Terry loss, averaged over the batch: r_a, r_b (B,) scalar rewards,
     p_a (B,) or a float in [0, 1] = probability that A is preferred, margin (B,) or float.
+    denominator: the number of pairs to divide the summed loss by (default B; a data-parallel
+    caller passes the global count, infra.distributed.loss_denominator).
 
     With d = r_a - r_b - margin and P(A > B) = sigmoid(d) (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1):
       L = -[p * log sigmoid(d) + (1 - p) * log sigmoid(-d)]
@@ -28,7 +31,7 @@ def pairwise_loss(r_a: Tensor, r_b: Tensor, p_a: Tensor | float, margin: Tensor 
     d = r_a - r_b - margin  # (B,)
     # logsigmoid is stable for large |d| (log(sigmoid(d)) underflows to -inf)
     loss = -(p * F.logsigmoid(d) + (1.0 - p) * F.logsigmoid(-d))  # (B,)
-    return loss.mean()
+    return loss.sum() / (loss.numel() if denominator is None else denominator)
 
 
 def pairwise_accuracy(r_a: Tensor, r_b: Tensor, p_a: Tensor | float) -> Tensor:
