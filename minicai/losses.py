@@ -1,5 +1,5 @@
-"""Supervised losses: the reward (preference) model's pairwise loss and the SFT loss (a plain
-version on logits, and a fused LM-head + cross-entropy that never holds the (N, V) logits).
+"""Supervised losses: the reward (preference) model's pairwise loss, the SFT loss on logits (the
+fused LM-head + cross-entropy twin that never holds the logits is infra/fast.py) and the DPO loss.
 
 Reward model. CAI's feedback model gives soft labels: p_a = P(response A is better), the
 labeller's normalized probability of option (A), ensembled over principles (Bai et al. 2022 §4.1;
@@ -51,77 +51,54 @@ def center_reward_penalty(r_a: Tensor, r_b: Tensor, coef: float) -> Tensor:
     return coef * ((r_a + r_b) ** 2).mean()
 
 
-def sft_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """Next-token cross-entropy on the masked (assistant) tokens only, averaged over those tokens
-    (token-level mean over the whole batch).
+def sft_loss(logits: Tensor, targets: Tensor, mask: Tensor, denominator: Tensor | float | None = None) -> Tensor:
+    """Next-token cross-entropy on the masked (assistant) tokens only: their summed NLL divided by
+    `denominator`, by default their count: a token-level mean over the whole batch, the prompt
+    left out (TRL SFTConfig assistant_only_loss). A data-parallel caller passes the global count
+    (infra.distributed.loss_denominator), so that the gradient is the single process's.
 
     logits (B, T, V), targets (B, T), mask (B, T) bool/0-1. The caller has already shifted:
     logits[:, t] is the prediction for targets[:, t], i.e. for input ids (B, L)
-        logits = model(ids)[:, :-1]; targets = ids[:, 1:]; mask = assistant_mask[:, 1:]
+        logits = model(ids, attn_mask)[:, :-1]; targets = ids[:, 1:]; mask = assistant_mask[:, 1:]
     Targets at masked-out positions are ignored (they may be pad ids or -100).
+    (infra/fast.FusedSFTLoss computes the same sum without the logits: train_sl.py --fused-ce.)
     """
     m = mask.bool()
     safe_targets = torch.where(m, targets, torch.zeros_like(targets))  # (B, T) any valid id
     nll = F.cross_entropy(
         upcast_fp32(logits).flatten(0, 1), safe_targets.flatten(), reduction="none"
     ).view_as(targets)  # (B*T, V), (B*T,) -> (B, T)
-    return masked_mean(nll, m)
+    return masked_mean(nll, m, denominator=denominator)
 
 
-def next_token_targets(ids: Tensor, mask: Tensor) -> Tensor:
-    """The targets of Transformer.forward(ids, attn_mask, targets=): position t predicts
-    ids[:, t + 1], counted where mask[:, t + 1] is set (the assistant reply, say); -100 where
-    nothing is predicted, the last column included. ids, mask (B, T) -> (B, T) long."""
-    return F.pad(torch.where(mask[:, 1:].bool(), ids[:, 1:], -100), (0, 1), value=-100)  # (B, T)
+# ------------------------------------------------------------------------------ DPO
+def dpo_loss(pi_a: Tensor, pi_b: Tensor, ref_a: Tensor, ref_b: Tensor,
+             p_a: Tensor | float, beta: float, denominator: Tensor | float | None = None) -> Tensor:
+    """Soft-label DPO loss, a mean over pairs: pi_*, ref_* (B,) sequence log-probs of responses a
+    and b under the policy and the reference; p_a (B,) or float = P(a is better). denominator: the
+    number of pairs to divide the summed loss by (default B; a data-parallel caller passes the
+    global count, infra.distributed.loss_denominator).
+
+    h = (pi_a - ref_a) - (pi_b - ref_b)                                   (Rafailov et al. 2023, eq. 7)
+    L = p * -log sigmoid(beta h) + (1 - p) * -log sigmoid(-beta h)        (cDPO / TRL label_smoothing)
+    dL/dh = beta * (sigmoid(beta h) - p): raising log pi(a) lowers the loss when p > sigmoid(beta h)."""
+    p = torch.as_tensor(p_a, dtype=pi_a.dtype, device=pi_a.device)
+    h = (pi_a - ref_a) - (pi_b - ref_b)  # (B,)
+    # logsigmoid, not log(sigmoid): stable for large |beta h|
+    loss = -(p * F.logsigmoid(beta * h) + (1.0 - p) * F.logsigmoid(-beta * h))  # (B,)
+    return loss.sum() / (loss.numel() if denominator is None else denominator)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i -log softmax(h_i W^T)[t_i] for h (N, C), W (V, C), targets t (N,). The gradients are
-    made in the forward, from the usual identity
-        dL/dz_i = softmax(z_i) - onehot(t_i)        (z_i = W h_i, the logits of row i)
-        dL/dh_i = W^T dL/dz_i,   dL/dW = sum_i dL/dz_i h_i^T
-    The logits are made and turned into dL/dz in place, in one (N, V) buffer of the compute dtype;
-    the fp32 softmax runs a chunk of rows at a time in one reused fp32 buffer. Nothing else of size
-    (N, V) is allocated: no fp32 copy of the logits, no log-softmax output, no log-softmax
-    backward (Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv 2410.10989, fuses
-    the same steps in Triton). backward only scales the saved gradients by dL/dloss."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk, dtype):
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(h.device.type, enabled=False):  # explicit dtypes below
-            hc, wc = h.to(dtype), weight.to(dtype)
-            z = hc @ wc.T  # (N, V) logits in the compute dtype, overwritten by dL/dz below
-            buf = torch.empty(min(chunk, z.shape[0]), z.shape[1], dtype=torch.float32, device=h.device)  # (n, V)
-            loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            for s in range(0, z.shape[0], chunk):
-                zc = buf[:min(chunk, z.shape[0] - s)].copy_(z[s:s + chunk])  # (n, V) fp32 logits
-                t = targets[s:s + chunk, None]  # (n, 1)
-                target_logit = zc.gather(1, t)  # (n, 1)
-                m = zc.amax(dim=-1, keepdim=True)  # (n, 1) for a stable exp
-                total = zc.sub_(m).exp_().sum(dim=-1, keepdim=True)  # (n, 1) sum of exp(z - m)
-                loss += (m + total.log() - target_logit).sum()  # log-sum-exp - z_t
-                if need:
-                    zc.div_(total).scatter_add_(1, t, torch.full_like(target_logit, -1.0))  # softmax - onehot
-                    z[s:s + chunk].copy_(zc)
-            grad_h = (z @ wc).to(h.dtype) if need else None  # (N, C)
-            grad_w = (z.T @ hc).to(weight.dtype) if need else None  # (V, C)
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
-
-
-def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 128) -> Tensor:
-    """Summed next-token NLL through the LM head without materialising the logits:
-    h (N, C) final hidden states, weight (V, C) the LM head, targets (N,) -> 0-d fp32 sum over rows
-    of -log softmax(h @ weight.T)[target]. Equal to
-        F.cross_entropy((h @ weight.T).float(), targets, reduction="sum")
-    (tests/test_losses.py checks values and both gradients). Under autocast the matrix products run
-    in the autocast dtype (bf16), the softmax in fp32, as with autocast + F.cross_entropy."""
-    dt = h.device.type
-    dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else h.dtype
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
+def dpo_statistics(pi_a: Tensor, pi_b: Tensor, ref_a: Tensor, ref_b: Tensor, p: Tensor, beta: float) -> dict:
+    """TRL-named statistics, 'chosen' being the side with p >= 1/2: mean implicit rewards
+    beta * (log pi - log pi_ref), their margin, the accuracy (chosen reward > rejected reward, over
+    decisive pairs p != 1/2; None if none) and the mean log-probs."""
+    a_first = p >= 0.5
+    r_a, r_b = beta * (pi_a - ref_a), beta * (pi_b - ref_b)  # (B,)
+    r_c, r_r = torch.where(a_first, r_a, r_b), torch.where(a_first, r_b, r_a)
+    lp_c, lp_r = torch.where(a_first, pi_a, pi_b), torch.where(a_first, pi_b, pi_a)
+    decisive = p != 0.5
+    acc = (r_c > r_r)[decisive].float().mean().item() if bool(decisive.any()) else None
+    return {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
+            "rewards/accuracies": acc, "rewards/margins": (r_c - r_r).mean().item(),
+            "logps/chosen": lp_c.mean().item(), "logps/rejected": lp_r.mean().item()}

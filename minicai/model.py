@@ -263,34 +263,23 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, i, start)
         return self.norm(x)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight (V, C): the embedding matrix when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head: (B, T, C) -> (B, T, V)."""
-        return linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        return linear(h, self.head_weight)
 
-    def forward(self, ids: torch.Tensor, attn_mask: torch.Tensor | None = None, hidden: bool = False,
-                targets: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
-        """Training/scoring forward (what DDP and FSDP wrap): padded_forward, or plain causal
-        without a mask. ids (B, T) -> logits (B, T, V), or final hidden states (B, T, C) with
-        hidden=True. With targets (B, T) (the id each position must predict, -100 where nothing
-        is predicted; nanoGPT's forward(idx, targets)), returns the summed NLL over the predicted
-        positions (0-d fp32) through losses.linear_cross_entropy: only those positions go through
-        the LM head, and never as a full (B, T, V) logits tensor. per_token=True instead returns
-        log pi(target) at each predicted position, (n,) fp32 in row-major order of targets != -100
-        (DPO's sequence log-probs), through plain logits of those positions only."""
-        if targets is None:
-            if attn_mask is None:
-                h = self.trunk(ids)
-                return h if hidden else self.logits(h)
-            return self.padded_forward(ids, attn_mask, hidden)
-        from .losses import linear_cross_entropy
-        from .rl import logprobs_from_logits
-
-        h = self.trunk(ids) if attn_mask is None else self.padded_forward(ids, attn_mask, hidden=True)  # (B, T, C)
-        keep = targets != -100  # (B, T)
-        if per_token:
-            return logprobs_from_logits(self.logits(h[keep]), targets[keep])  # (n, V) -> (n,)
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
-        return linear_cross_entropy(h[keep], w, targets[keep])  # (n, C), (n,) -> 0-d
+    def forward(self, ids: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training/scoring forward (what DDP and FSDP wrap): ids (B, T) -> logits (B, T, V);
+        with attn_mask (B, T) (1 = real token) a padded batch (padded_forward), without it plain
+        causal. Losses are computed on these logits by the caller (losses.sft_loss,
+        rl.logprobs_from_logits); the fused LM head + cross-entropy is infra/fast.FusedSFTLoss."""
+        if attn_mask is None:
+            return self.logits(self.trunk(ids))
+        return self.padded_forward(ids, attn_mask)
 
     def set_manual_attention(self, on: bool = True):
         for layer in self.layers:
@@ -312,7 +301,10 @@ class Transformer(nn.Module):
 class ScalarHead(nn.Module):
     """Scalar output on the trunk's final hidden state: a reward model (read at the last real
     token) or a value model (read at every token). Init follows OpenAI lm-human-preferences:
-    reward head weights ~ N(0, 1/sqrt(C+1)), value head zero (anchors.md, 'Reward model')."""
+    reward head weights ~ N(0, 1/sqrt(C+1)), value head zero, biases zero
+    (https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/language/model.py#L251-L254;
+    Huang et al. 2023, "The N Implementation Details of RLHF with PPO", reward model detail 2 and
+    policy detail 2)."""
 
     def __init__(self, dim: int, init_std: float | None = None):
         super().__init__()
@@ -344,7 +336,11 @@ class ScalarModel(nn.Module):
 
 def last_token_scores(model: nn.Module, ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
     """A ScalarModel's score of each sequence of a padded batch (left or right padding): its output
-    at the last real token, never at a pad (anchors.md pain point 2). model may be wrapped (DDP):
+    at the last real token, never at a pad (OpenAI reads the reward at the last token:
+    https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/rewards.py#L132,
+    and at the last response token, before the padding, in
+    https://github.com/openai/summarize-from-feedback/blob/8af822a428c93432aa80ffbe5b065a8f93895669/summarize_from_feedback/reward_model.py#L59).
+    model may be wrapped (DDP):
     it is called, so its forward runs. ids, attn_mask (B, T) -> (B,) fp32. The reward model
     (training, normalisation, PPO's score, evaluation) reads rewards only through here."""
     r = model(ids, attn_mask)  # (B, T) a scalar at every position

@@ -129,7 +129,8 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     """log pi(tokens) under softmax(logits / temperature), in (at least) fp32: logits (B, T, V), tokens (B, T)
     -> (B, T). logits[:, t] must be the logits that produced tokens[:, t] (already shifted).
     `temperature` must be the rollout's sampling temperature, or the first PPO ratio is not 1
-    (TRL #2358, OpenRLHF #853)."""
+    (TRL https://github.com/huggingface/trl/issues/2358, OpenRLHF
+    https://github.com/OpenRLHF/OpenRLHF/pull/853)."""
     logp = F.log_softmax(upcast_fp32(logits) / temperature, dim=-1)  # (B, T, V)
     return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
 
@@ -273,14 +274,19 @@ def gae_vectorized(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
 
 
 def policy_loss(
-    logp_new: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor, clip: float
+    logp_new: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor, clip: float,
+    denominator: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017 eq. 7), as a loss to minimise; (B, T) inputs.
-    Returns (loss, stats); stats are detached 0-d tensors:
+    A token mean: the masked sum divided by `denominator` (default: the real tokens of this batch;
+    a data-parallel rank passes infra.distributed.loss_denominator, see masked_mean).
+    Returns (loss, stats); stats are detached 0-d tensors, token means with the same denominator:
       approxkl   0.5 * mean((logp_new - logp_old)^2): the k2 estimator of KL(old || new)
                  (OpenAI lm-human-preferences train_policy.py, summarize_from_feedback_details)
       clipfrac   fraction of real tokens where the clipped term is the active one
-      ratio_mean, ratio_var  (biased variance) of pi_new / pi_old over real tokens
+      ratio_mean, ratio_var  (biased variance) of pi_new / pi_old over real tokens. ratio_var
+                 centres on this batch's own mean: across ranks its sum is the token-weighted mean
+                 of the ranks' variances (the within-rank part of the global variance)
     """
     m = mask.bool()
     # mask the log-ratio first: garbage on padding never reaches exp() or the gradient
@@ -290,34 +296,44 @@ def policy_loss(
     # Schulman et al. 2017 eq. 7: L = -E[min(r A, clip(r, 1-eps, 1+eps) A)] = E[max(-r A, -clip(r) A)]
     pg_losses = -adv * ratio  # (B, T)
     pg_losses2 = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)  # (B, T)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), m)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), m, denominator=denominator)
     with torch.no_grad():
         stats = {
-            "approxkl": 0.5 * masked_mean(log_ratio**2, m),
+            "approxkl": 0.5 * masked_mean(log_ratio**2, m, denominator=denominator),
             # OpenAI / TRL: pg_clipfrac = mean(pg_losses2 > pg_losses)
-            "clipfrac": masked_mean((pg_losses2 > pg_losses).to(ratio.dtype), m),
-            "ratio_mean": masked_mean(ratio, m),
-            "ratio_var": masked_var(ratio, m),
+            "clipfrac": masked_mean((pg_losses2 > pg_losses).to(ratio.dtype), m, denominator=denominator),
+            "ratio_mean": masked_mean(ratio, m, denominator=denominator),
+            # masked_var's two-pass formula (biased), divided by the same denominator
+            "ratio_var": masked_mean(_where(m, ratio - masked_mean(ratio, m)) ** 2, m, denominator=denominator),
         }
     return loss, stats
 
 
 def value_loss(
-    v_new: Tensor, v_old: Tensor, returns: Tensor, mask: Tensor, clip_v: float
+    v_new: Tensor, v_old: Tensor, returns: Tensor, mask: Tensor, clip_v: float,
+    denominator: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss (OpenAI lm-human-preferences train_policy.py; TRL ppo_trainer.py):
       0.5 * mean(max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2))
-    over real tokens. stats: vf_clipfrac (fraction where the clipped term is larger), detached."""
+    over real tokens; the mean divides by `denominator` (default: the real tokens of this batch).
+    stats: vf_clipfrac (fraction where the clipped term is larger, same denominator), detached."""
     m = mask.bool()
     v_new, v_old, returns = _where(m, v_new), _where(m, v_old), _where(m, returns)
     # OpenAI lm-human-preferences train_policy.py loss(); TRL ppo_trainer.py vf_losses1/2
     v_clipped = v_old + torch.clamp(v_new - v_old, -clip_v, clip_v)  # (B, T)
     vf_losses1 = (v_new - returns) ** 2  # (B, T)
     vf_losses2 = (v_clipped - returns) ** 2  # (B, T)
-    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), m)
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), m, denominator=denominator)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).to(v_new.dtype), m)}
+        stats = {"vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).to(v_new.dtype), m, denominator=denominator)}
     return loss, stats
+
+
+def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, denominator: Tensor | float | None = None) -> Tensor:
+    """The KL term of GRPO's loss (Shao et al. 2024, arXiv 2402.03300, eqs. 3-4): the token mean of
+    the k3 estimate of KL(pi || pi_ref) (`kl_per_token`), differentiable in logp; (B, T) -> 0-d.
+    The caller multiplies it by beta. denominator: as in policy_loss."""
+    return masked_mean(kl_per_token(logp, ref_logp, "k3"), mask, denominator=denominator)
 
 
 # --------------------------------------------------------------------------------------------

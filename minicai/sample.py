@@ -18,8 +18,10 @@ exact, but 14% of the time of batch-16 decoding went to those draws.)
 
 Log-probs. gen.logprobs are log-softmax(logits / temperature) at the sampled token (temperature 1
 for greedy), computed before top-k / top-p filtering: that is the policy's distribution, which is
-what PPO's ratio needs (TRL #2358, OpenRLHF #853). Filtering makes the sampler differ from the
-policy (anchors.md pain point 4), so PPO rollouts should keep top_k=0, top_p=1.
+what PPO's ratio needs (https://github.com/huggingface/trl/issues/2358,
+https://github.com/OpenRLHF/OpenRLHF/issues/853). Filtering makes the sampler differ from the policy
+whose log-probs the ratio uses, so PPO rollouts keep top_k=0, top_p=1 (TRL's PPO examples set
+top_k=0.0, top_p=1.0 in their generation kwargs for this reason).
 """
 from __future__ import annotations
 
@@ -91,6 +93,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def _row_generators(seeds: list[int], n: int, device) -> list[torch.Generator]:
+    """One generator per output row: sample j of the prompt with seed s draws from seed
+    s * 1_000_003 + j (so n samples of one prompt differ, and a row never depends on its batch)."""
     gens = []
     for s in seeds:
         for j in range(n):

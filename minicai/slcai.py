@@ -19,27 +19,22 @@ Two transcript formats:
         "\\n\\nRevisionRequest: {revision request}\\n\\nRevision: {revision}"
 Few-shot transcripts from the constitution can be put in front (--few-shot).
 
-Traces: every prompt's record (prompt, initial response, each round's principle, critique and
-revision) is appended to a JSONL file as soon as its batch finishes. A rerun skips prompts whose
-record is there, so a killed run resumes where it stopped and never redoes a finished prompt. Each
-prompt has its own seed (from the global seed and the prompt's id), and the sampler draws each
-row from its own generator, so a prompt's record does not depend on which prompts shared its
-batch: a resumed run writes the same trace as an uninterrupted one.
+Traces: `traces` yields every batch's records (prompt, initial response, each round's principle,
+critique and revision). Each prompt has its own seed (from the global seed and the prompt's id),
+and the sampler draws each row from its own generator, so a prompt's record does not depend on
+which prompts shared its batch. minicai/infra/traces.py appends them to a JSONL file and resumes a
+killed run where it stopped (run_slcai).
 """
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
-
-from tqdm import tqdm
 
 from .constitution import Constitution, Principle, critique_request_text, revision_request_text
 from .infra.data import Prompt
 from .sample import generate, stable_seed
 from .infra.tokenizer import ChatTokenizer
-from .infra.files import append_jsonl, read_jsonl
 from .infra.utils import InputError
 
 PAPER_STOPS = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:",
@@ -154,30 +149,17 @@ def strip_preamble(text: str) -> str:
     return out if out else text
 
 
-def load_done(trace: Path) -> dict[str, dict]:
-    """Records already in the trace, by prompt id. A torn last line (a crash mid-write) is
-    dropped from the file; any other bad line is an error naming the line."""
-    hint = "; delete the file to regenerate"
-    done = {}
-    for n, rec in read_jsonl(trace, "repair", hint, numbered=True):
-        if not isinstance(rec.get("id"), (str, int)):
-            raise InputError(f"{trace}: line {n}: not a trace record (no 'id'){hint}")
-        done[rec["id"]] = rec
-    return done
-
-
-def run_slcai(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Constitution, trace: Path, *,
-              rounds: int = 4, fmt: str = "chat", few_shot: bool = False, batch_size: int = 8,
-              max_new_tokens: int = 96, temperature: float = 0.7, seed: int = 0,
-              critic: tuple | None = None, critic_layout: str = "quoted",
-              limit_batches: int | None = None) -> list[dict]:
-    """Generate SL-CAI traces for `prompts` into `trace` (JSONL, appended per batch, resumable).
-    Returns every record, old and new, in prompt order. critic=(model, tok): a distilled SL-CAI,
-    where `model` writes the initial response and the critic model every critique and revision
-    (the transcript is text, rendered in each model's own chat format); None: `model` writes all
-    of it, as in the paper. critic_layout "quoted" shows the critic each round as a quoted
-    conversation (quoted_events), "chat" as the policy's own transcript. limit_batches stops early
-    (tests use it to simulate a killed run)."""
+def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Constitution, *,
+           rounds: int = 4, fmt: str = "chat", few_shot: bool = False, batch_size: int = 8,
+           max_new_tokens: int = 96, temperature: float = 0.7, seed: int = 0,
+           critic: tuple | None = None, critic_layout: str = "quoted"):
+    """SL-CAI traces of `prompts`, generated batch by batch: yields each batch's records (Record.to_json:
+    prompt, initial response, each round's principle, critique and revision, final). A prompt's
+    record depends only on its own seed, never on its batch. critic=(model, tok): a distilled
+    SL-CAI, where `model` writes the initial response and the critic model every critique and
+    revision (the transcript is text, rendered in each model's own chat format); None: `model`
+    writes all of it, as in the paper. critic_layout "quoted" shows the critic each round as a
+    quoted conversation (quoted_events), "chat" as the policy's own transcript."""
     if fmt not in ("chat", "paper"):
         raise InputError(f"format must be 'chat' or 'paper', got {fmt!r}")
     if fmt == "chat" and tok.chat.kind == "plain":
@@ -185,19 +167,11 @@ def run_slcai(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Co
     writer, writer_tok = critic if critic is not None else (model, tok)
     if critic is not None and fmt == "chat" and writer_tok.chat.kind == "plain":
         raise InputError("the critic model has no chat template: use --format paper with it")
-    trace = Path(trace)
-    trace.parent.mkdir(parents=True, exist_ok=True)
-    done = load_done(trace)
-    todo = [p for p in prompts if p.id not in done]
     prefix = few_shot_events(constitution) if few_shot else []
     stop_strings = PAPER_STOPS if fmt == "paper" else ()
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="SL-CAI", unit="prompt")
-    for bi, start in enumerate(range(0, len(todo), batch_size)):
-        if limit_batches is not None and bi >= limit_batches:
-            break
-        batch = todo[start:start + batch_size]
+    for start in range(0, len(prompts), batch_size):
         recs = []
-        for p in batch:
+        for p in prompts[start:start + batch_size]:
             s = stable_seed(seed, p.id)  # a prompt's own seed: its text does not depend on its batch
             principles = constitution.sample(random.Random(s), rounds) if p.kind == "red-team" else []
             recs.append(Record(p, s, principles, [("user", p.text)]))
@@ -208,13 +182,13 @@ def run_slcai(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Co
             ids = [stage_ids(t, fmt, quoted_events(r.events) if quote else prefix + r.events) for r in active]
             gen = generate(m, ids, max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
                            stop_strings=stop_strings, tokenizer=t, pad_id=t.pad_id,
-                           seed=[r.seed + 7919 * stage for r in active])
+                           seed=[stable_seed(r.seed, "stage", stage) for r in active])
             for r, text in zip(active, gen.texts(t)):
                 text = clean_answer(text, fmt)
                 r.events.append((kind, strip_preamble(text) if kind == "revision" else text))
 
-        answer(recs, 0, "assistant")
-        for rnd in range(rounds):
+        answer(recs, 0, "assistant")  # 1. the initial response
+        for rnd in range(rounds):  # 2. critique -> revision, `rounds` times, under a principle drawn per round
             active = [r for r in recs if r.principles]
             if not active:
                 break
@@ -224,10 +198,4 @@ def run_slcai(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Co
             for r in active:
                 r.events.append(("revision_request", r.principles[rnd].revision))
             answer(active, 2 * rnd + 2, "revision")
-        rows = [r.to_json() for r in recs]
-        # one write: a killed run keeps the whole batch or none of it
-        append_jsonl(trace, rows)
-        done.update((rec["id"], rec) for rec in rows)
-        bar.update(len(batch))
-    bar.close()
-    return [done[p.id] for p in prompts if p.id in done]
+        yield [r.to_json() for r in recs]  # 3. the last revision is the SFT target (Record.to_json "final")

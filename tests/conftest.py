@@ -180,3 +180,22 @@ def eos_gguf(tmp_path_factory) -> Path:
     with torch.no_grad():
         model.embed_tokens.weight[2] *= 3.0
     return write_tiny_gguf(tmp_path_factory.mktemp("eos") / "eos.gguf", model)
+
+
+class Killed(Exception):
+    """Raised by kill_after: the test's stand-in for a process killed at that point."""
+
+
+def kill_after(monkeypatch, module, name: str, calls: int = 1) -> None:
+    """Make module.name raise Killed right after its `calls`-th call returns, as if the process
+    had been killed there (after a checkpoint or an append reached the disk). Test scaffolding
+    lives here, not in the product: no --stop-after flags, no limit_batches."""
+    real, n = getattr(module, name), [0]
+
+    def wrapper(*a, **kw):
+        out = real(*a, **kw)
+        n[0] += 1
+        if n[0] >= calls:
+            raise Killed(f"{name} call {n[0]}")
+        return out
+    monkeypatch.setattr(module, name, wrapper)

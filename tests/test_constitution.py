@@ -7,9 +7,8 @@ import pytest
 
 from conftest import one_line_error  # noqa: E402
 
-from minicai.constitution import (ANSWERS, GENERIC_COMPARISON, Constitution, FewShot, Principle,
-                                  critique_request_text, feedback_prompt, few_shot_text,
-                                  load_constitution, revision_request_text)
+from minicai.constitution import ANSWERS, GENERIC_COMPARISON, Constitution, FewShot, Principle, critique_request_text, feedback_prompt, few_shot_text, revision_request_text
+from minicai.infra.constitution_files import load_constitution
 
 
 GOOD = '''name = "tiny"

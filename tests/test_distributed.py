@@ -31,24 +31,26 @@ def run(args, nproc: int, cwd: Path):
     return r
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp+fused-ce"])
 def test_sft_two_processes_equal_one(tiny_gguf, tmp_path, mode):
+    """train_sl.py under torchrun (DDP, FSDP2, and FSDP2 with the fused loss, whose LM head weight is
+    used in FusedSFTLoss's forward: the module distributed.wrap then shards) against one process
+    with the same flags and --batch-size (a global batch: 2 ranks x 2 sequences)."""
     prompts = tmp_path / "p.txt"
     # DDP: 5 prompts in global micro-batches of 4 leave a batch of 1, smaller than the world: the
     # second rank then holds a weight-0 repeat (distributed.rank_share)
     n = 5 if mode == "ddp" else 8
     prompts.write_text("\n".join(f"a risky request, number {i}" for i in range(n)))
+    flags = ["--fused-ce"] if mode.endswith("fused-ce") else []
 
-    def args(out, batch_size):
+    def args(out):
         return [str(ROOT / "train_sl.py"), "--model", str(tiny_gguf), "--out", str(out), "--prompts", str(prompts),
                 "--helpful-fraction", "0", "--held-out-fraction", "0", "--constitution", "hhh", "--rounds", "1",
                 "--max-new-tokens", "6", "--gen-batch-size", "4", "--n-prompts", str(n), "--epochs", "2",
-                "--lr", "1e-3", "--warmup", "1", "--val-fraction", "0", "--grad-accum", "2",
-                "--batch-size", str(batch_size)]
+                "--lr", "1e-3", "--warmup", "1", "--val-fraction", "0", "--grad-accum", "2", "--batch-size", "4", *flags]
 
-    run(args(tmp_path / "one", 4), 1, tmp_path)
-    # 2 ranks x 2 sequences = the same global batch of 4
-    run(args(tmp_path / "two", 2) + (["--fsdp"] if mode == "fsdp" else []), 2, tmp_path)
+    run(args(tmp_path / "one"), 1, tmp_path)
+    run(args(tmp_path / "two") + (["--fsdp"] if mode.startswith("fsdp") else []), 2, tmp_path)
     a = (tmp_path / "one" / "traces.jsonl").read_text()
     b = (tmp_path / "two" / "traces.jsonl").read_text()
     assert a == b  # sharded generation writes the same records
@@ -90,9 +92,10 @@ def test_ppo_two_processes_equal_one(eos_gguf, tiny_rm, tmp_path, variant):
     """A tiny PPO run (2 iterations x 2 epochs x 2 minibatches of a global batch of 8) under torchrun
     with 2 gloo processes ends with the weights and metrics of the same run in one process: rollouts
     are sampled per global row seed, rewards/advantages are whitened with all-reduced statistics and
-    each rank's loss is weighted by its token share. "separate" also covers the value model, per-
-    minibatch advantage whitening and reward whitening. The policy stops early on about half of its
-    rows, so the ranks hold different token counts and the loss weighting matters."""
+    each rank's losses divide their masked sums by the minibatch's global token count / 2
+    (distributed.loss_denominator). "separate" also covers the value model, per-minibatch advantage
+    whitening, reward whitening and the GRPO-style KL loss. The policy stops early on about half of
+    its rows, so the ranks hold different token counts and the denominator matters."""
     from safetensors.torch import load_file
 
     extra = (["--reward-token", "he"] if variant == "shared" else

@@ -1,5 +1,5 @@
-"""torchrun on CPU with gloo for train_rm.py and train_dpo.py: two processes with --batch-size B give
-the records and the weights of one process with --batch-size 2B (the same global batch).
+"""torchrun on CPU with gloo for train_rm.py and train_dpo.py: two processes give the records and
+the weights of one process with the same --batch-size (a global batch, split over the ranks).
 
 Tolerance. The ranks' forward passes see other batch shapes than the single process, so the
 gradients differ in fp32 rounding, and Adam turns that into weight differences of up to ~1.5e-5
@@ -28,31 +28,53 @@ def untied_gguf(tmp_path_factory):
 
 
 def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
-    """Labelling (interrupted after a batch per rank), then reward-model training (interrupted
-    at a checkpoint), resumed each time, under torchrun: the same preferences.jsonl, byte for byte,
-    and the same reward model as one uninterrupted process."""
+    """Labelling (killed after a batch per rank), then reward-model training (killed right after
+    its first checkpoint), resumed each time, under torchrun: the same preferences.jsonl, byte for
+    byte, and the same reward model as one uninterrupted process with the same --batch-size (a
+    global batch: 2 ranks x 2 pairs). The kills come from the launcher tests/interrupt_rm.py."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"a risky request, number {i}" for i in range(9)))
 
-    def args(out, batch_size):
-        return [str(ROOT / "train_rm.py"), "--policy", str(untied_gguf), "--feedback-model", "policy", "--out", str(out),
+    def args(out, script=str(ROOT / "train_rm.py")):
+        return [script, "--policy", str(untied_gguf), "--feedback-model", "policy", "--out", str(out),
                 "--prompts", str(prompts),
                 "--held-out-fraction", "0", "--n-prompts", "9", "--constitution", "hhh", "--max-new-tokens", "6",
                 "--gen-batch-size", "2", "--judge-batch-size", "4", "--epochs", "3", "--lr", "1e-3",
-                "--rm-held-out", "0.3", "--score-batch-size", "3", "--device", "cpu", "--batch-size", str(batch_size)]
+                "--pair-val-fraction", "0.3", "--score-batch-size", "3", "--device", "cpu", "--batch-size", "4"]
+
+    def killed(mode, out, *extra):
+        launcher = args(out, str(ROOT / "tests" / "interrupt_rm.py"))
+        return run([launcher[0], mode, *launcher[1:], *extra], 2, tmp_path)
 
     one, two = tmp_path / "one", tmp_path / "two"
-    run(args(one, 4), 1, tmp_path)
-    # 9 prompts in batches of 2: rank 0 labels batches 0, 2, 4 and rank 1 batches 1, 3; stopped
-    # after one batch each, rank 0 merges the records of prompts 0-3 into preferences.jsonl
-    run(args(two, 2) + ["--stop-after-batches", "1"], 2, tmp_path)
-    part, full = (two / "preferences.jsonl").read_bytes(), (one / "preferences.jsonl").read_bytes()
+    run(args(one), 1, tmp_path)
+    # 9 prompts in batches of 2: rank 0 labels batches 0, 2, 4 and rank 1 batches 1, 3; killed
+    # after one batch each, the rank files hold the records of prompts 0-3, not yet merged
+    killed("labelling", two)
+    shards = sorted(p.name for p in two.glob("preferences.rank*"))
+    assert "preferences.rank0.jsonl" in shards and "preferences.rank1.jsonl" in shards
+    assert not (two / "preferences.jsonl").exists() and not (two / "rm").exists()
+    # what the next run merges first (infra.labelling.merge_rank_files, on a copy): a prefix of the full file
+    import shutil
+
+    import train_rm
+    from minicai.infra import cli, labelling
+
+    peek = tmp_path / "peek"
+    shutil.copytree(two, peek)
+    labelling.merge_rank_files(peek / "preferences.jsonl",
+                              train_rm.select_prompts(cli.parse(train_rm.Args, args(peek)[1:]).label, 0), 2)
+    part, full = (peek / "preferences.jsonl").read_bytes(), (one / "preferences.jsonl").read_bytes()
     assert part and len(part) < len(full) and full.startswith(part)
+    assert not list(peek.glob("*.rank*"))
+    # the rerun merges the rank files, labels the rest, trains, and is killed after its first
+    # checkpoint, at step 2 of 3 (--save-every may change between the runs of a folder)
+    killed("checkpoint", two, "--save-every", "2")
     assert not list(two.glob("*.rank*"))
-    # 2 ranks x 2 pairs = the same global batch of 4 as one process with --batch-size 4
-    run(args(two, 2) + ["--stop-after-steps", "2"], 2, tmp_path)
+    assert (two / "preferences.jsonl").read_bytes() == full
     assert json.loads((two / "rm" / "train_state.json").read_text())["step"] == 2
-    assert "resuming reward-model training at step 2" in run(args(two, 2), 2, tmp_path).stdout
+    assert not (two / "summary.json").exists()
+    assert "resuming reward-model training at step 2" in run(args(two), 2, tmp_path).stdout
     assert (one / "preferences.jsonl").read_bytes() == (two / "preferences.jsonl").read_bytes()
     assert len((one / "preferences.jsonl").read_text().splitlines()) >= 6
     assert sorted(p.name for p in two.glob("preferences*")) == sorted(p.name for p in one.glob("preferences*"))
@@ -82,9 +104,10 @@ def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path, mode):
-    """DPO under torchrun (DDP, or FSDP2 with --fsdp), interrupted after its first step and resumed,
-    ends with the policy of one uninterrupted process with the same global batch. --eval-batch-size
-    2 leaves the ranks unequal numbers of evaluation batches (5 vs 4 training pairs), which FSDP's
+    """DPO under torchrun (DDP, or FSDP2 with --fsdp), killed right after its first checkpoint
+    (step 1; the launcher tests/kill_after_checkpoint.py) and resumed, ends with the policy of one
+    uninterrupted process with the same --batch-size (a global batch). --eval-batch-size 2 leaves
+    the ranks unequal numbers of evaluation batches (5 vs 4 training pairs), which FSDP's
     collective forwards must survive."""
     prefs = tmp_path / "prefs.jsonl"
     words = "the cat sat on a mat and then it ran off to see what was over there".split()
@@ -93,19 +116,21 @@ def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path, mode):
                                          "response_b": " ".join(words[i + 1:i + 5]), "p_a": [1.0, 0.9, 0.3][i % 3]})
                              + "\n" for i in range(13)))
 
-    def args(out, batch_size):
+    def args(out):
         return [str(ROOT / "train_dpo.py"), "--preferences", str(prefs), "--policy", str(tiny_gguf), "--out", str(out),
                 "--beta", "0.5", "--lr", "1e-3", "--epochs", "2", "--grad-accum", "2", "--warmup", "0.1",
-                "--val-fraction", "0.3", "--eval-every", "2", "--eval-batch-size", "2", "--device", "cpu",
-                "--batch-size", str(batch_size)]
+                "--pair-val-fraction", "0.3", "--eval-every", "2", "--eval-batch-size", "2", "--device", "cpu",
+                "--batch-size", "4"]
 
     one, two = tmp_path / "one", tmp_path / "two"
-    run(args(one, 4), 1, tmp_path)
-    # 2 ranks x 2 pairs = the same global micro-batch of 4; 9 training pairs make micro-batches of
+    run(args(one), 1, tmp_path)
+    # 2 ranks x 2 pairs = the global micro-batch of 4; 9 training pairs make micro-batches of
     # 4, 4 and 1 per epoch: for the single pair, rank 1 computes a repeated pair with weight 0
     fsdp = ["--fsdp"] if mode == "fsdp" else []
-    run(args(two, 2) + fsdp + ["--stop-after-steps", "1"], 2, tmp_path)
-    assert "resuming DPO at step 1" in run(args(two, 2) + fsdp, 2, tmp_path).stdout
+    run([str(ROOT / "tests" / "kill_after_checkpoint.py"), "1", *args(two), *fsdp, "--save-every", "1"], 2, tmp_path)
+    assert not (two / "model").exists()
+    assert json.loads((two / "ckpt" / "train_state.json").read_text())["step"] == 1
+    assert "resuming DPO at step 1" in run(args(two) + fsdp, 2, tmp_path).stdout
     m1, _, _ = load_model(str(one / "model"))
     m2, _, _ = load_model(str(two / "model"))
     base, _, _ = load_model(str(tiny_gguf))

@@ -11,7 +11,8 @@ from minicai.infra.checkpoint import load_model
 from minicai.infra.train import run_cli
 from minicai.infra.utils import InputError
 from minicai.infra.files import read_preferences
-from train_dpo import dpo_loss, evaluate, main as dpo_main, reference_logps, sequence_logps, tokenize
+from minicai.losses import dpo_loss
+from train_dpo import evaluate, main as dpo_main, score_pairs, sequence_logps, tokenize
 
 # ------------------------------------------------------------------------------ the loss by hand
 BETA = 0.1
@@ -40,12 +41,26 @@ def test_dpo_loss_and_gradient_by_hand(p):
         assert pi.grad[0] < 0 < pi.grad[1]
 
 
+def per_pair(*cols, beta):
+    """dpo_loss of each pair alone, (B,)."""
+    return torch.stack([dpo_loss(*(c[i:i + 1] for c in cols), beta) for i in range(len(cols[0]))])
+
+
 def test_dpo_loss_is_symmetric_and_log2_at_the_reference():
     z = torch.zeros(3)
-    assert torch.allclose(dpo_loss(z, z, z, z, torch.tensor([1.0, 0.3, 0.5]), 0.5), torch.full((3,), math.log(2)))
+    assert torch.allclose(per_pair(z, z, z, z, torch.tensor([1.0, 0.3, 0.5]), beta=0.5), torch.full((3,), math.log(2)))
     a, b, ra, rb = torch.randn(4, 5).unbind(0)
     p = torch.rand(5)
-    torch.testing.assert_close(dpo_loss(a, b, ra, rb, p, 0.2), dpo_loss(b, a, rb, ra, 1 - p, 0.2))
+    torch.testing.assert_close(per_pair(a, b, ra, rb, p, beta=0.2), per_pair(b, a, rb, ra, 1 - p, beta=0.2))
+
+
+def test_dpo_loss_is_the_pair_mean_or_the_sum_over_a_denominator():
+    a, b, ra, rb = torch.randn(4, 5).unbind(0)
+    p = torch.rand(5)
+    each = per_pair(a, b, ra, rb, p, beta=0.3)
+    torch.testing.assert_close(dpo_loss(a, b, ra, rb, p, 0.3), each.mean())
+    # a data-parallel rank holding 2 of a step's 8 pairs on 2 ranks divides by 8 / 2 (loss_denominator)
+    torch.testing.assert_close(dpo_loss(a[:2], b[:2], ra[:2], rb[:2], p[:2], 0.3, denominator=4.0), each[:2].sum() / 4)
 
 
 def test_sequence_logps_sum_only_the_response_tokens(tiny):
@@ -63,14 +78,15 @@ def test_sequence_logps_sum_only_the_response_tokens(tiny):
 # ------------------------------------------------------------------------------ reading preferences
 
 def test_reference_and_evaluation_passes_build_no_autograd_graph(tiny):
-    """The reference log-probs and the held-out statistics run without autograd: a graph kept per
-    batch holds every batch's (N, T, V) logits alive (a real-size run grew by ~400 MB/s and was
-    killed for memory when reference_logps lost its no_grad)."""
+    """The reference log-probs and the held-out statistics (score_pairs) run without autograd: a
+    graph kept per batch holds every batch's (N, T, V) logits alive (a real-size run grew by
+    ~400 MB/s and was killed for memory when the reference pass lost its no_grad)."""
     model, tok = tiny
     pairs = [{"ta": tokenize(tok, f"q{i}", "a b c"), "tb": tokenize(tok, f"q{i}", "c d"), "p": 1.0}
              for i in range(3)]
-    ref_a, ref_b = reference_logps(model, pairs, 2, "cpu", lambda: torch.autocast("cpu", enabled=False))
-    assert not ref_a.requires_grad and not ref_b.requires_grad
+    ref = score_pairs(model, pairs, 2, "cpu", lambda: torch.autocast("cpu", enabled=False))  # (N, 2)
+    assert not ref.requires_grad and ref.shape == (3, 2)
+    ref_a, ref_b = ref.unbind(1)
     for x, a, b in zip(pairs, ref_a.tolist(), ref_b.tolist()):
         x["ref_a"], x["ref_b"] = a, b
     ev = evaluate(model, pairs, 2, 0.1, "cpu", lambda: torch.autocast("cpu", enabled=False))
@@ -149,13 +165,19 @@ def test_dpo_raises_the_margin_on_training_pairs(tiny, tiny_gguf, tmp_path):
     assert summary["held_out_pairs"] > 0 and summary["held_out_accuracy"] is not None
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny_gguf, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(tiny_gguf, tmp_path, monkeypatch):
+    import train_dpo
+    from conftest import Killed, kill_after
+
     prefs = tmp_path / "prefs.jsonl"
     synthetic_preferences(prefs, 12, seed=1)
     args = ["--epochs", "2"]
     assert run_cli(dpo_main, dpo_args(tiny_gguf, prefs, tmp_path / "full", *args)) == 0
-    assert run_cli(dpo_main, dpo_args(tiny_gguf, prefs, tmp_path / "part", *args, "--stop-after-steps", "2")) == 0
-    assert not (tmp_path / "part" / "model").exists() and (tmp_path / "part" / "ckpt" / "train_state.json").exists()
+    with monkeypatch.context() as mp, pytest.raises(Killed):  # "killed" right after the step-2 checkpoint
+        kill_after(mp, train_dpo, "save_checkpoint", 1)
+        run_cli(dpo_main, dpo_args(tiny_gguf, prefs, tmp_path / "part", *args, "--save-every", "2"))
+    assert not (tmp_path / "part" / "model").exists()
+    assert json.loads((tmp_path / "part" / "ckpt" / "train_state.json").read_text())["step"] == 2
     assert run_cli(dpo_main, dpo_args(tiny_gguf, prefs, tmp_path / "part", *args)) == 0
     full, _, _ = load_model(str(tmp_path / "full" / "model"))
     part, _, _ = load_model(str(tmp_path / "part" / "model"))

@@ -10,8 +10,8 @@ import minicai.feedback as feedback
 from minicai.infra.checkpoint import save_hf
 from minicai.constitution import Principle
 from minicai.infra.data import Prompt
-from minicai.infra.evaluate import (ELO_PER_NAT, bradley_terry_elo, evaluate_policies, held_out_prompts, is_evasive,
-                              is_refusal, judge_policies, main as evaluate_main, markdown_table, win_rates)
+from minicai.infra.evaluate import evaluate_policies, held_out_prompts, is_evasive, is_refusal, judge_policies, main as evaluate_main, markdown_table
+from minicai.metrics import ELO_PER_NAT, bradley_terry_elo, win_rates
 from minicai.model import ScalarHead, ScalarModel
 from minicai.infra.train import run_cli
 

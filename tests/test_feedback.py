@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicai.constitution import ANSWERS, GENERIC_CONTRAST, Principle, load_constitution
+from minicai.constitution import ANSWERS, GENERIC_CONTRAST, Principle
+from minicai.infra.constitution_files import load_constitution
 from minicai.infra.data import Prompt
-from minicai.feedback import (ANSWER_CUE, COT_CLAMP, dropped_path, evaluate_hhh, judge_context, judge_pairs,
-                              label_prompts, main as feedback_main, option_logprobs, option_tokens, read_hhh)
+from minicai.feedback import ANSWER_CUE, COT_CLAMP, judge_context, judge_pairs, option_logprobs, option_tokens
+from minicai.infra.labelling import dropped_path, evaluate_hhh, label_prompts, main as feedback_main, read_hhh
 from minicai.infra.files import read_preferences
 from minicai.sample import stable_seed
+from conftest import Killed, kill_after
 from minicai.infra.utils import InputError
 
 HHH = Path(__file__).parent / "data" / "hhh_small.jsonl"
@@ -102,7 +104,7 @@ def prompts(n):
 KW = dict(k=3, m=2, max_new_tokens=5, temperature=1.0, seed=7, prompts_per_batch=2, judge_batch_size=4)
 
 
-def test_interrupted_labelling_resumes_to_the_same_file(tiny, tmp_path):
+def test_interrupted_labelling_resumes_to_the_same_file(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     principles = load_constitution("hhh").principles
     comps = [q.comparison for q in principles]
@@ -111,7 +113,10 @@ def test_interrupted_labelling_resumes_to_the_same_file(tiny, tmp_path):
     stats = label_prompts(model, tok, judges, prompts(5), principles, full, **KW)
     assert stats["pairs"] + stats["dropped_identical"] == 5 * 3  # k=3 -> 3 pairs per prompt
     part = tmp_path / "part.jsonl"
-    label_prompts(model, tok, judges, prompts(5), principles, part, limit_batches=1, **KW)  # "killed"
+    from minicai.infra import labelling
+    with monkeypatch.context() as mp, pytest.raises(Killed):
+        kill_after(mp, labelling, "append_jsonl", 1)  # killed after its first batch reached the disk
+        label_prompts(model, tok, judges, prompts(5), principles, part, **KW)
     assert 0 < len(part.read_text().splitlines()) < len(full.read_text().splitlines())
     with open(part, "a") as f:
         f.write('{"key": "torn-wri')  # a crash in the middle of a line
@@ -194,7 +199,7 @@ def test_hhh_evaluation_on_the_fixture(tiny, tiny_gguf, tmp_path):
 def test_hhh_check_on_bigbench_and_builtin_pairs(tiny_gguf, tmp_path, capsys):
     from test_yardstick import fixture_archive
 
-    from minicai.feedback import load_hhh
+    from minicai.infra.labelling import load_hhh
 
     arch = fixture_archive(tmp_path)
     out = tmp_path / "hhh.json"
@@ -376,7 +381,8 @@ def test_principle_contrast_fields(tmp_path):
 
 
 def test_a_member_can_name_its_own_method(tiny, second):
-    from minicai.feedback import contrast_pairs, ensemble_labels, member_spec
+    from minicai.feedback import contrast_pairs, ensemble_labels
+    from minicai.infra.labelling import member_spec
 
     assert member_spec("qwen2.5-coder-1.5b:ab") == ("qwen2.5-coder-1.5b", ["ab"])
     assert member_spec("/m/x.gguf:ab+contrast") == ("/m/x.gguf", ["ab", "contrast"])

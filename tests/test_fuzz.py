@@ -14,7 +14,6 @@ examples are marked slow (.ci/run runs them after the default suite).
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import struct
@@ -33,10 +32,10 @@ from hypothesis import strategies as st  # noqa: E402
 from conftest import random_model, tiny_config, write_tiny_gguf  # noqa: E402
 from minicai.infra import gguf  # noqa: E402
 from minicai.infra.checkpoint import _load_safetensors, load_model, save_hf  # noqa: E402
-from minicai.constitution import load_constitution  # noqa: E402
+from minicai.infra.constitution_files import load_constitution  # noqa: E402
 from minicai.infra.data import load_prompts  # noqa: E402
 from minicai.infra.files import read_preferences  # noqa: E402
-from minicai.slcai import load_done  # noqa: E402
+from minicai.infra.traces import load_done  # noqa: E402
 from minicai.infra.utils import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

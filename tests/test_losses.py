@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minicai.losses import center_reward_penalty, linear_cross_entropy, pairwise_accuracy, pairwise_loss, sft_loss
+from minicai.infra.fast import FusedSFTLoss, linear_cross_entropy
+from minicai.losses import center_reward_penalty, pairwise_accuracy, pairwise_loss, sft_loss
 
 
 def sigmoid(x: float) -> float:
@@ -104,6 +105,8 @@ def test_sft_loss_equals_loop_and_cross_entropy_on_masked_tokens():
     assert got.item() == pytest.approx(total / count, abs=1e-10)
     assert torch.allclose(got, F.cross_entropy(logits[mask], targets[mask]), atol=1e-10)
     assert torch.allclose(sft_loss(logits, targets, mask.float()), got)
+    # denominator: the masked sum over a given count (a data-parallel rank passes the global one)
+    assert sft_loss(logits, targets, mask, denominator=4.0).item() == pytest.approx(total / 4, abs=1e-10)
 
 
 def test_sft_loss_gradient_only_reaches_masked_positions():
@@ -114,6 +117,7 @@ def test_sft_loss_gradient_only_reaches_masked_positions():
     assert bool((logits.grad[~mask] == 0).all()) and bool((logits.grad[mask].abs().sum(-1) > 0).all())
 
 
+# ------------------------------------------------------------------------------ infra/fast.py: the fused twin
 @pytest.mark.parametrize("chunk", [1, 4, 1024])
 def test_linear_cross_entropy_equals_logits_then_cross_entropy(chunk):
     """The fused LM head + cross-entropy against the plain route (materialised logits), in float64
@@ -160,16 +164,16 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_the_autocast_route():
     assert (gw - w.grad).abs().max() <= 0.02 * w.grad.abs().max()
 
 
-def test_model_forward_with_targets_equals_sft_loss_on_logits(tiny):
-    """Transformer.forward(ids, attn_mask, targets=) (the SFT training path) against the plain
-    twin: logits from the same forward, then sft_loss; padded batch, loss on some tokens only."""
+def test_fused_sft_loss_equals_sft_loss_on_logits(tiny):
+    """FusedSFTLoss(model)(ids, attn_mask, mask) (train_sl.py --fused-ce) against the plain route:
+    logits from model(ids, attn_mask), then sft_loss times its token count; padded batch, loss on
+    some tokens only; value and the gradient of the (tied) LM head."""
     model, _ = tiny[:2]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.cfg.vocab_size, (2, 7), generator=g)
     att = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)  # assistant tokens
-    targets = F.pad(torch.where(mask[:, 1:], ids[:, 1:], -100), (0, 1), value=-100)  # (B, T)
-    fused = model(ids, att, targets=targets)
+    fused = FusedSFTLoss(model)(ids, att, mask)
     fused.backward()
     g_fused = model.embed_tokens.weight.grad.clone()
     model.zero_grad(set_to_none=True)
@@ -178,3 +182,5 @@ def test_model_forward_with_targets_equals_sft_loss_on_logits(tiny):
     assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
     assert torch.allclose(g_fused, model.embed_tokens.weight.grad, atol=1e-5)
     model.zero_grad(set_to_none=True)
+    assert list(FusedSFTLoss(model).parameters()) == list(model.parameters())  # it owns no weights
+    assert FusedSFTLoss(model).layers is model.layers  # what distributed.wrap shards block by block

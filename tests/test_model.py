@@ -61,6 +61,22 @@ def test_left_padding_does_not_change_real_logits():
     assert torch.allclose(plain, out, atol=1e-5)
 
 
+def test_forward_is_logits_of_the_padded_forward():
+    """forward has one output, the logits: with a mask it is padded_forward (the LM head on its
+    hidden states), without one the plain causal pass, equal to an all-ones mask."""
+    cfg = tiny_config(tie_embeddings=False)
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    att = torch.tensor([[1] * 6, [0, 0] + [1] * 4])
+    out = model(ids, att)
+    assert out.shape == (2, 6, cfg.vocab_size)
+    torch.testing.assert_close(out, model.logits(model.padded_forward(ids, att, hidden=True)))
+    torch.testing.assert_close(model(ids), model(ids, torch.ones_like(ids)), atol=1e-5, rtol=1e-5)
+    assert model.head_weight is model.lm_head.weight
+    tied = random_model(tiny_config(tie_embeddings=True))
+    assert tied.lm_head is None and tied.head_weight is tied.embed_tokens.weight
+
+
 def test_padding_helpers():
     m = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
     assert padding_positions(m).tolist() == [[0, 0, 0, 1], [0, 1, 2, 2]]

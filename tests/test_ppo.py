@@ -1,8 +1,8 @@
 """train_ppo.py and minicai/infra/ppo.py on tiny random models: exactness at the start (KL 0, ratio 1),
 every convention switch (each side), learning a synthetic reward, bad input, and resume.
 
-The loop is observed through main(argv, probe=...), which hands the rollout's and each minibatch's
-tensors to the test."""
+The loop is observed by calling train_ppo's step functions directly (`Steps`, one process, in
+main's order), and through what main writes (metrics.jsonl, the model folders)."""
 from __future__ import annotations
 
 import json
@@ -17,13 +17,16 @@ from tokenizers import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_ppo  # noqa: E402
-from conftest import random_model, tiny_config, write_tiny_gguf  # noqa: E402
+from conftest import Killed, kill_after, random_model, tiny_config, write_tiny_gguf  # noqa: E402
+from minicai.infra import cli, distributed  # noqa: E402
 from minicai.infra.checkpoint import load_model, save_hf  # noqa: E402
-from minicai.model import ScalarHead, ScalarModel  # noqa: E402
-from minicai.infra.ppo import (RewardModelScore, TokenReward, check_same_tokenizer, missing_eos_penalty,  # noqa: E402
-                         prompt_batch, response_forward, response_values, rollout_batch)
+from minicai.infra.data import load_prompts, split  # noqa: E402
+from minicai.model import ScalarHead, last_token_scores  # noqa: E402
+from minicai.infra.ppo import (Rollout, check_same_tokenizer, iteration_metrics, missing_eos_penalty,  # noqa: E402
+                               prompt_batch, response_forward, response_values, reward_model_input, rollout_batch,
+                               token_reward)
 from minicai.rl import kl_per_token, masked_mean, masked_var, score_index  # noqa: E402
-from minicai.sample import generate  # noqa: E402
+from minicai.sample import generate, stable_seed  # noqa: E402
 from minicai.infra.utils import InputError  # noqa: E402
 
 REWARD_TOKEN = "he"  # one token of the tiny vocabulary, in ~30% of the random model's responses
@@ -39,21 +42,45 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def run(out: Path, policy: Path, *extra: str, probe=None, reward=("--reward-token", REWARD_TOKEN)) -> list[dict]:
-    argv = ["--out", str(out), "--policy", str(policy), *reward, "--iterations", "1", "--batch-size", "8",
+def argv(out: Path, policy: Path, *extra: str, reward=("--reward-token", REWARD_TOKEN)) -> list[str]:
+    return ["--out", str(out), "--policy", str(policy), *reward, "--iterations", "1", "--batch-size", "8",
             "--max-new-tokens", "8", "--sample-every", "1000", *extra]
-    assert train_ppo.main(argv, probe=probe) == 0
+
+
+def run(out: Path, policy: Path, *extra: str, reward=("--reward-token", REWARD_TOKEN)) -> list[dict]:
+    assert train_ppo.main(argv(out, policy, *extra, reward=reward)) == 0
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-class Recorder:
-    """probe that keeps every call: self.rollouts[i], self.minibatches[i]."""
+class Steps:
+    """train_ppo's step functions called directly, in main's order, in one process (no run folder):
+    `iteration(it)` runs steps 1-6 of iteration it and returns (the Rollout after step 5, update's
+    per-minibatch statistics)."""
 
-    def __init__(self):
-        self.rollouts, self.minibatches = [], []
+    def __init__(self, policy: Path, *extra: str, reward=("--reward-token", REWARD_TOKEN)):
+        self.args = args = cli.parse(train_ppo.Args, argv(Path("unused"), policy, *extra, reward=reward))
+        a, self.d = args.models, distributed.Dist()
+        self.m = train_ppo.load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model,
+                                       torch.device("cpu"))
+        prompts, _ = split([p for s in ["builtin-red-team", "builtin-helpful"] for p in load_prompts(s)], 0.2)
+        self.prompts = [self.m.tok.render([{"role": "user", "content": p.text}], add_generation_prompt=True)[0]
+                        for p in prompts]
+        self.opt = torch.optim.AdamW(self.m.trained.parameters(), lr=args.optim.lr, eps=1e-5, weight_decay=0.0)
+        self.beta = args.kl.beta
 
-    def __call__(self, stage, t):
-        (self.rollouts if stage == "rollout" else self.minibatches).append(t)
+    def iteration(self, it: int) -> tuple[Rollout, list[dict]]:
+        args, m, d, B = self.args, self.m, self.d, self.args.optim.batch_size
+        r = train_ppo.rollout(m, [self.prompts[i] for i in prompt_batch(len(self.prompts), B, it, args.run.seed)],
+                              it, args, d)
+        r.raw_score, r.score = train_ppo.score(m, r, args)
+        r.logprobs, r.ref_logprobs, r.values = train_ppo.logprobs_values(m, r, args)
+        r.kl, r.gae_mask, r.rewards, r.advantages, r.returns = train_ppo.advantages(r, self.beta, args, d)
+        stats = train_ppo.update(m, m.trained, self.opt, r, self.beta, it, args, d)
+        return r, stats
+
+    def minibatches(self, r: Rollout, it: int = 0):
+        """(rows, advantages) of every minibatch of iteration it, as update() sees them."""
+        return [(mb, adv) for _, _, mb, adv in train_ppo.minibatches(r, it, self.args)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,20 +88,32 @@ class Recorder:
 
 
 def test_policy_equals_reference_kl_zero_and_first_ratio_one(tmp_path, tiny_gguf):
-    rec = Recorder()
-    rows = run(tmp_path / "r", tiny_gguf, "--batch-size", "16", "--num-minibatches", "2", "--temperature", "0.7",
-               "--lr", "1e-3", probe=rec)
-    r = rec.rollouts[0]
-    m = r["mask"]
-    assert torch.equal(r["logprobs"][m], r["ref_logprobs"][m])  # bitwise: same weights, same forward
-    assert torch.all(r["kl"][m] == 0)
-    first = rec.minibatches[0]
-    mb_mask = m[first["mb"]]
-    ratio = torch.exp(first["new_logprobs"] - first["old_logprobs"])[mb_mask]
-    assert torch.all(ratio == 1.0)  # dropout off, same temperature, same forward: TRL #454
-    assert rows[0]["objective/kl"] == 0.0 and rows[0]["policy/first_ratio_max_dev"] == 0.0
+    flags = ("--batch-size", "16", "--num-minibatches", "2", "--temperature", "0.7", "--lr", "1e-3")
+    steps = Steps(tiny_gguf, *flags)
+    r, stats = steps.iteration(0)
+    m = r.mask
+    assert torch.equal(r.logprobs[m], r.ref_logprobs[m])  # bitwise: same weights, same forward
+    assert torch.all(r.kl[m] == 0)
+    # max |new - old log-prob| of the first minibatch is 0: the ratio is exactly 1 (dropout off,
+    # same temperature, same forward: https://github.com/huggingface/trl/issues/454)
+    assert stats[0]["first_ratio_dev"] == 0.0 and stats[0]["ratio_mean"] == 1.0 and stats[0]["approxkl"] == 0.0
     # the policy did move during the update: later minibatches see ratios != 1
-    assert any(not torch.equal(mb["new_logprobs"], mb["old_logprobs"]) for mb in rec.minibatches[1:])
+    assert any(s["approxkl"] > 0 for s in stats[1:])
+    # main's loop is these steps: its first metrics row is the one they give, to the bit
+    rows = run(tmp_path / "r", tiny_gguf, *flags)
+    assert rows[0]["objective/kl"] == 0.0 and rows[0]["policy/first_ratio_max_dev"] == 0.0
+    want = iteration_metrics(r, stats, steps.beta, steps.d)
+    assert {k: rows[0][k] for k in want} == want
+
+
+def test_rollout_seeds_are_stable_seeds_of_the_row(tiny_gguf):
+    steps = Steps(tiny_gguf)
+    r, _ = steps.iteration(3)
+    idx = prompt_batch(len(steps.prompts), 8, 3, 0)
+    for b in (0, 5):  # row b alone, with its own seed: the same response
+        gen = generate(steps.m.policy, [steps.prompts[idx[b]]], 8, temperature=0.7, stop_ids=steps.m.tok.stop_ids,
+                       pad_id=steps.m.tok.pad_id, seed=[stable_seed(0, "ppo", 3, b)])
+        assert gen.tokens[0][gen.mask[0]].tolist() == r.seq[b, r.P:][r.mask[b]].tolist()
 
 
 def test_response_forward_matches_sampler_and_needs_the_same_temperature(tiny):
@@ -112,9 +151,8 @@ def test_token_reward_counts_real_response_tokens_only():
     seq = torch.tensor([[9, 9, 1, 5], [9, 5, 9, 5], [5, 9, 9, 9]])  # last 2 columns are the response
     resp_mask = torch.tensor([[True, False], [True, True], [True, True]])
     # row 0: the 5 is at a padding position; row 2: the 5 is in the prompt
-    stopped = torch.ones(3, dtype=torch.bool)
-    assert TokenReward(5)(seq, torch.ones_like(seq), resp_mask, stopped).tolist() == [0.0, 1.0, 0.0]
-    assert TokenReward(1)(seq, torch.ones_like(seq), resp_mask, stopped).tolist() == [1.0, 0.0, 0.0]
+    assert token_reward(seq, resp_mask, 5).tolist() == [0.0, 1.0, 0.0]
+    assert token_reward(seq, resp_mask, 1).tolist() == [1.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +171,14 @@ def test_reward_model_score_is_read_at_the_last_real_token(tiny, tiny_rm, trunca
     prompts = [tok.encode(t) for t in ("hello there friend", "a", "the cat sat on the mat")]
     gen = generate(model, prompts, 6, temperature=1.0, stop_ids=tok.stop_ids, seed=0, pad_id=tok.pad_id)
     gen.stopped[1] = True  # pretend row 1 stopped: it is read as it is under both conventions
-    seq, attn, P = rollout_batch(gen)
-    got = RewardModelScore(rm, end_id if truncated == "close" else None)(seq, attn, gen.mask, gen.stopped)
+    r = Rollout.of(gen)
+    seq0 = r.seq.clone()
+    with torch.no_grad():
+        got = last_token_scores(rm, *reward_model_input(r.seq, r.attn_mask, r.stopped,
+                                                        end_id if truncated == "close" else None))
+    assert torch.equal(r.seq, seq0)  # the marker goes to the reward model's input only
     for b in range(3):  # each row alone, no padding at all: the scalar at its last token
-        ids = seq[b][attn[b].bool()]
+        ids = r.seq[b][r.attn_mask[b].bool()]
         if truncated == "close" and not gen.stopped[b]:  # train_rm.py's layout: a finished turn
             ids = torch.cat([ids, torch.tensor([end_id])])
         with torch.no_grad():
@@ -150,116 +192,121 @@ def test_reward_model_score_is_read_at_the_last_real_token(tiny, tiny_rm, trunca
 
 
 @pytest.mark.parametrize("reward_at", ["last", "eos_plus_one"])
-def test_reward_at_switch(tmp_path, eos_gguf, reward_at):
-    rec = Recorder()
-    run(tmp_path / "r", eos_gguf, "--reward-at", reward_at, probe=rec)
-    r = rec.rollouts[0]  # KL = 0 here (policy = reference): rewards hold the score alone
-    m, G = r["mask"], r["mask"].shape[1]
+def test_reward_at_switch(eos_gguf, reward_at):
+    r, _ = Steps(eos_gguf, "--reward-at", reward_at).iteration(0)  # KL = 0 (policy = reference): rewards = score
+    m, G = r.mask, r.mask.shape[1]
     lengths = m.sum(1)
     assert (lengths < G).any() and (lengths == G).any()  # both kinds of rows are present
     col = score_index(m, reward_at)
     if reward_at == "last":
         assert torch.equal(col, lengths - 1)
-        assert torch.equal(r["gae_mask"], m)
+        assert torch.equal(r.gae_mask, m)
     else:  # TRL: the first padding column; a full row keeps its last token
         assert torch.equal(col, torch.where(lengths < G, lengths, lengths - 1))
-        assert torch.equal(r["gae_mask"].sum(1), torch.where(lengths < G, lengths + 1, lengths))
+        assert torch.equal(r.gae_mask.sum(1), torch.where(lengths < G, lengths + 1, lengths))
     rows = torch.arange(len(col))
-    assert torch.equal(r["rewards"][rows, col], r["score"])
-    other = r["rewards"].clone()
+    assert torch.equal(r.rewards[rows, col], r.score)
+    other = r.rewards.clone()
     other[rows, col] = 0
     assert torch.all(other == 0)
     # V = 0 at the start (zero-init head) and KL = 0, so the return at the score column is the score:
     # GAE ran over gae_mask, which includes that column
-    assert torch.equal(r["returns"][rows, col], r["score"])
+    assert torch.equal(r.returns[rows, col], r.score)
 
 
 @pytest.mark.parametrize("var", ["biased", "unbiased"])
-def test_whiten_minibatch_variance_switch(tmp_path, tiny_gguf, tiny_rm, var):
-    rec = Recorder()
-    run(tmp_path / "r", tiny_gguf, "--batch-size", "16", "--num-minibatches", "2", "--whiten-advantages", "minibatch",
-        "--whiten-var", var, probe=rec, reward=("--reward-model", str(tiny_rm)))
-    assert not torch.all(rec.rollouts[0]["advantages"] == 0)
-    for mb in rec.minibatches:
-        m = rec.rollouts[0]["mask"][mb["mb"]]
+def test_whiten_minibatch_variance_switch(tiny_gguf, tiny_rm, var):
+    steps = Steps(tiny_gguf, "--batch-size", "16", "--num-minibatches", "2", "--whiten-advantages", "minibatch",
+                  "--whiten-var", var, reward=("--reward-model", str(tiny_rm)))
+    r, _ = steps.iteration(0)
+    assert not torch.all(r.advantages == 0)
+    mbs = steps.minibatches(r)
+    assert len(mbs) == 8  # 4 epochs x 2 minibatches
+    for mb, a in mbs:
+        m = r.mask[mb]
         n = m.sum()
-        a = mb["advantages"]
         assert abs(masked_mean(a, m).item()) < 1e-5
         want = 1.0 if var == "biased" else ((n - 1) / n).item()  # OpenAI: var 1; TRL: n/(n-1) correction
         assert masked_var(a, m).item() == pytest.approx(want, abs=1e-4)
 
 
 @pytest.mark.parametrize("var", ["biased", "unbiased"])
-def test_whiten_batch_switch(tmp_path, tiny_gguf, tiny_rm, var):
-    rec = Recorder()
-    run(tmp_path / "r", tiny_gguf, "--batch-size", "16", "--num-minibatches", "2", "--whiten-advantages", "batch",
-        "--whiten-var", var, probe=rec, reward=("--reward-model", str(tiny_rm)))
-    r = rec.rollouts[0]
-    m, n = r["mask"], r["mask"].sum()
-    assert abs(masked_mean(r["advantages"], m).item()) < 1e-5
+def test_whiten_batch_switch(tiny_gguf, tiny_rm, var):
+    steps = Steps(tiny_gguf, "--batch-size", "16", "--num-minibatches", "2", "--whiten-advantages", "batch",
+                  "--whiten-var", var, reward=("--reward-model", str(tiny_rm)))
+    r, _ = steps.iteration(0)
+    m, n = r.mask, r.mask.sum()
+    assert abs(masked_mean(r.advantages, m).item()) < 1e-5
     want = 1.0 if var == "biased" else ((n - 1) / n).item()
-    assert masked_var(r["advantages"], m).item() == pytest.approx(want, abs=1e-4)
-    for mb in rec.minibatches:  # not whitened again in the minibatch
-        assert torch.equal(mb["advantages"], r["advantages"][mb["mb"]])
+    assert masked_var(r.advantages, m).item() == pytest.approx(want, abs=1e-4)
+    mbs = steps.minibatches(r)
+    for mb, a in mbs:  # not whitened again in the minibatch
+        assert torch.equal(a, r.advantages[mb])
     # and each minibatch alone is not exactly whitened (that would be the other switch)
-    devs = [abs(masked_mean(mb["advantages"], m[mb["mb"]]).item()) for mb in rec.minibatches]
+    devs = [abs(masked_mean(a, m[mb]).item()) for mb, a in mbs]
     assert max(devs) > 1e-3
 
 
-def test_whiten_advantages_none(tmp_path, tiny_gguf):
-    rec = Recorder()
-    run(tmp_path / "r", tiny_gguf, "--whiten-advantages", "none", probe=rec)
-    r = rec.rollouts[0]
+def test_whiten_advantages_none(tiny_gguf):
+    r, _ = Steps(tiny_gguf, "--whiten-advantages", "none").iteration(0)
     # no whitening: A = returns - V
-    torch.testing.assert_close(r["advantages"][r["mask"]], (r["returns"] - r["values"])[r["mask"]])
+    torch.testing.assert_close(r.advantages[r.mask], (r.returns - r.values)[r.mask])
 
 
 @pytest.mark.parametrize("kl_penalty", ["reward", "loss"])
-def test_kl_in_reward_or_in_loss(tmp_path, eos_gguf, tiny_rm, kl_penalty):
-    rec = Recorder()
-    rows = run(tmp_path / "r", eos_gguf, "--iterations", "2", "--lr", "1e-3", "--beta", "0.5",
-               "--kl-penalty", kl_penalty, "--reward-at", "eos_plus_one", probe=rec,
-               reward=("--reward-model", str(tiny_rm)))
-    r = rec.rollouts[1]  # the policy has moved: KL != 0
-    m = r["mask"]
-    assert (r["kl"][m] != 0).any()
+def test_kl_in_reward_or_in_loss(eos_gguf, tiny_rm, kl_penalty):
+    steps = Steps(eos_gguf, "--iterations", "2", "--lr", "1e-3", "--beta", "0.5", "--kl-penalty", kl_penalty,
+                  "--reward-at", "eos_plus_one", reward=("--reward-model", str(tiny_rm)))
+    steps.iteration(0)
+    r, stats = steps.iteration(1)  # the policy has moved: KL != 0
+    m = r.mask
+    assert (r.kl[m] != 0).any()
     col = score_index(m, "eos_plus_one")
-    dense = r["rewards"].clone()
-    dense[torch.arange(m.shape[0]), col] -= r["score"]
+    dense = r.rewards.clone()
+    dense[torch.arange(m.shape[0]), col] -= r.score
     if kl_penalty == "reward":  # r_t = -beta * KL_t on real tokens (Ziegler et al.)
-        torch.testing.assert_close(dense[m], (-0.5 * r["kl"])[m])
-        assert all(mb["kl_loss"] == 0 for mb in rec.minibatches)
-        assert rows[1]["loss/kl"] == 0
+        torch.testing.assert_close(dense[m], (-0.5 * r.kl)[m])
+        assert all(s["kl_loss"] == 0 for s in stats)
     else:  # GRPO: no KL in the reward; beta * k3(new, ref) in the loss, with gradient
         assert torch.all(dense == 0)
-        for mb in (x for x in rec.minibatches if x["it"] == 1):
-            k3 = kl_per_token(mb["new_logprobs"], r["ref_logprobs"][mb["mb"]], "k3")
-            torch.testing.assert_close(mb["kl_loss"].detach(), masked_mean(k3, m[mb["mb"]]))
-            torch.testing.assert_close(mb["loss"], mb["pg_loss"] + 0.1 * mb["vf_loss"] + 0.5 * mb["kl_loss"].detach())
-        assert rows[1]["loss/kl"] > 0
+        assert all(s["kl_loss"] > 0 for s in stats)
+    for mb, adv in steps.minibatches(r, 1)[:2]:  # ppo_loss of a minibatch, as update() calls it
+        rs = r.rows(mb)
+        new_logp, new_values, entropy = steps.m.trained(rs.seq, rs.attn_mask, rs.P, 0.7)
+        loss, s = train_ppo.ppo_loss(rs, adv, new_logp, new_values, entropy, 0.5, steps.args, steps.d)
+        k3 = masked_mean(kl_per_token(new_logp, rs.ref_logprobs, "k3"), rs.mask)
+        if kl_penalty == "reward":
+            assert s["kl_loss"] == 0
+            torch.testing.assert_close(loss, s["pg_loss"] + 0.1 * s["vf_loss"], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(s["kl_loss"], k3.detach())
+            torch.testing.assert_close(loss, s["pg_loss"] + 0.1 * s["vf_loss"] + 0.5 * s["kl_loss"])
+        # the KL term has a gradient (through new_logp) exactly when it is in the loss
+        g_loss = torch.autograd.grad(loss, new_logp, retain_graph=True)[0]
+        no_kl = train_ppo.ppo_loss(rs, adv, new_logp, new_values, entropy, 0.0, steps.args, steps.d)[0]
+        g_rest = torch.autograd.grad(no_kl, new_logp)[0]
+        assert torch.equal(g_loss, g_rest) == (kl_penalty == "reward")
 
 
 @pytest.mark.parametrize("kind", ["k1", "k3"])
-def test_kl_estimator_switch(tmp_path, tiny_gguf, tiny_rm, kind):
-    rec = Recorder()
-    run(tmp_path / "r", tiny_gguf, "--iterations", "2", "--lr", "1e-3", "--kl-estimator", kind, probe=rec,
-        reward=("--reward-model", str(tiny_rm)))
-    r = rec.rollouts[1]
-    m = r["mask"]
-    torch.testing.assert_close(r["kl"][m], kl_per_token(r["logprobs"], r["ref_logprobs"], kind)[m])
+def test_kl_estimator_switch(tiny_gguf, tiny_rm, kind):
+    steps = Steps(tiny_gguf, "--iterations", "2", "--lr", "1e-3", "--kl-estimator", kind,
+                  reward=("--reward-model", str(tiny_rm)))
+    steps.iteration(0)
+    r, _ = steps.iteration(1)
+    m = r.mask
+    assert (r.logprobs[m] != r.ref_logprobs[m]).any()
+    torch.testing.assert_close(r.kl[m], kl_per_token(r.logprobs, r.ref_logprobs, kind)[m])
     if kind == "k3":
-        assert torch.all(r["kl"][m] >= 0)
+        assert torch.all(r.kl[m] >= 0)
     else:
-        torch.testing.assert_close(r["kl"][m], (r["logprobs"] - r["ref_logprobs"])[m])
+        torch.testing.assert_close(r.kl[m], (r.logprobs - r.ref_logprobs)[m])
 
 
 @pytest.mark.parametrize("mode", ["subtract", "replace"])
-def test_missing_eos_penalty_switch(tmp_path, eos_gguf, mode):
-    rec = Recorder()
-    run(tmp_path / "r", eos_gguf, "--no-eos-penalty", "-2" if mode == "replace" else "2", "--no-eos-mode", mode,
-        probe=rec)
-    r = rec.rollouts[0]
-    s, raw, stopped = r["score"], r["raw_score"], r["stopped"]
+def test_missing_eos_penalty_switch(eos_gguf, mode):
+    r, _ = Steps(eos_gguf, "--no-eos-penalty", "-2" if mode == "replace" else "2", "--no-eos-mode", mode).iteration(0)
+    s, raw, stopped = r.score, r.raw_score, r.stopped
     assert stopped.any() and (~stopped).any()
     assert torch.equal(s[stopped], raw[stopped])
     if mode == "subtract":  # TRL: score - penalty
@@ -280,15 +327,14 @@ def test_missing_eos_penalty_function():
 def test_separate_value_model_starts_as_the_reward_model(tmp_path, tiny_gguf, tiny_rm):
     from minicai.infra.checkpoint import load_scalar_model
 
-    rec = Recorder()
-    rows = run(tmp_path / "r", tiny_gguf, "--iterations", "2", "--value-model", "separate", probe=rec,
-               reward=("--reward-model", str(tiny_rm)))
-    r = rec.rollouts[0]
+    r, _ = Steps(tiny_gguf, "--value-model", "separate", reward=("--reward-model", str(tiny_rm))).iteration(0)
     rm, _, _ = load_scalar_model(tiny_rm)
     with torch.no_grad():
-        want = response_values(rm, r["seq"], r["attn_mask"], r["seq"].shape[1] - r["mask"].shape[1])
-    torch.testing.assert_close(r["values"][r["mask"]], want[r["mask"]])  # TRL: value model = RM copy
-    assert not torch.all(r["values"] == 0)
+        want = response_values(rm, r.seq, r.attn_mask, r.P)
+    torch.testing.assert_close(r.values[r.mask], want[r.mask])  # TRL: value model = RM copy
+    assert not torch.all(r.values == 0)
+    rows = run(tmp_path / "r", tiny_gguf, "--iterations", "2", "--value-model", "separate",
+               reward=("--reward-model", str(tiny_rm)))
     assert (tmp_path / "r" / "model" / "value_model.safetensors").exists()
     assert len(rows) == 2
 
@@ -310,17 +356,15 @@ def test_adaptive_kl_controller_moves_beta(tmp_path, tiny_gguf, tiny_rm):
 
 def test_another_reference_gives_nonzero_kl_at_the_start(tmp_path, tiny_gguf):
     other = write_tiny_gguf(tmp_path / "ref.gguf", random_model(tiny_config(), seed=5))
-    rec = Recorder()
-    rows = run(tmp_path / "r", tiny_gguf, "--ref", str(other), probe=rec)
-    r = rec.rollouts[0]
-    assert (r["kl"][r["mask"]] != 0).all() and rows[0]["objective/kl"] > 0  # k1: E[KL] >= 0
+    steps = Steps(tiny_gguf, "--ref", str(other))
+    r, stats = steps.iteration(0)
+    assert (r.kl[r.mask] != 0).all()
+    assert iteration_metrics(r, stats, steps.beta, steps.d)["objective/kl"] > 0  # k1: E[KL] >= 0
 
 
-def test_bf16_autocast_keeps_kl_zero_at_the_start(tmp_path, tiny_gguf):
-    rec = Recorder()
-    rows = run(tmp_path / "r", tiny_gguf, "--bf16", probe=rec)
-    r = rec.rollouts[0]
-    assert torch.equal(r["logprobs"], r["ref_logprobs"]) and rows[0]["policy/first_ratio_max_dev"] == 0.0
+def test_bf16_autocast_keeps_kl_zero_at_the_start(tiny_gguf):
+    r, stats = Steps(tiny_gguf, "--bf16").iteration(0)
+    assert torch.equal(r.logprobs, r.ref_logprobs) and stats[0]["first_ratio_dev"] == 0.0
 
 
 def test_lr_anneal(tmp_path, tiny_gguf):
@@ -364,6 +408,10 @@ def test_reference_with_another_shape_is_refused(tmp_path, tiny_gguf):
     (("--batch-size", "6", "--num-minibatches", "4"), "multiple"),
     (("--temperature", "0"), "temperature"),
     (("--value-model", "separate"), "needs --reward-model"),
+    (("--fsdp",), "--fsdp: train_ppo.py has DDP only"),  # shared flags PPO cannot honour: refused
+    (("--grad-accum", "2"), "--grad-accum: .*--num-minibatches"),
+    (("--warmup", "3"), "--warmup: .*--lr-anneal"),
+    (("--save-every", "0"), "--save-every must be at least 1"),
 ])
 def test_bad_flags(tmp_path, tiny_gguf, tiny_rm, extra, match):
     reward = ("--reward-token", REWARD_TOKEN)
@@ -394,24 +442,19 @@ def test_check_same_tokenizer_accepts_itself(tiny):
 # resume
 
 
-def test_resume_after_interruption_continues_the_same_run(tmp_path, tiny_gguf):
+def test_resume_after_interruption_continues_the_same_run(tmp_path, tiny_gguf, monkeypatch):
     common = ("--iterations", "4", "--lr", "1e-3", "--save-every", "1", "--num-minibatches", "2")
     full = run(tmp_path / "full", tiny_gguf, *common)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(stage, t):
-        if stage == "rollout" and t["it"] == 2:
-            raise Stop  # killed during iteration 3, after the checkpoint of iteration 2
-
-    with pytest.raises(Stop):
-        run(tmp_path / "cut", tiny_gguf, *common, probe=interrupt)
+    with monkeypatch.context() as mp:  # killed right after the checkpoint of iteration 2 reached the disk
+        kill_after(mp, train_ppo, "save_checkpoint", calls=2)
+        with pytest.raises(Killed):
+            run(tmp_path / "cut", tiny_gguf, *common)
     state = json.loads((tmp_path / "cut" / "ckpt" / "train_state.json").read_text())
     assert state["step"] == 2
-    seen = []
-    resumed = run(tmp_path / "cut", tiny_gguf, *common,
-                  probe=lambda stage, t: seen.append(t["it"]) if stage == "rollout" else None)
+    seen, real = [], train_ppo.rollout
+    monkeypatch.setattr(train_ppo, "rollout", lambda m, p, it, *a: seen.append(it) or real(m, p, it, *a))
+    resumed = run(tmp_path / "cut", tiny_gguf, *common)
     assert seen == [2, 3]  # continues at the third iteration
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
 
@@ -439,3 +482,15 @@ def test_prompt_batches_cover_every_prompt_once_per_pass():
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert prompt_batch(n, B, 3, 7) == prompt_batch(n, B, 3, 7)
     assert seen[:10] != [i for it in range(3) for i in prompt_batch(n, B, it, seed=8)][:10]
+
+
+def test_help_explains_every_flag(capsys):
+    """Every flag of Args has its docstring as --help text, and the module docstring (the
+    conventions table) is the description."""
+    for name, f, _, owner in cli.leaves(train_ppo.Args):
+        assert cli.field_docs(owner).get(name), name
+    with pytest.raises(SystemExit):
+        train_ppo.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--reward-at last|eos_plus_one" in out and "--max-grad-norm" in out and "--sample-every" in out
+    assert set(cli.resume_ignored(train_ppo.Args)) == {"device", "threads", "save_every", "sample_every"}

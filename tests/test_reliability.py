@@ -473,9 +473,14 @@ def _enospc_in_checkpoint(mp):
 
 
 def _dpo_with_checkpoint(env: Env) -> list[str]:
-    """A DPO run stopped at step 1 (checkpoint in env.out/ckpt); returns the argv to resume it."""
+    """A DPO run killed right after its step-1 checkpoint (env.out/ckpt; --save-every 1); returns
+    the argv to resume it."""
+    from conftest import Killed, kill_after
+
     argv = env.dpo()
-    assert run_cli(train_dpo.main, argv + ["--stop-after-steps", "1"]) == 0
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Killed):
+        kill_after(mp, train_dpo, "save_checkpoint", 1)
+        run_cli(train_dpo.main, argv)
     return argv
 
 
@@ -646,27 +651,27 @@ def _(env):
 
 @case("labeller-no-such-category")
 def _(env):
-    from minicai import feedback
+    from minicai.infra import labelling
 
-    return Run(feedback.main, ["--hhh", "builtin", "--category", "poetry", "--feedback-model", str(env.gguf)],
+    return Run(labelling.main, ["--hhh", "builtin", "--category", "poetry", "--feedback-model", str(env.gguf)],
                protect=[env.out])
 
 
 @case("eval-bigbench-missing")
 def _(env):
-    from minicai import feedback
+    from minicai.infra import labelling
 
-    return Run(feedback.main, ["--hhh", "bigbench", "--bigbench", str(env.tmp / "none.tar.gz"),
+    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(env.tmp / "none.tar.gz"),
                                "--model", str(env.gguf)], protect=[env.out])
 
 
 @case("eval-bigbench-bad-member")
 def _(env):
-    from minicai import feedback
+    from minicai.infra import labelling
 
     arch = _bigbench_archive(env, [{"input": "q", "target_scores": {"a": 1, "b": 0}},
                                    {"input": "q2", "target_scores": {"only": 1}}])
-    return Run(feedback.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
+    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
                protect=[arch, env.out])
 
 
@@ -914,7 +919,7 @@ def test_a_real_full_disk(tiny_gguf, tmp_path):
         model, _, _ = load_model(str(env.out / "ckpt"))  # the kept checkpoint loads
         assert meta["step"] >= 1
         err = [x for x in p.stderr.replace("\r", "\n").splitlines() if x.strip() and "it/s" not in x
-               and "s/it" not in x and not re.match(r"^\s*(DPO|reference)", x)]
+               and "s/it" not in x and not re.match(r"^\s*(DPO|reference|scoring)", x)]
         assert len(err) == 1 and err[0].startswith("error: ") and "No space left on device" in err[0], err
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
@@ -1012,7 +1017,7 @@ def test_kill_9_labelling_and_reward_model(tiny_gguf, tmp_path):
     argv = ["--policy", str(env.gguf), "--feedback-model", "policy", "--out", str(env.out), "--constitution", "hhh",
             "--prompts", str(env.prompts),
             "--n-prompts", "10", "--max-new-tokens", "10", "--gen-batch-size", "2", "--judge-batch-size", "4",
-            "--epochs", "4", "--batch-size", "2", "--lr", "1e-3", "--save-every", "2", "--rm-held-out", "0.2",
+            "--epochs", "4", "--batch-size", "2", "--lr", "1e-3", "--save-every", "2", "--pair-val-fraction", "0.2",
             "--device", "cpu"]
     ref = _override(argv, ("--out", str(tmp_path / "ref")))
     run_to_end("train_rm.py", ref, tmp_path / "ref.log")

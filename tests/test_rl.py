@@ -12,6 +12,7 @@ from minicai.rl import (
     gae,
     gae_mask,
     gae_vectorized,
+    kl_loss,
     kl_per_token,
     logprobs_from_logits,
     masked_mean,
@@ -367,6 +368,49 @@ def test_value_loss_batch_ignores_padding():
     assert stats["vf_clipfrac"].item() == pytest.approx(1 / 3)
     loss.backward()
     assert torch.isfinite(v_new.grad).all() and v_new.grad[1, 1].item() == 0.0
+
+
+def test_losses_with_the_global_denominator_split_like_ranks_equal_the_whole_batch():
+    """Data parallel as a denominator: rows split over 2 'ranks', each loss the rank's masked sum /
+    (global count / 2) (infra.distributed.loss_denominator): the mean over ranks (DDP's gradient
+    average) is the whole batch's loss, and so are the gradients and the token-mean statistics."""
+    g = torch.Generator().manual_seed(3)
+    mask = ragged_mask([5, 1, 8, 3, 7, 2], 8)  # unequal token counts per rank
+    B, T = mask.shape
+    new = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    old, ref, adv = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3 for _ in range(3))
+    v_new, v_old, ret = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(3))
+    new[~mask] = GARBAGE
+
+    def losses(rows, denominator):
+        x, v = new[rows].clone().requires_grad_(True), v_new[rows].clone().requires_grad_(True)
+        pg, st = policy_loss(x, old[rows], adv[rows], mask[rows], 0.2, denominator=denominator)
+        vf, vst = value_loss(v, v_old[rows], ret[rows], mask[rows], 0.2, denominator=denominator)
+        kl = kl_loss(x, ref[rows], mask[rows], denominator=denominator)
+        (pg + 0.1 * vf + 0.5 * kl).backward()
+        return torch.stack([pg, vf, kl, st["approxkl"], st["clipfrac"], st["ratio_mean"], vst["vf_clipfrac"]]), \
+            x.grad, v.grad
+
+    whole, gx, gv = losses(torch.arange(B), None)
+    den = mask.sum() / 2  # the global count / world size
+    parts = [losses(torch.arange(r, B, 2), den) for r in range(2)]
+    torch.testing.assert_close((parts[0][0] + parts[1][0]) / 2, whole)
+    for r in range(2):  # each rank's gradient / 2 (DDP averages) is the whole batch's gradient of its rows
+        torch.testing.assert_close(parts[r][1][mask[r::2]] / 2, gx[r::2][mask[r::2]])
+        torch.testing.assert_close(parts[r][2][mask[r::2]] / 2, gv[r::2][mask[r::2]])
+    # the default denominator is the local count: one process is unchanged
+    torch.testing.assert_close(losses(torch.arange(B), mask.sum())[0], whole)
+
+
+def test_kl_loss_is_the_token_mean_of_k3():
+    g = torch.Generator().manual_seed(4)
+    mask = ragged_mask([3, 1], 4)
+    logp, ref = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    logp[~mask] = float("nan")
+    got = kl_loss(logp, ref, mask)
+    r = torch.exp(ref - logp)[mask]
+    torch.testing.assert_close(got, ((r - 1) - torch.log(r)).mean())  # Schulman 2020 k3, GRPO eq. 4
+    assert kl_loss(ref, ref, mask).item() == 0.0
 
 
 # ---------------------------------------------------------------- KL controller

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 import train_rm
+from conftest import Killed, kill_after
+from minicai.infra import labelling
 from minicai.infra.checkpoint import load_scalar_model
-from minicai.feedback import reward_input, reward_scores
+from minicai.feedback import reward_input
+from minicai.model import ScalarModel, last_token_scores
 from minicai.model import ScalarHead
 from minicai.sample import pad
 from minicai.infra.train import run_cli
@@ -34,10 +37,10 @@ def test_score_is_read_at_the_last_real_token_for_left_and_right_padding(tiny):
             reward_input(tok, "q", "one two three four five six")]
     assert len({len(s) for s in seqs}) == 3
     with torch.no_grad():
-        alone = torch.stack([reward_scores(model, head, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+        alone = torch.stack([last_token_scores(ScalarModel(model, head), torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
                              for s in seqs])  # (3,) no padding at all
-        right = reward_scores(model, head, *pad(seqs, tok.pad_id, "right"))
-        left = reward_scores(model, head, *pad(seqs, tok.pad_id, "left"))
+        right = last_token_scores(ScalarModel(model, head), *pad(seqs, tok.pad_id, "right"))
+        left = last_token_scores(ScalarModel(model, head), *pad(seqs, tok.pad_id, "left"))
         # the score must come from the last token: head(h) at that token in an unpadded forward
         h = model.padded_forward(torch.tensor([seqs[0]]), torch.ones(1, len(seqs[0]), dtype=torch.long), hidden=True)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
@@ -63,7 +66,7 @@ def synthetic_preferences(path, n, seed=0):
     return path
 
 
-RM = ["--epochs", "2", "--lr", "2e-3", "--batch-size", "16", "--warmup", "0.1", "--score-batch-size", "64"]
+RM = ["--epochs", "2", "--lr", "2e-3", "--batch-size", "16", "--warmup", "2", "--score-batch-size", "64"]
 
 
 def test_reward_model_learns_a_synthetic_preference(tiny_gguf, tmp_path):
@@ -82,20 +85,26 @@ def test_reward_model_learns_a_synthetic_preference(tiny_gguf, tmp_path):
     seqs = list(dict.fromkeys(tuple(reward_input(tok, r["prompt"], r[s])) for r in recs
                               for s in ("response_a", "response_b")))
     with torch.no_grad():
-        r = reward_scores(model.trunk, model.head, *pad([list(s) for s in seqs], tok.pad_id, "right"))
+        r = last_token_scores(model, *pad([list(s) for s in seqs], tok.pad_id, "right"))
     assert r.mean().item() == pytest.approx(0.0, abs=1e-3)
     assert r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
     # a finished run is not trained again
     assert train_rm_main(["--out", str(out), "--policy", str(tiny_gguf), "--preferences", str(prefs), *RM]) == 0
 
 
-def test_interrupted_training_resumes_to_the_same_model(tiny_gguf, tmp_path):
+def test_interrupted_training_resumes_to_the_same_model(tiny_gguf, tmp_path, monkeypatch):
+    """Killed right after its first checkpoint (step 2), then rerun: the model and the metrics
+    steps of the uninterrupted run."""
     prefs = synthetic_preferences(tmp_path / "prefs.jsonl", 24)
     args = ["--policy", str(tiny_gguf), "--preferences", str(prefs), "--epochs", "2", "--lr", "1e-3",
             "--batch-size", "8"]
     assert train_rm_main(["--out", str(tmp_path / "full"), *args]) == 0
-    assert train_rm_main(["--out", str(tmp_path / "part"), *args, "--stop-after-steps", "2"]) == 0
+    kill_after(monkeypatch, train_rm, "save_checkpoint")
+    with pytest.raises(Killed):
+        train_rm_main(["--out", str(tmp_path / "part"), *args, "--save-every", "2"])
+    monkeypatch.undo()
     assert json.loads((tmp_path / "part" / "rm" / "train_state.json").read_text())["step"] == 2
+    assert not (tmp_path / "part" / "summary.json").exists()
     assert train_rm_main(["--out", str(tmp_path / "part"), *args]) == 0
     a, _, _ = load_scalar_model(tmp_path / "full" / "rm")
     b, _, _ = load_scalar_model(tmp_path / "part" / "rm")
@@ -111,9 +120,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_gguf, t
     calls = {"n": 0}
     real_loss = train_rm.pairwise_loss
 
-    def loss_going_nan(r_a, r_b, p):
+    def loss_going_nan(r_a, r_b, p, **kw):
         calls["n"] += 1
-        loss = real_loss(r_a, r_b, p)
+        loss = real_loss(r_a, r_b, p, **kw)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(train_rm, "pairwise_loss", loss_going_nan)
@@ -145,15 +154,20 @@ def test_empty_pair_file_is_a_clear_error(tiny_gguf, tmp_path, capsys):
     assert err.startswith("error: ") and "empty.jsonl: no preference pairs" in err and len(err.splitlines()) == 1
 
 
-def test_end_to_end_feedback_then_reward_model(tiny_gguf, tmp_path):
-    """Both stages from the command line on the tiny model, with an interruption in stage 1."""
+def test_end_to_end_feedback_then_reward_model(tiny_gguf, tmp_path, monkeypatch):
+    """Both stages from the command line on the tiny model, killed in stage 1 right after the first
+    batch of preferences reached the file, then rerun."""
     out = tmp_path / "run"
     argv = ["--out", str(out), "--policy", str(tiny_gguf), "--feedback-model", "policy", "--constitution", "hhh",
             "--n-prompts", "10",
             "--max-new-tokens", "6", "--gen-batch-size", "4", "--epochs", "1", "--batch-size", "4",
-            "--rm-held-out", "0.3"]
-    assert train_rm_main(argv + ["--stop-after-batches", "1"]) == 0
+            "--pair-val-fraction", "0.3"]
+    with monkeypatch.context() as mp:  # the preference appender of label_prompts' module
+        kill_after(mp, labelling, "append_jsonl")
+        with pytest.raises(Killed):
+            train_rm_main(argv)
     assert len((out / "preferences.jsonl").read_text().splitlines()) == 4
+    assert not (out / "rm").exists()
     assert train_rm_main(argv) == 0
     recs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -178,7 +192,7 @@ def test_revision_and_rlcd_labellers_from_the_command_line(tiny_gguf, tmp_path):
     rows.append({"id": "same", "prompt": "p", "kind": "red-team", "initial": "x", "rounds": [{}], "final": "X"})
     traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["--policy", str(tiny_gguf), "--feedback-model", "policy", "--constitution", "hhh", "--epochs", "1",
-              "--batch-size", "4", "--rm-held-out", "0.3"]
+              "--batch-size", "4", "--pair-val-fraction", "0.3"]
     out = tmp_path / "rev"
     assert train_rm_main(["--out", str(out), *common, "--labeller", "revision", "--sl-traces", str(traces)]) == 0
     recs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
@@ -192,3 +206,49 @@ def test_revision_and_rlcd_labellers_from_the_command_line(tiny_gguf, tmp_path):
                           "--max-new-tokens", "5", "--gen-batch-size", "3"]) == 0
     recs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
     assert recs and all(r["key"].endswith(":rlcd") and r["p_a"] in (0.0, 1.0) for r in recs)
+
+
+def test_train_step_accumulates_to_the_whole_batch_step(tiny_gguf, tmp_path):
+    """train_step called directly: its loss is the pair-mean loss of the whole batch (evaluate's,
+    losses.pairwise_loss over the batch's rewards), and two micro-batches of 3 (gradient
+    accumulation, each summed loss divided by the step's pair count) move the weights as one
+    micro-batch of 6 does. SGD, not Adam: Adam's first step is about lr * sign(g), which turns the
+    rounding of near-zero gradient entries into lr-sized differences."""
+    from contextlib import nullcontext
+
+    from minicai.infra import distributed
+
+    recs = [json.loads(x) for x in synthetic_preferences(tmp_path / "prefs.jsonl", 6).read_text().splitlines()]
+    cpu, models, rows = torch.device("cpu"), [], []
+    for micro in (6, 3):
+        torch.manual_seed(0)  # the same new head
+        rm, tok, resuming = train_rm.reward_model(tmp_path / "no-checkpoint", str(tiny_gguf), cpu)
+        assert not resuming
+        pairs, skipped = train_rm.tokenize_pairs(recs, tok, 1024)
+        assert (len(pairs), skipped) == (6, 0)
+        before = train_rm.evaluate(rm, pairs, 4, tok.pad_id, cpu, nullcontext)
+        opt = torch.optim.SGD(list(rm.parameters()), lr=0.05)
+        rm.train()
+        row = train_rm.train_step(rm, opt, pairs, list(range(6)), micro, tok.pad_id, cpu, nullcontext,
+                                  distributed.Dist(), 0, 1e9)
+        assert row["loss"] == pytest.approx(before["loss"], abs=1e-5)
+        assert row["accuracy"] == pytest.approx(before["accuracy"])
+        models.append(rm)
+        rows.append(row)
+    assert rows[0]["grad_norm"] == pytest.approx(rows[1]["grad_norm"], rel=1e-5)
+    moved = 0.0
+    base, _, _ = train_rm.load_model(str(tiny_gguf))
+    for (name, x), (_, y) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
+        if name.startswith("trunk.") and name[6:] in base.state_dict():
+            moved = max(moved, (x - base.state_dict()[name[6:]]).abs().max().item())
+    assert moved > 1e-4  # the step moved the trunk: the comparison means something
+
+
+def test_bad_flags_are_one_line_errors(tiny_gguf, tmp_path):
+    prefs = synthetic_preferences(tmp_path / "prefs.jsonl", 4)
+    base = ["--out", str(tmp_path / "run"), "--policy", str(tiny_gguf), "--preferences", str(prefs)]
+    for extra, match in ((["--fsdp"], "--fsdp"), (["--grad-accum", "0"], "--grad-accum"), (["--k", "1"], "--k 1")):
+        with pytest.raises(InputError, match=match):
+            train_rm_main(base + extra)
+    assert not (tmp_path / "run").exists()

@@ -3,9 +3,12 @@ import json
 
 import pytest
 
-from minicai.constitution import load_constitution
+from minicai.infra.constitution_files import load_constitution
 from minicai.infra.data import Prompt
-from minicai.slcai import QUOTE_INTRO, quoted_events, render_paper, run_slcai, stage_ids, strip_preamble
+from conftest import Killed, kill_after
+from minicai.infra import traces as slcai_traces
+from minicai.infra.traces import run_slcai
+from minicai.slcai import QUOTE_INTRO, quoted_events, render_paper, stage_ids, strip_preamble
 from train_sl import main as train_sl_main
 
 EVENTS = [("user", "How do I pick a lock?"), ("assistant", "Use a pin."),
@@ -39,13 +42,15 @@ def prompts(n):
 
 
 @pytest.mark.parametrize("fmt", ["chat", "paper"])
-def test_interrupted_generation_resumes_to_the_same_trace(tiny, tmp_path, fmt):
+def test_interrupted_generation_resumes_to_the_same_trace(tiny, tmp_path, fmt, monkeypatch):
     model, tok = tiny
     const = load_constitution("hhh")
     kw = dict(rounds=2, fmt=fmt, batch_size=2, max_new_tokens=6, temperature=1.0, seed=3)
     full = run_slcai(model, tok, prompts(5), const, tmp_path / "full.jsonl", **kw)
     part = tmp_path / "part.jsonl"
-    run_slcai(model, tok, prompts(5), const, part, limit_batches=1, **kw)  # "killed" after one batch
+    with monkeypatch.context() as mp, pytest.raises(Killed):
+        kill_after(mp, slcai_traces, "append_jsonl", 1)  # killed after its first batch reached the disk
+        run_slcai(model, tok, prompts(5), const, part, **kw)
     assert len(part.read_text().splitlines()) == 2
     with open(part, "a") as f:
         f.write('{"id": "torn-write')  # a crash in the middle of writing a line
@@ -66,7 +71,7 @@ def test_a_critic_model_writes_the_critiques_and_revisions_only(tiny, tmp_path):
     from conftest import random_model, tiny_config, write_tiny_gguf
 
     from minicai.infra.checkpoint import load_model
-    from minicai.sample import generate
+    from minicai.sample import generate, stable_seed
 
     model, tok = tiny
     other = load_model(str(write_tiny_gguf(tmp_path / "critic.gguf", random_model(tiny_config(), seed=9))))[:2]
@@ -91,7 +96,7 @@ def test_a_critic_model_writes_the_critiques_and_revisions_only(tiny, tmp_path):
                                 ("critique_request", d["rounds"][0]["critique_request"])])
         assert events[0][1].startswith(QUOTE_INTRO) and f"Assistant: {d['initial']}" in events[0][1]
         ref = generate(cm, [stage_ids(ct, "chat", events)], 6, temperature=1.0, stop_ids=ct.stop_ids,
-                       pad_id=ct.pad_id, seed=[d["seed"] + 7919])
+                       pad_id=ct.pad_id, seed=[stable_seed(d["seed"], "stage", 1)])
         assert ref.texts(ct)[0].strip() == d["rounds"][0]["critique"]
 
 
@@ -155,20 +160,10 @@ def test_sft_resume_matches_uninterrupted(tiny_gguf, tmp_path, monkeypatch):
     assert train_sl_main(sl_args(tiny_gguf, a, *common)) == 0
     b = tmp_path / "b"
     b.mkdir()
-    real_save = train_sl.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_first_checkpoint(folder, *args, **kw):
-        out = real_save(folder, *args, **kw)
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint is written, then the process "dies"
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(train_sl, "save_checkpoint", crash_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as mp, pytest.raises(Killed):
+        kill_after(mp, train_sl, "save_checkpoint", 2)  # the second checkpoint is written, then the process "dies"
         train_sl_main(sl_args(tiny_gguf, b, *common))
-    monkeypatch.setattr(train_sl, "save_checkpoint", real_save)
+    assert not (b / "run" / "model").exists()
     assert train_sl_main(sl_args(tiny_gguf, b, *common)) == 0
     ma, _, _ = load_model(str(a / "run" / "model"))
     mb, _, _ = load_model(str(b / "run" / "model"))
@@ -177,6 +172,81 @@ def test_sft_resume_matches_uninterrupted(tiny_gguf, tmp_path, monkeypatch):
     la = (a / "run" / "sft_metrics.jsonl").read_text().splitlines()
     lb = (b / "run" / "sft_metrics.jsonl").read_text().splitlines()
     assert len(la) == len(lb)
+
+
+def sft_batch(tok, n=3):
+    """Three (ids, mask) chat examples of different lengths: a padded batch, loss on the replies."""
+    from train_sl import sft_examples
+
+    return sft_examples([{"prompt": f"question {i}: " + "tell me more " * i, "final": "a reply " * (i + 2)}
+                         for i in range(n)], tok, 512)
+
+
+def test_one_sft_step_with_and_without_fused_ce_is_the_same_step(tiny):
+    """--fused-ce (FusedSFTLoss: the LM head fused with the cross-entropy) against the default
+    losses.sft_loss on the logits, through train_sl's own step functions: the same loss and the
+    same gradient of every parameter, then (train_step, with SGD) the same gradient norm and weights.
+    Tolerance: fp32, the two routes sum the same terms in another order (one (N, V) product and a
+    chunked softmax vs autograd through log_softmax), ~1e-7 relative per operation; 1e-5
+    relative (atol 1e-6 on gradients, whose largest entries are ~1e-1 here) is far below what a
+    wrong target shift, mask or denominator would change (the loss moves by ~1e-1 then)."""
+    import copy
+
+    import torch
+
+    import train_sl
+    from minicai.infra.cli import parse
+    from minicai.infra.distributed import Dist
+
+    model, tok = tiny
+    examples = sft_batch(tok)
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    plain_model, fused_model = copy.deepcopy(model), copy.deepcopy(model)
+    plain_args = parse(train_sl.Args, ["--out", "unused", "--lr", "1e-3", "--warmup", "0", "--grad-accum", "1"])
+    fused_args = parse(train_sl.Args, ["--out", "unused", "--lr", "1e-3", "--warmup", "0", "--grad-accum", "1",
+                                       "--fused-ce"])
+    nets = [train_sl.sft_net(m, Dist(), a) for m, a in ((plain_model, plain_args), (fused_model, fused_args))]
+    assert isinstance(nets[1], train_sl.FusedSFTLoss) and nets[0] is plain_model
+    losses = []
+    for net, fused in zip(nets, (False, True)):
+        loss, reported = train_sl.batch_loss(net, examples, [0, 1, 2], tok.pad_id, off, Dist(), fused=fused)
+        loss.backward()
+        assert loss.item() == reported.item()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert 1.0 < losses[0] < 20.0  # a real next-token loss (random model: ~log V), not a sum or a zero
+    for (name, p), q in zip(plain_model.named_parameters(), fused_model.parameters()):
+        assert p.grad is not None and float(p.grad.abs().max()) > 0, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for m in (plain_model, fused_model):
+        m.zero_grad(set_to_none=True)
+    steps = []
+    for net, args in zip(nets, (plain_args, fused_args)):
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)  # not Adam: its first step is ~lr * sign(g),
+        batches = iter([([0, 1, 2], 3)])
+        steps.append(train_sl.train_step(net, opt, batches, examples, tok.pad_id, off, Dist(), args, 1e-3, 0))
+    assert steps[1][0] == pytest.approx(steps[0][0], rel=1e-5) and steps[1][1] == pytest.approx(steps[0][1], rel=1e-5)
+    for (name, p), q in zip(plain_model.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)  # which flips on rounding where g ~ 0
+
+
+def test_sft_loss_denominator_counts_only_real_items(tiny):
+    """A repeated item (n_real: rank_share's weight-0 repeat) adds nothing: the loss of [0, 1] with
+    a repeat of 0 equals the loss of [0, 1] alone, for both routes."""
+    import torch
+
+    import train_sl
+    from minicai.infra.distributed import Dist
+    from minicai.infra.fast import FusedSFTLoss
+
+    model, tok = tiny
+    examples = sft_batch(tok)
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    with torch.no_grad():
+        for net, fused in ((model, False), (FusedSFTLoss(model), True)):
+            alone = train_sl.batch_loss(net, examples, [0, 1], tok.pad_id, off, Dist(), fused=fused)[0]
+            padded = train_sl.batch_loss(net, examples, [0, 1, 0], tok.pad_id, off, Dist(), 2, fused=fused)[0]
+            assert padded.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
 def test_bad_inputs(tiny_gguf, tmp_path, capsys):
@@ -205,16 +275,22 @@ def test_resume_accepts_a_flag_added_since_at_its_default(tmp_path):
     """A run folder started by a version without --fsdp resumes when --fsdp is at its default
     (False: the old behaviour), and is refused with --fsdp on; any other changed field is refused."""
     import train_sl
+    from minicai.infra import cli
     from minicai.infra.train import prepare_run_dir
     from minicai.infra.utils import InputError
 
-    parser = train_sl.build_parser()
-    config = {k: v for k, v in vars(parser.parse_args(["--out", str(tmp_path / "r")])).items() if k != "overwrite"}
+    config = cli.config(cli.parse(train_sl.Args, ["--out", str(tmp_path / "r")]))
+    assert "overwrite" not in config and "skip_sft" not in config
+    defaults, ignored = cli.defaults(train_sl.Args), cli.resume_ignored(train_sl.Args)
     old = {k: v for k, v in config.items() if k != "fsdp"}
-    prepare_run_dir(tmp_path / "r", old, parser=parser)  # the older version's folder
-    prepare_run_dir(tmp_path / "r", config, parser=parser)  # resumes
+    prepare_run_dir(tmp_path / "r", old, resume_keys_ignored=ignored, defaults=defaults)  # the older version's folder
+    prepare_run_dir(tmp_path / "r", config, resume_keys_ignored=ignored, defaults=defaults)  # resumes
     (tmp_path / "r" / "config.json").write_text(json.dumps(old))
     with pytest.raises(InputError, match="field 'fsdp' was None in the run in this folder, now True"):
-        prepare_run_dir(tmp_path / "r", {**config, "fsdp": True}, parser=parser)
+        prepare_run_dir(tmp_path / "r", {**config, "fsdp": True}, resume_keys_ignored=ignored, defaults=defaults)
     with pytest.raises(InputError, match="field 'lr' was 2e-05"):
-        prepare_run_dir(tmp_path / "r", {**config, "lr": 1.0}, parser=parser)
+        prepare_run_dir(tmp_path / "r", {**config, "lr": 1.0}, resume_keys_ignored=ignored, defaults=defaults)
+    # --fused-ce, --device and --save-every may change between the runs of one folder
+    assert {"fused_ce", "device", "save_every"} <= set(ignored)
+    prepare_run_dir(tmp_path / "r", {**old, "fused_ce": True, "save_every": 1}, resume_keys_ignored=ignored,
+                    defaults=defaults)

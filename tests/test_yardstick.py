@@ -15,8 +15,8 @@ from conftest import embedded_installed, one_line_error
 from minicai.infra import bigbench, data, yardstick
 from minicai.infra.evaluate import (Yardstick, evaluate_policies, harmful_held_out, judge_free_table, markdown_table,
                               yardstick_sets)
-from minicai.infra.yardstick import (cloze_accuracy, continuation_logprobs, explains, harmlessness, is_refusal_loose,
-                               is_refusal_strict, outcome, over_refusal, perplexity, tax_report, wilson)
+from minicai.infra.yardstick import cloze_accuracy, explains, harmlessness, is_refusal_loose, is_refusal_strict, outcome, over_refusal, perplexity
+from minicai.metrics import continuation_logprobs, tax_report, wilson
 
 # ------------------------------------------------------------------------------ detectors
 
@@ -385,7 +385,7 @@ def tiny_yardstick(tmp_path) -> Yardstick:
 
 
 def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
-    from minicai.feedback import load_hhh
+    from minicai.infra.labelling import load_hhh
     from minicai.infra.report import render_report
     from minicai.infra.utils import atomic_write_json
 

@@ -168,7 +168,7 @@ def resolve_model(name_or_path: str | None) -> Path:
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's convert_hf_to_gguf permutation of Q/K rows, which regroups each head's rows
     from rotate_half order (first half, second half) to interleaved pairs (GPT-J RoPE).
-    (out, in) -> (out, in); n_head = KV heads for K (anchors.md; llama.cpp convert_hf_to_gguf.py
+    (out, in) -> (out, in); n_head = KV heads for K (llama.cpp convert_hf_to_gguf.py
     LlamaModel.permute is reshape(n_head, 2, hd//2, in).swapaxes(1, 2), this is its inverse)."""
     out, inp = w.shape
     hd = out // n_head

@@ -16,6 +16,8 @@ Field metadata (dataclasses.field(metadata=...)):
     resume="ignore"      may differ when a run folder is resumed (device, threads, how often to save)
     config=False         not part of the run's identity at all (--overwrite)
     flag="--name"        the flag's name when it is not the field's name with '-' for '_'
+A script's Args may set a class attribute HELP = {field: text} to say what a shared field means
+there (PPO's --batch-size counts prompts, not sequences).
 """
 from __future__ import annotations
 
@@ -34,7 +36,15 @@ NOT_CONFIG = {"config": False}
 
 
 def field_docs(cls) -> dict[str, str]:
-    """{field name: the string literal right under it} from the class's source."""
+    """{field name: the string literal right under it} from the source of the class and of the
+    classes it derives from (the nearest one wins)."""
+    docs = {}
+    for c in reversed([k for k in cls.__mro__ if is_dataclass(k)]):
+        docs.update(_own_field_docs(c))
+    return docs
+
+
+def _own_field_docs(cls) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
@@ -84,8 +94,10 @@ def build_parser(cls, description: str | None = None, prog: str | None = None) -
     if dup:
         raise TypeError(f"{cls.__name__}: flag fields defined twice: {sorted(dup)}")
 
+    overrides = getattr(cls, "HELP", {})  # a script's own words for a shared flag: HELP = {"batch_size": "..."}
+
     def add(group, c, inst):
-        docs, hints = field_docs(c), _hints(c)
+        docs, hints = {**field_docs(c), **overrides}, _hints(c)
         for f in fields(c):
             tp = hints[f.name]
             default = getattr(inst, f.name)  # a group's own defaults come from its parent's default_factory
@@ -185,8 +197,8 @@ class OptimArgs:
     """peak learning rate"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
-    warmup: int = 5
-    """linear warmup steps before the cosine decay"""
+    warmup: float = 5
+    """linear warmup before the cosine decay: a share of all steps if below 1, else a number of steps"""
     batch_size: int = 4
     """sequences (or pairs) per micro-batch, all ranks together under torchrun"""
     grad_accum: int = 1

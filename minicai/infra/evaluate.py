@@ -1,3 +1,4 @@
+
 """Evaluation: compare policies (base, SL-CAI, RL-CAI, DPO, ...) on held-out prompts.
 
     python -m minicai.infra.evaluate --policies base=smollm2-135m sl=runs/sl/model ppo=runs/ppo/model \\
@@ -14,7 +15,7 @@ evasive the answers are):
    policy; batched through sample.generate. Length = response tokens in the policy's tokenizer,
    the stop token excluded.
 3. Reward-model score (with --reward-model): the reward model's output at the last real token of
-   [user: prompt, assistant: response] (feedback.reward_input / reward_scores, as in training).
+   [user: prompt, assistant: response] (feedback.reward_input / model.last_token_scores, as in training).
 4. Pairwise win rates. For every pair of policies and every prompt, the AI labeller (feedback.py,
    judge_pairs) says which response is better, asked in BOTH orders and under m principles drawn
    per prompt, and averaged: the soft label p = P(first policy's response is better). Red-team
@@ -50,14 +51,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import yardstick
 from ..constitution import Principle
 from .data import Prompt, load_prompts, split
-from ..feedback import draw, ensemble_labels, reward_input, reward_scores, scorers_of
+from ..feedback import draw, ensemble_labels, reward_input, scorers_of
+from .. import metrics
+from ..metrics import bradley_terry_elo, win_rates
+from ..model import last_token_scores
 from ..sample import generate, pad, stable_seed
 from .utils import InputError, atomic_write_json, atomic_write_text
 from .yardstick import is_refusal_strict, outcome
@@ -81,79 +84,6 @@ is_refusal = is_refusal_strict
 def is_evasive(text: str) -> bool:
     """A refusal that gives no reason and offers nothing instead (see the block comment above)."""
     return outcome(text) == "evasive_refusal"
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Elo from pairwise soft-label games.
-
-ELO_PER_NAT = 400.0 / math.log(10.0)
-"""Elo points per natural-log unit of Bradley-Terry strength: P(i beats j) = sigmoid(r_i - r_j)
-= 1 / (1 + 10^(-(E_i - E_j)/400)), so E = r * 400 / ln 10 (the logistic Elo scale)."""
-
-
-def bradley_terry_elo(games: list[tuple[str, str, float]], names: list[str], anchor: str,
-                      l2: float = 0.01, max_iter: int = 100, tol: float = 1e-10) -> dict[str, float | None]:
-    """Elo ratings from games (a, b, p) where p = P(a is better than b), a soft label in [0, 1].
-
-    Bradley-Terry maximum likelihood (Bradley & Terry 1952), soft labels as fractional wins: with
-    strengths r (r_anchor = 0 fixed) and d = r_a - r_b, maximise
-        L(r) = sum_games [p log sigmoid(d) + (1 - p) log sigmoid(-d)]  -  l2/2 * sum_i r_i^2
-    by Newton's method (the log-likelihood is concave). dL/dd = p - sigmoid(d) and
-    d2L/dd2 = -sigmoid(d) sigmoid(-d). The l2 term is a weak Gaussian prior (N(0, 1/l2) in natural
-    units; 0.01 = std 10 nats = 4000 Elo) that keeps a policy that wins every game finite; l2=0
-    is the plain MLE (with one pair of policies and p_mean = mean label, Elo(a) - Elo(b) =
-    400 log10(p_mean / (1 - p_mean)) exactly). We use the MLE on all games at once rather than
-    the sequential Elo update, whose result depends on the order of the games.
-    Returns Elo per name (400/ln 10 * r); None for a policy that played no game."""
-    if anchor not in names:
-        raise InputError(f"anchor {anchor!r} is not one of the policies {names}")
-    played = {n for a, b, _ in games for n in (a, b)}
-    free = [n for n in names if n != anchor and n in played]
-    col = {n: i for i, n in enumerate(free)}
-    r = np.zeros(len(free))
-
-    def strength(n):
-        return r[col[n]] if n in col else 0.0
-
-    def objective(x):
-        total = -0.5 * l2 * float(x @ x)
-        for a, b, p in games:
-            d = (x[col[a]] if a in col else 0.0) - (x[col[b]] if b in col else 0.0)
-            total += p * -np.logaddexp(0.0, -d) + (1 - p) * -np.logaddexp(0.0, d)  # log sigmoid(+-d)
-        return total
-
-    for _ in range(max_iter if free else 0):
-        g = -l2 * r  # gradient of L
-        H = -l2 * np.eye(len(free))  # Hessian of L (negative definite when l2 > 0 or the games connect)
-        for a, b, p in games:
-            s = 1.0 / (1.0 + math.exp(-(strength(a) - strength(b))))  # sigmoid(d)
-            w = s * (1.0 - s)
-            for n, sign in ((a, 1.0), (b, -1.0)):
-                if n in col:
-                    g[col[n]] += sign * (p - s)
-            for n1, s1 in ((a, 1.0), (b, -1.0)):
-                for n2, s2 in ((a, 1.0), (b, -1.0)):
-                    if n1 in col and n2 in col:
-                        H[col[n1], col[n2]] -= s1 * s2 * w
-        step = np.linalg.lstsq(H, -g, rcond=None)[0]  # Newton: r <- r - H^-1 g
-        t, base = 1.0, objective(r)
-        while objective(r + t * step) < base - 1e-12 and t > 1e-6:  # backtracking keeps L increasing
-            t *= 0.5
-        r = r + t * step
-        if float(np.abs(t * step).max()) < tol:
-            break
-    return {n: (ELO_PER_NAT * strength(n) if (n == anchor or n in col) else None) for n in names}
-
-
-def win_rates(games: list[tuple[str, str, float]], names: list[str]) -> dict[str, dict[str, float | None]]:
-    """win[X][Y] = mean over the games between X and Y of P(X better than Y); None if they never met."""
-    sums = {x: {y: [0.0, 0] for y in names} for x in names}
-    for a, b, p in games:
-        sums[a][b][0] += p
-        sums[a][b][1] += 1
-        sums[b][a][0] += 1.0 - p
-        sums[b][a][1] += 1
-    return {x: {y: (s / n if n else None) for y, (s, n) in row.items() if y != x} for x, row in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +237,7 @@ def tax_scores(judge_free: dict) -> dict[str, float]:
     """The alignment-tax benchmarks of one policy's judge-free metrics: {perplexity, capability,
     <bigbench task>: accuracy}."""
     out = {}
-    for bench in yardstick.TAX_BENCHMARKS:
+    for bench in metrics.TAX_BENCHMARKS:
         m = judge_free.get(bench)
         if m is not None:
             out[bench] = m["perplexity"] if bench == "perplexity" else m["accuracy"]["rate"]
@@ -328,7 +258,7 @@ def judge_accuracy(judges, items: list[tuple[str, str, str]], categories: list[s
     labels = ensemble_labels(judges, items, drawn, list(scorers), batch_size=batch_size, progress=True)
     right = [lab["p_a"] > 0.5 for lab in labels]
     agree = [float(lab["orders_agree"]) for lab in labels if "orders_agree" in lab]
-    return {"accuracy": yardstick.share(right), "per_category": yardstick.share_by_category(right, categories),
+    return {"accuracy": metrics.share(right), "per_category": metrics.share_by_category(right, categories),
             "order_agreement": _mean(agree), "principles_per_item": m}
 
 
@@ -343,19 +273,19 @@ def reward_model_accuracy(rm, rm_tok, items: list[tuple[str, str, str]], categor
     better = score_responses(rm, rm_tok, prompts, [b for _, b, _ in items], batch_size)
     worse = score_responses(rm, rm_tok, prompts, [w for _, _, w in items], batch_size)
     right = [x > y for x, y in zip(better, worse)]
-    return {"accuracy": yardstick.share(right), "per_category": yardstick.share_by_category(right, categories)}
+    return {"accuracy": metrics.share(right), "per_category": metrics.share_by_category(right, categories)}
 
 
 @torch.no_grad()
 def score_responses(rm, rm_tok, prompts: list[Prompt], texts: list[str], batch_size: int) -> list[float]:
     """Reward-model score of each (prompt, response): rm is a ScalarModel (checkpoint.load_scalar_model);
-    the score is its output at the last real token (feedback.reward_scores, as in training)."""
+    the score is its output at the last real token (model.last_token_scores, as in training)."""
     device = rm.trunk.embed_tokens.weight.device
     seqs = [reward_input(rm_tok, p.text, t) for p, t in zip(prompts, texts)]
     scores = []
     for s in range(0, len(seqs), batch_size):
         ids, mask = pad(seqs[s:s + batch_size], rm_tok.pad_id, "right", device)  # (B, T)
-        scores += reward_scores(rm.trunk, rm.head, ids, mask).float().cpu().tolist()  # (B,)
+        scores += last_token_scores(rm, ids, mask).float().cpu().tolist()  # (B,)
     return scores
 
 
@@ -425,7 +355,7 @@ def evaluate_policies(policies: dict, prompts: list[Prompt], *, judge=None, rewa
     rates are worth. Returns the dict written to eval.json; res["policies"][name]["quality"] is the
     scalar."""
     from .checkpoint import load_model, load_scalar_model
-    from ..constitution import load_constitution
+    from .constitution_files import load_constitution
 
     names = list(policies)
     if not names:
@@ -475,7 +405,7 @@ def evaluate_policies(policies: dict, prompts: list[Prompt], *, judge=None, rewa
     judgements, judge_acc = None, {}
     if judge is not None:
         t = time.time()
-        from ..feedback import load_judges
+        from .labelling import load_judges
 
         specs = judge if isinstance(judge, list) else [judge]
         judges = load_judges([str(j) for j in specs], dtype, device) if all(isinstance(j, (str, Path)) for j in specs) \
@@ -550,7 +480,7 @@ def evaluate_policies(policies: dict, prompts: list[Prompt], *, judge=None, rewa
                 "benign": [{"prompt": p.text, "source": p.source, "responses": {n: free_replies[n]["benign"][i]
                                                                                 for n in names}}
                            for i, p in enumerate(ys.benign)]}
-    tax = (yardstick.tax_report({n: tax_scores(judge_free[n]) for n in names}, anchor)
+    tax = (metrics.tax_report({n: tax_scores(judge_free[n]) for n in names}, anchor)
            if yardstick_sets is not None else None)
     seconds["total"] = time.time() - t0
     return {"judge_free": free, "alignment_tax": tax, "judge_accuracy": judge_acc or None,
@@ -802,7 +732,7 @@ def resolve_bigbench(spec: str) -> str | None:
 
 def main(argv=None) -> int:
     from .checkpoint import EMBEDDED_NAME
-    from ..constitution import load_constitution
+    from .constitution_files import load_constitution
     from .utils import resolve_device
 
     args = build_parser().parse_args(argv)
@@ -830,7 +760,7 @@ def main(argv=None) -> int:
     checks = {}
     for c in args.judge_check or ["builtin"] + (["bigbench"] if bigbench else []):
         if c != "none" and (not args.no_judge or args.reward_model):
-            from ..feedback import load_hhh
+            from .labelling import load_hhh
 
             checks["bigbench_hhh" if c == "bigbench" else "builtin_pairs"] = load_hhh(c, bigbench)
     res = evaluate_policies(policies, prompts, judge=None if args.no_judge else args.judge or [EMBEDDED_NAME],

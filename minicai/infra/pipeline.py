@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 from .checkpoint import EMBEDDED_NAME
-from ..feedback import DEFAULT as FEEDBACK_DEFAULT
-from ..feedback import member_spec
+from .labelling import DEFAULT as FEEDBACK_DEFAULT
+from .labelling import member_spec
 from .utils import InputError, atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rm-prompts", type=int, default=64, help="prompts for AI-labelled response pairs")
     p.add_argument("--rm-k", type=int, default=3,
                    help="responses sampled per feedback prompt; every pair of them is labelled (3 -> 3 pairs)")
-    p.add_argument("--rm-held-out", type=float, default=0.35,
-                   help="share of the labelled pairs' prompts held out to measure the reward model's accuracy")
+    p.add_argument("--pair-val-fraction", type=float, default=0.35,
+                   help="share of the labelled pairs' prompts held out to measure the reward model's accuracy "
+                        "(train_rm.py --pair-val-fraction)")
     p.add_argument("--ppo-iterations", type=int, default=20, help="PPO iterations")
     p.add_argument("--ppo-batch", type=int, default=8, help="prompts per PPO iteration")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated response, every stage")
@@ -139,7 +140,7 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
                                         *feedback, "--labeller", args.labeller,
                                         *(["--sl-traces", str(sl / "traces.jsonl")] if args.labeller == "revision"
                                           else []), "--constitution", args.constitution,
-                                        "--n-prompts", str(args.rm_prompts), "--rm-held-out", str(args.rm_held_out),
+                                        "--n-prompts", str(args.rm_prompts), "--pair-val-fraction", str(args.pair_val_fraction),
                                         "--k", str(args.rm_k),
                                         "--max-new-tokens", str(args.max_new_tokens), *common],
               rm / "summary.json", log, out, dry)

@@ -209,7 +209,7 @@ def verdicts_html(r: dict) -> str:
     parts = []
     for m in r.get("members") or []:
         if isinstance(m, dict):
-            from ..feedback import member_spec
+            from .labelling import member_spec
 
             name = Path(member_spec(str(m.get("model", "?")))[0]).name  # 'path/M.gguf:ab' -> 'M.gguf'
             parts.append(f"<p class=pr>{esc(name)} {esc(m.get('scorer', '?'))}: <b>{esc(fmt(m.get('p_a')))}</b></p>")

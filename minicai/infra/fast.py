@@ -1,0 +1,92 @@
+"""Opt-in fast paths: the same numbers as the plain code in minicai/, computed with less memory.
+
+FusedSFTLoss is train_sl.py --fused-ce: the SFT loss of losses.sft_loss (summed here; the caller
+divides), with the LM head fused into the cross-entropy so that the (N, V) logits of the predicted
+positions are never held in fp32, and the (B, T, V) logits of the whole batch never exist.
+tests/test_losses.py checks linear_cross_entropy against F.cross_entropy (values and both
+gradients) and tests/test_train_sl.py one SFT step with and without it; bench/bench_train.py says
+what it buys.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(h_i W^T)[t_i] for h (N, C), W (V, C), targets t (N,). The gradients are
+    made in the forward, from the usual identity
+        dL/dz_i = softmax(z_i) - onehot(t_i)        (z_i = W h_i, the logits of row i)
+        dL/dh_i = W^T dL/dz_i,   dL/dW = sum_i dL/dz_i h_i^T
+    The logits are made and turned into dL/dz in place, in one (N, V) buffer of the compute dtype;
+    the fp32 softmax runs a chunk of rows at a time in one reused fp32 buffer. Nothing else of size
+    (N, V) is allocated: no fp32 copy of the logits, no log-softmax output, no log-softmax
+    backward (Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv 2410.10989, fuses
+    the same steps in Triton). backward only scales the saved gradients by dL/dloss."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, dtype):
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(h.device.type, enabled=False):  # explicit dtypes below
+            hc, wc = h.to(dtype), weight.to(dtype)
+            z = hc @ wc.T  # (N, V) logits in the compute dtype, overwritten by dL/dz below
+            buf = torch.empty(min(chunk, z.shape[0]), z.shape[1], dtype=torch.float32, device=h.device)  # (n, V)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, z.shape[0], chunk):
+                zc = buf[:min(chunk, z.shape[0] - s)].copy_(z[s:s + chunk])  # (n, V) fp32 logits
+                t = targets[s:s + chunk, None]  # (n, 1)
+                target_logit = zc.gather(1, t)  # (n, 1)
+                m = zc.amax(dim=-1, keepdim=True)  # (n, 1) for a stable exp
+                total = zc.sub_(m).exp_().sum(dim=-1, keepdim=True)  # (n, 1) sum of exp(z - m)
+                loss += (m + total.log() - target_logit).sum()  # log-sum-exp - z_t
+                if need:
+                    zc.div_(total).scatter_add_(1, t, torch.full_like(target_logit, -1.0))  # softmax - onehot
+                    z[s:s + chunk].copy_(zc)
+            grad_h = (z @ wc).to(h.dtype) if need else None  # (N, C)
+            grad_w = (z.T @ hc).to(weight.dtype) if need else None  # (V, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 128) -> Tensor:
+    """Summed next-token NLL through the LM head without materialising the logits:
+    h (N, C) final hidden states, weight (V, C) the LM head, targets (N,) -> 0-d fp32 sum over rows
+    of -log softmax(h @ weight.T)[target]. Equal to
+        F.cross_entropy((h @ weight.T).float(), targets, reduction="sum")
+    (tests/test_losses.py checks values and both gradients). Under autocast the matrix products run
+    in the autocast dtype (bf16), the softmax in fp32, as with autocast + F.cross_entropy."""
+    dt = h.device.type
+    dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else h.dtype
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
+
+
+class FusedSFTLoss(nn.Module):
+    """A Transformer whose forward is the summed SFT loss, through linear_cross_entropy. It is a
+    module (not a function beside the model) so that distributed.wrap can wrap it in place of the
+    model: under FSDP2 a sharded module's parameters are whole only inside its own forward, and the
+    LM head weight is used here, after the trunk. It holds no parameters of its own: its state is
+    the model's (checkpoints save the model)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The model's blocks: distributed.wrap shards each block, then this module (the rest)."""
+        return self.model.layers
+
+    def forward(self, ids: Tensor, attn_mask: Tensor, mask: Tensor) -> Tensor:
+        """ids, attn_mask (B, T) a padded batch; mask (B, T) the tokens to predict (assistant
+        tokens), as losses.sft_loss's caller passes them before shifting. Returns the summed NLL of
+        those tokens, 0-d fp32: sft_loss(model(ids, attn_mask)[:, :-1], ids[:, 1:], mask[:, 1:])
+        times its denominator. Only the predicted positions go through the LM head."""
+        h = self.model.padded_forward(ids, attn_mask, hidden=True)[:, :-1]  # (B, T-1, C) position t predicts t+1
+        keep = mask[:, 1:].bool()  # (B, T-1)
+        return linear_cross_entropy(h[keep], self.model.head_weight, ids[:, 1:][keep])  # (n, C), (n,) -> 0-d

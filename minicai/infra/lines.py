@@ -1,0 +1,42 @@
+"""Line counts of the reading path (minicai/*.py), of the plumbing (minicai/infra/*.py) and of each
+script, as recorded in the README ("How big it is"; tests/test_layout.py checks that the README's
+numbers are these):
+
+    python -m minicai.infra.lines            # a markdown table
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ("train_sl.py", "train_rm.py", "train_ppo.py", "train_dpo.py")
+
+
+def count(path: Path) -> int:
+    """Lines of a file, blank lines and comments included (what `wc -l` says)."""
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
+def counts(root: Path = ROOT) -> list[tuple[str, int]]:
+    """[(name, lines)]: each reading-path module, the reading path's total, the plumbing's total,
+    then each script."""
+    reading = sorted((root / "minicai").glob("*.py"))
+    rows = [(f"minicai/{p.name}", count(p)) for p in reading if p.name != "__init__.py"]
+    rows.append(("reading path (minicai/*.py)", sum(n for _, n in rows)))
+    rows.append(("plumbing (minicai/infra/*.py)", sum(count(p) for p in (root / "minicai" / "infra").glob("*.py"))))
+    rows += [(s, count(root / s)) for s in SCRIPTS]
+    return rows
+
+
+def table(root: Path = ROOT) -> str:
+    return "\n".join(["| file | lines |", "| --- | ---: |"] + [f"| {n} | {c} |" for n, c in counts(root)]) + "\n"
+
+
+def main() -> int:
+    sys.stdout.write(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
