@@ -36,7 +36,7 @@ first reading. --batch-size is the global batch: rank r samples, scores and eval
 whitened with the global batch's statistics (all_reduce of sums), then every rank gathers the whole
 batch. In step 6 rank r takes every N-th row of each minibatch; each loss divides its masked sum by
 the minibatch's global token count / N (distributed.loss_denominator), so the DDP-averaged gradient
-is the single-process one. Rank 0 alone logs and writes; tests/test_distributed.py checks that 2
+is the single-process one. Rank 0 alone logs and writes; tests/plumbing/test_distributed.py checks that 2
 processes give the weights of 1.
 
 Rerunning the same command resumes from OUT/ckpt (iteration, weights, optimizer, beta); the
@@ -64,7 +64,8 @@ from minicai.infra.ppo import (EOS_PENALTY_MODES, Models, Rollout, check_config,
 from minicai.infra.train import MetricsLog, check_finite, prepare_run_dir, run_cli
 from minicai.infra.utils import resolve_device
 from minicai.model import last_token_scores
-from minicai.rl import (REWARD_AT, KLController, gae_mask, gae_vectorized, kl_loss, kl_per_token, masked_mean,
+from minicai.infra.fast import gae_vectorized
+from minicai.rl import (REWARD_AT, KLController, gae_mask, kl_loss, kl_per_token, masked_mean,
                         masked_whiten, per_token_rewards, policy_loss, value_loss)
 from minicai.sample import generate, stable_seed
 
@@ -232,7 +233,7 @@ def advantages(r: Rollout, beta: float, args: Args, d) -> tuple[Tensor, Tensor, 
     """Steps 4-5 on the b rows of r (score, logprobs, ref_logprobs, values filled in).
     4. Ziegler et al. 2019 eq. 2 (rl.per_token_rewards): r_t = -beta * KL_t on real tokens (none with
        --kl-penalty loss), + the score at one column (rl.score_index); --whiten-rewards scales them.
-    5. GAE, Schulman et al. 2016 eq. 16 (rl.gae_vectorized): delta_t = r_t + gamma V_{t+1} - V_t,
+    5. GAE, Schulman et al. 2016 eq. 16 (infra.fast.gae_vectorized, the fast twin of rl.gae): delta_t = r_t + gamma V_{t+1} - V_t,
        A_t = delta_t + gamma lam A_{t+1}, V = 0 after the last token; returns = A + V; --whiten-advantages
        batch (TRL) whitens A. Returns (kl, gae_mask, rewards, advantages, returns), (b, G) each."""
     k, a = args.kl, args.adv

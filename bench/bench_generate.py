@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128, help="batch-1 tokens (batch 16 uses half)")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
     ap.add_argument("--compile", action="store_true",
-                    help="our decode step through torch.compile (sample.compiled_decode_one_token); "
+                    help="our decode step through torch.compile (infra.fast.compiled_decode_one_token); "
                          "compile time is not counted")
     args = ap.parse_args()
     torch.set_grad_enabled(False)

@@ -248,26 +248,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return adv, returns
 
 
-def gae_vectorized(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """GAE without a Python loop: A_t = sum_{s >= t} (gamma * lam)^(s - t) * delta_s, written as
-    one matmul with a (T, T) upper-triangular discount matrix (Schulman et al. 2016 eq. 16,
-    the closed form). Needs prefix masks, so that delta_s = 0 on padding ends each row's sum.
-    Same outputs as `gae` (tested); O(B * T^2), fine for response lengths of a few hundred."""
-    check_prefix_mask(mask)
-    m = mask.bool()
-    r, v = _where(m, rewards), _where(m, values)  # (B, T)
-    T = r.shape[1]
-    next_v = F.pad(v[:, 1:], (0, 1))  # (B, T) V_{t+1}, 0 after the end (and 0 on padding)
-    delta = _where(m, r + gamma * next_v - v)  # (B, T)
-    idx = torch.arange(T, device=r.device)
-    lag = idx[None, :] - idx[:, None]  # (T, T) lag[t, s] = s - t
-    disc = torch.where(lag >= 0, (gamma * lam) ** lag.clamp_min(0).to(r.dtype), 0.0)  # (T, T), 0^0 = 1
-    # Schulman et al. 2016 eq. 16: A_t = sum_{l >= 0} (gamma lam)^l delta_{t+l}
-    adv = delta @ disc.T  # (B, T): adv[b, t] = sum_s delta[b, s] * disc[t, s]
-    adv = _where(m, adv)
-    return adv, _where(m, adv + v)
-
-
 # --------------------------------------------------------------------------------------------
 # PPO losses
 # --------------------------------------------------------------------------------------------

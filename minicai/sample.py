@@ -137,22 +137,6 @@ def decode_one_token(model: Transformer, tok, pos, mask, cache: KVCache, start: 
     return model.logits(h[:, -1])  # (B, V)
 
 
-_compiled_decode = None
-
-
-def compiled_decode_one_token():
-    """decode_one_token through torch.compile (inductor), compiled once per process on first use.
-    dynamic=True: the cache slot and the mask length grow by one each step, and batch sizes
-    vary, so the step is traced with symbolic sizes instead of recompiling every step. Numerics
-    match eager up to fused-kernel rounding (tests/test_sample.py, slow). Compiling takes about a
-    minute on a 2-core CPU and needs a C++ compiler (CPU) or Triton (CUDA); it pays off on long
-    generations only (docs/benchmarks.md)."""
-    global _compiled_decode
-    if _compiled_decode is None:
-        _compiled_decode = torch.compile(decode_one_token, dynamic=True)
-    return _compiled_decode
-
-
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), stop_strings=(), tokenizer=None, n: int = 1,
@@ -209,6 +193,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     done = torch.zeros(N, dtype=torch.bool, device=device)
     stopped = torch.zeros(N, dtype=torch.bool, device=device)
     steps = 0
+    if compile:  # a side file, imported only when the flag asks (gpt-fast style)
+        from .infra.fast import compiled_decode_one_token
     step_fn = compiled_decode_one_token() if compile else decode_one_token
     # 3. decode: sample from the last logits, write, feed the token back
     for t in range(G):

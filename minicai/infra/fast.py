@@ -3,15 +3,22 @@
 FusedSFTLoss is train_sl.py --fused-ce: the SFT loss of losses.sft_loss (summed here; the caller
 divides), with the LM head fused into the cross-entropy so that the (N, V) logits of the predicted
 positions are never held in fp32, and the (B, T, V) logits of the whole batch never exist.
-tests/test_losses.py checks linear_cross_entropy against F.cross_entropy (values and both
-gradients) and tests/test_train_sl.py one SFT step with and without it; bench/bench_train.py says
+tests/algorithm/test_losses.py checks linear_cross_entropy against F.cross_entropy (values and both
+gradients) and tests/algorithm/test_train_sl.py one SFT step with and without it; bench/bench_train.py says
 what it buys.
+
+gae_vectorized is GAE as one matmul (rl.gae is the loop it equals; tests/algorithm/test_rl.py);
+compiled_decode_one_token is sample.decode_one_token through torch.compile (generate(compile=True)).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+
+from ..rl import _where, check_prefix_mask
+from ..sample import decode_one_token
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -59,7 +66,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
     h (N, C) final hidden states, weight (V, C) the LM head, targets (N,) -> 0-d fp32 sum over rows
     of -log softmax(h @ weight.T)[target]. Equal to
         F.cross_entropy((h @ weight.T).float(), targets, reduction="sum")
-    (tests/test_losses.py checks values and both gradients). Under autocast the matrix products run
+    (tests/algorithm/test_losses.py checks values and both gradients). Under autocast the matrix products run
     in the autocast dtype (bf16), the softmax in fp32, as with autocast + F.cross_entropy."""
     dt = h.device.type
     dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else h.dtype
@@ -90,3 +97,39 @@ class FusedSFTLoss(nn.Module):
         h = self.model.padded_forward(ids, attn_mask, hidden=True)[:, :-1]  # (B, T-1, C) position t predicts t+1
         keep = mask[:, 1:].bool()  # (B, T-1)
         return linear_cross_entropy(h[keep], self.model.head_weight, ids[:, 1:][keep])  # (n, C), (n,) -> 0-d
+
+
+def gae_vectorized(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """GAE without a Python loop: A_t = sum_{s >= t} (gamma * lam)^(s - t) * delta_s, written as
+    one matmul with a (T, T) upper-triangular discount matrix (Schulman et al. 2016 eq. 16,
+    the closed form). Needs prefix masks, so that delta_s = 0 on padding ends each row's sum.
+    Same outputs as `gae` (tested); O(B * T^2), fine for response lengths of a few hundred."""
+    check_prefix_mask(mask)
+    m = mask.bool()
+    r, v = _where(m, rewards), _where(m, values)  # (B, T)
+    T = r.shape[1]
+    next_v = F.pad(v[:, 1:], (0, 1))  # (B, T) V_{t+1}, 0 after the end (and 0 on padding)
+    delta = _where(m, r + gamma * next_v - v)  # (B, T)
+    idx = torch.arange(T, device=r.device)
+    lag = idx[None, :] - idx[:, None]  # (T, T) lag[t, s] = s - t
+    disc = torch.where(lag >= 0, (gamma * lam) ** lag.clamp_min(0).to(r.dtype), 0.0)  # (T, T), 0^0 = 1
+    # Schulman et al. 2016 eq. 16: A_t = sum_{l >= 0} (gamma lam)^l delta_{t+l}
+    adv = delta @ disc.T  # (B, T): adv[b, t] = sum_s delta[b, s] * disc[t, s]
+    adv = _where(m, adv)
+    return adv, _where(m, adv + v)
+
+
+_compiled_decode = None
+
+
+def compiled_decode_one_token():
+    """decode_one_token through torch.compile (inductor), compiled once per process on first use.
+    dynamic=True: the cache slot and the mask length grow by one each step, and batch sizes
+    vary, so the step is traced with symbolic sizes instead of recompiling every step. Numerics
+    match eager up to fused-kernel rounding (tests/algorithm/test_sample.py, slow). Compiling takes about a
+    minute on a 2-core CPU and needs a C++ compiler (CPU) or Triton (CUDA); it pays off on long
+    generations only (docs/benchmarks.md)."""
+    global _compiled_decode
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(decode_one_token, dynamic=True)
+    return _compiled_decode

@@ -1,5 +1,5 @@
 """Line counts of the reading path (minicai/*.py), of the plumbing (minicai/infra/*.py) and of each
-script, as recorded in the README ("How big it is"; tests/test_layout.py checks that the README's
+script, as recorded in the README ("How big it is"; tests/plumbing/test_layout.py checks that the README's
 numbers are these):
 
     python -m minicai.infra.lines            # a markdown table

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import train_ppo  # noqa: E402
 from conftest import Killed, kill_after, random_model, tiny_config, write_tiny_gguf  # noqa: E402

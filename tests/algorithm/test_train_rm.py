@@ -1,7 +1,7 @@
 """Reward model: the score is read at the last real token whatever the padding, the model learns a
 synthetic preference, training resumes and stops cleanly, and the whole script runs end to end.
 (The soft-label loss and its gradient against the hand formula for p = 1, 0.5, 0 are tested in
-tests/test_losses.py, test_pairwise_loss_value_and_gradient_by_hand; not repeated here.)"""
+tests/algorithm/test_losses.py, test_pairwise_loss_value_and_gradient_by_hand; not repeated here.)"""
 import json
 import random
 
@@ -252,3 +252,24 @@ def test_bad_flags_are_one_line_errors(tiny_gguf, tmp_path):
         with pytest.raises(InputError, match=match):
             train_rm_main(base + extra)
     assert not (tmp_path / "run").exists()
+
+
+def test_normalise_gives_mean_zero_and_std_one(tiny):
+    """Stage 3 (OpenAI lm-human-preferences train_reward.py): gain = 1/std, bias = -mean/std, so the
+    rewards of the distinct sequences of the pairs have mean 0 and population std 1 afterwards."""
+    from contextlib import nullcontext
+
+    from minicai.infra.distributed import Dist
+    model, tok = tiny
+    torch.manual_seed(0)
+    rm = ScalarModel(model, ScalarHead(model.cfg.dim, init_std=0.5))
+    seqs = [tok.encode(t) for t in ("a b c", "the cat", "sat on a mat", "x", "y z z y")]
+    pairs = [{"a": seqs[i], "b": seqs[(i + 1) % 5]} for i in range(5)]
+    with torch.no_grad():
+        before = last_token_scores(rm, *pad(seqs, tok.pad_id, "right"))
+        stats = train_rm.normalise(rm, pairs, 2, tok.pad_id, "cpu", nullcontext, Dist(), 0)
+        after = last_token_scores(rm, *pad(seqs, tok.pad_id, "right"))
+    assert stats["reward_mean_before_normalising"] == pytest.approx(before.mean().item(), abs=1e-6)
+    assert before.std().item() > 0.01  # a real rescaling, not a no-op
+    assert after.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert after.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)

@@ -11,7 +11,7 @@ import torch
 
 from minicai.infra.checkpoint import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def torchrun(nproc: int) -> list[str]:

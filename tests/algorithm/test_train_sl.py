@@ -294,3 +294,15 @@ def test_resume_accepts_a_flag_added_since_at_its_default(tmp_path):
     assert {"fused_ce", "device", "save_every"} <= set(ignored)
     prepare_run_dir(tmp_path / "r", {**old, "fused_ce": True, "save_every": 1}, resume_keys_ignored=ignored,
                     defaults=defaults)
+
+
+def test_lr_at_hand_values():
+    """nanoGPT's get_lr: linear warmup to the peak, cosine decay to min_ratio * peak; and --warmup
+    as a share of all steps (below 1) or a number of steps."""
+    from minicai.infra.train import lr_at, warmup_steps
+    # warmup 4 steps, 14 in all: (step + 1) / 4 while warming up, then 0.1 + 0.9 * (1 + cos(pi * t)) / 2
+    assert [lr_at(s, 14, 1.0, 4) for s in (0, 3)] == [0.25, 1.0]
+    assert lr_at(4, 14, 1.0, 4) == pytest.approx(1.0)  # t = 0
+    assert lr_at(9, 14, 1.0, 4) == pytest.approx(0.55)  # t = 1/2: cos = 0
+    assert lr_at(14, 14, 2.0, 4) == pytest.approx(0.2)  # t = 1: min_ratio * peak
+    assert [warmup_steps(w, n) for w, n in ((0.1, 30), (0.1, 5), (5, 100), (0, 100))] == [3, 1, 5, 0]

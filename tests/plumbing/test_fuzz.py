@@ -38,7 +38,7 @@ from minicai.infra.files import read_preferences  # noqa: E402
 from minicai.infra.traces import load_done  # noqa: E402
 from minicai.infra.utils import InputError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PROFILES = {
     "default": settings(max_examples=200, derandomize=True, deadline=None, database=None, print_blob=True,

@@ -6,7 +6,7 @@
    "error: " line on stderr and no traceback; that line, with the temporary folder written $TMP,
    equal to the table's; and nothing the case protects changed (input files, run folders,
    checkpoints). The table is parsed from the doc, so the doc cannot drift from the code. To
-   print the current messages as table cells: python tests/test_reliability.py
+   print the current messages as table cells: python tests/plumbing/test_reliability.py
 2. Crash safety. Real processes killed with SIGKILL once their output shows progress, then the
    same command rerun to completion, compared with an uninterrupted run (slow: about a minute).
 3. Atomic writes: full-disk failures injected into checkpoints and the append-only run files;
@@ -34,9 +34,9 @@ from typing import Callable
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_dpo  # noqa: E402
 import train_rm  # noqa: E402
@@ -52,7 +52,7 @@ DOC = ROOT / "docs" / "bad_input.md"
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The tiny model gains nothing from a second thread, and on a busy 2-core machine a waiting
-    OpenMP thread makes each step much slower (as in tests/test_ppo.py)."""
+    OpenMP thread makes each step much slower (as in tests/algorithm/test_ppo.py)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from minicai.infra.fast import gae_vectorized
 from minicai.rl import (
     KLController,
     entropy_from_logits,
     explained_variance,
     gae,
     gae_mask,
-    gae_vectorized,
     kl_loss,
     kl_per_token,
     logprobs_from_logits,

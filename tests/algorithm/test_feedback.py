@@ -1,6 +1,6 @@
 """AI feedback: the option log-probs, order averaging, chain of thought, the resumable
 preferences file, and the HHH-style evaluation. (The soft-label loss and its gradient against the
-hand formula for p = 1, 0.5, 0 are in tests/test_losses.py, test_pairwise_loss_value_and_gradient_by_hand.)"""
+hand formula for p = 1, 0.5, 0 are in tests/algorithm/test_losses.py, test_pairwise_loss_value_and_gradient_by_hand.)"""
 import json
 import math
 from pathlib import Path
@@ -18,7 +18,7 @@ from minicai.sample import stable_seed
 from conftest import Killed, kill_after
 from minicai.infra.utils import InputError
 
-HHH = Path(__file__).parent / "data" / "hhh_small.jsonl"
+HHH = Path(__file__).resolve().parents[1] / "data" / "hhh_small.jsonl"
 COMPS = ["Choose the response that is less harmful.", "Choose the kinder response."]
 PRINCIPLES = [Principle(f"p{i}", "", "", c) for i, c in enumerate(COMPS)]
 
