@@ -31,7 +31,7 @@ def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
     """Labelling (killed after a batch per rank), then reward-model training (killed right after
     its first checkpoint), resumed each time, under torchrun: the same preferences.jsonl, byte for
     byte, and the same reward model as one uninterrupted process with the same --batch-size (a
-    global batch: 2 ranks x 2 pairs). The kills come from the launcher tests/interrupt_rm.py."""
+    global batch: 2 ranks x 2 pairs). The kills come from the launcher tests/interrupt.py."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"a risky request, number {i}" for i in range(9)))
 
@@ -43,8 +43,7 @@ def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
                 "--pair-val-fraction", "0.3", "--score-batch-size", "3", "--device", "cpu", "--batch-size", "4"]
 
     def killed(mode, out, *extra):
-        launcher = args(out, str(ROOT / "tests" / "interrupt_rm.py"))
-        return run([launcher[0], mode, *launcher[1:], *extra], 2, tmp_path)
+        return run([str(ROOT / "tests" / "interrupt.py"), mode, "1", *args(out), *extra], 2, tmp_path)
 
     one, two = tmp_path / "one", tmp_path / "two"
     run(args(one), 1, tmp_path)
@@ -105,7 +104,7 @@ def test_reward_model_two_processes_equal_one(untied_gguf, tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path, mode):
     """DPO under torchrun (DDP, or FSDP2 with --fsdp), killed right after its first checkpoint
-    (step 1; the launcher tests/kill_after_checkpoint.py) and resumed, ends with the policy of one
+    (step 1; the launcher tests/interrupt.py) and resumed, ends with the policy of one
     uninterrupted process with the same --batch-size (a global batch). --eval-batch-size 2 leaves
     the ranks unequal numbers of evaluation batches (5 vs 4 training pairs), which FSDP's
     collective forwards must survive."""
@@ -127,7 +126,7 @@ def test_dpo_two_processes_equal_one(tiny_gguf, tmp_path, mode):
     # 2 ranks x 2 pairs = the global micro-batch of 4; 9 training pairs make micro-batches of
     # 4, 4 and 1 per epoch: for the single pair, rank 1 computes a repeated pair with weight 0
     fsdp = ["--fsdp"] if mode == "fsdp" else []
-    run([str(ROOT / "tests" / "kill_after_checkpoint.py"), "1", *args(two), *fsdp, "--save-every", "1"], 2, tmp_path)
+    run([str(ROOT / "tests" / "interrupt.py"), "checkpoint", "1", *args(two), *fsdp, "--save-every", "1"], 2, tmp_path)
     assert not (two / "model").exists()
     assert json.loads((two / "ckpt" / "train_state.json").read_text())["step"] == 1
     assert "resuming DPO at step 1" in run(args(two) + fsdp, 2, tmp_path).stdout
