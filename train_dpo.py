@@ -20,13 +20,15 @@ The implicit reward of a response is beta * (log pi(y) - log pi_ref(y)) (Rafailo
 
 Training: AdamW, linear warmup + cosine decay (train.lr_at), gradient accumulation and clipping,
 optional bf16 autocast (weights stay fp32). Pairs are split by prompt into training and held-out
-pairs as train_rm.py splits them (data.split_pairs), so with --pair-val-fraction equal to its
---rm-held-out the held-out pairs are the reward model's and the two accuracies can be compared. OUT/dpo_metrics.jsonl has one
+pairs as train_rm.py splits them (data.split_pairs), so with the same --pair-val-fraction the
+held-out pairs are the reward model's and the two accuracies can be compared. OUT/dpo_metrics.jsonl has one
 row per optimizer step with TRL's names (loss, rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; "chosen" = the side with
 p >= 1/2) and val/* rows every --eval-every steps. Checkpoints (OUT/ckpt: HF folder + optimizer
 state) are written atomically; rerunning the same command resumes. The final policy is OUT/model.
 
+Lines marked `# [dist]` exist for torchrun alone (in one process they change nothing): skip them
+on a first reading.
 Under torchrun (as train_sl.py) the policy is wrapped in DistributedDataParallel (or sharded, with
 --fsdp): a micro-batch of --batch-size pairs, cut by the same plan as in one process, is split over
 the ranks, so any number of processes trains the policy one process would. The reference log-probs
@@ -79,7 +81,7 @@ class Args:
     label_smoothing: float = 0.0
     """eps: p <- p (1 - eps) + (1 - p) eps (TRL label_smoothing, cDPO); 0 = none"""
     pair_val_fraction: float = 0.2
-    """share of prompts whose pairs are held out (the split of train_rm.py --rm-held-out)"""
+    """share of prompts whose pairs are held out (data.split_pairs: train_rm.py's split, with its --pair-val-fraction)"""
     max_len: int = 1024
     """pairs with a longer sequence are skipped"""
     beta: float = 0.1
@@ -152,7 +154,7 @@ def score_pairs(model, pairs: list[dict], batch_size: int, device, autocast,
     scores pair 0 and drops the result."""
     was_training = model.training
     model.eval()
-    mine = distributed.shard(list(range(len(pairs))), d)
+    mine = distributed.shard(list(range(len(pairs))), d)  # [dist]
     n_batches = math.ceil(math.ceil(len(pairs) / d.world) / batch_size)
     rows = []
     for s in tqdm(range(0, n_batches * batch_size, batch_size), desc="scoring pairs", unit="batch", leave=False,
@@ -160,7 +162,7 @@ def score_pairs(model, pairs: list[dict], batch_size: int, device, autocast,
         idx = mine[s:s + batch_size]
         rows.append(pair_logps(model, pairs, idx or [0], device, autocast)[:len(idx)])  # (b, 2)
     model.train(was_training)
-    return distributed.gather_uneven(torch.cat(rows) if rows else torch.zeros(0, 2, device=device), d)  # (N, 2)
+    return distributed.gather_uneven(torch.cat(rows) if rows else torch.zeros(0, 2, device=device), d)  # [dist] (N, 2)
 
 
 def attach_reference(pairs: list[dict], model, args: Args, out: Path, resuming: bool, device, dtype, autocast,
@@ -202,7 +204,7 @@ def train_step(net, opt, train: list[dict], micro: list[list[int]], args: Args, 
     norm before clipping, the step's (pi_a, pi_b, ref_a, ref_b, p) columns of all ranks)."""
     for group in opt.param_groups:
         group["lr"] = lr
-    shares = [distributed.rank_share(idx, d) for idx in micro]
+    shares = [distributed.rank_share(idx, d) for idx in micro]  # [dist]
     denominator = distributed.loss_denominator(torch.ones(sum(n for _, n in shares), device=device), d)
     loss_sum, rows = torch.zeros((), device=device), []
     for mine, n_real in shares:
@@ -213,13 +215,13 @@ def train_step(net, opt, train: list[dict], micro: list[list[int]], args: Args, 
         loss.backward()
         loss_sum += loss.detach()
         rows.append(torch.stack([pi_a.detach(), pi_b.detach(), ref_a, ref_b, p], 1)[:n_real])  # (b, 5)
-    loss_sum = distributed.all_reduce_sum(loss_sum, d) / d.world  # the step's global pair-mean loss
+    loss_sum = distributed.all_reduce_sum(loss_sum, d) / d.world  # [dist] the step's global pair-mean loss
     check_finite(loss_sum, "the DPO loss", step)
     gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.optim.max_grad_norm)
     check_finite(gnorm, "the gradient norm", step)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss_sum.item(), gnorm.item(), distributed.gather_uneven(torch.cat(rows), d).unbind(1)
+    return loss_sum.item(), gnorm.item(), distributed.gather_uneven(torch.cat(rows), d).unbind(1)  # [dist]
 
 
 def evaluate(model, pairs, batch_size, beta, device, autocast, d: distributed.Dist = distributed.Dist()) -> dict:
@@ -244,7 +246,7 @@ def run_dpo(args: Args, model, tok, train: list, val: list, out: Path, resuming:
     # DDP, or FSDP2 with --fsdp (fully_shard replaces the parameters by sharded DTensors, so the
     # parameter list is taken after wrapping); every parameter gets a gradient (the LM head gives
     # the log-probs). Fused AdamW (HF Trainer's default) unless the parameters are DTensors.
-    net = distributed.wrap(model, d, fsdp=args.run.fsdp)
+    net = distributed.wrap(model, d, fsdp=args.run.fsdp)  # [dist]
     opt = torch.optim.AdamW(net.parameters(), lr=args.optim.lr, weight_decay=args.optim.weight_decay,
                             fused=not args.run.fsdp)
     apply = (lambda sd: distributed.load_full_optimizer_state(model, opt, sd)) if args.run.fsdp else None
@@ -295,20 +297,20 @@ def main(argv=None) -> int:
     if args.run.threads:
         torch.set_num_threads(args.run.threads)
     device, dtype = resolve_device(args.run.device, "float32" if args.dtype == "auto" else args.dtype)
-    d = distributed.init(device)
-    device = distributed.rank_device(device, d)
+    d = distributed.init(device)  # [dist]
+    device = distributed.rank_device(device, d)  # [dist]
     records = read_preferences(Path(args.preferences))  # bad input fails before anything is written
     out = Path(args.run.out)
     if d.main:
         prepare_run_dir(out, cli.config(args), args.run.overwrite, cli.resume_ignored(Args), defaults=cli.defaults(Args))
-    distributed.barrier(d)
+    distributed.barrier(d)  # [dist]
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.run.bf16 else nullcontext
     torch.manual_seed(args.run.seed)
     ckpt, final = out / "ckpt", out / "model"
     if (final / "config.json").exists() and (out / "dpo_summary.json").exists():
         if d.main:
             print(f"DPO already done: {final}")
-        distributed.finish(d)
+        distributed.finish(d)  # [dist]
         return 0
     resuming = (ckpt / "train_state.json").exists()
     model, tok, _ = load_model(str(ckpt) if resuming else args.policy, dtype=dtype, device=device)
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
         atomic_write_json(out / "dpo_summary.json", summary)
         print(json.dumps({k: summary[k] for k in ("steps", "train_pairs", "held_out_pairs", "held_out_accuracy")}
                          | {"train_margin": ev_train.get("rewards/margins")}))
-    distributed.finish(d)
+    distributed.finish(d)  # [dist]
     return 0
 
 

@@ -29,7 +29,8 @@ first; the rest is shuffled by --seed and the first --n-prompts are used. Rerunn
 command resumes every stage. Under torchrun any number of ranks writes the same preferences file,
 byte for byte (label_pairs), and trains the same reward model as one process (train_step); the
 evaluation and the normalising statistics are computed on a share per rank and gathered. Rank 0
-alone logs, prints and writes checkpoints.
+alone logs, prints and writes checkpoints. Lines marked `# [dist]` exist for torchrun alone (in one process they change nothing): skip them
+on a first reading.
 """
 from __future__ import annotations
 
@@ -50,15 +51,17 @@ from minicai.infra import cli, distributed
 from minicai.infra.constitution_files import load_constitution
 from minicai.infra.labelling import DEFAULT as FEEDBACK_DEFAULT
 from minicai.infra.labelling import label_pairs, preference_stats
-from minicai.infra.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
-from minicai.infra.data import Prompt, load_prompts, split, split_pairs
+from minicai.infra.rm import check_args, reward_model, select_prompts, write_summary
+from minicai.infra.checkpoint import EMBEDDED_NAME
+from minicai.infra.data import split_pairs
 from minicai.infra.files import read_preferences
 from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, prepare_run_dir,
                                  run_cli, save_checkpoint, warmup_steps)
-from minicai.infra.utils import InputError, atomic_write_json, resolve_device
+from minicai.infra.utils import InputError, resolve_device
 from minicai.losses import pairwise_accuracy, pairwise_loss
-from minicai.model import ScalarHead, ScalarModel, last_token_scores
+from minicai.model import last_token_scores
 from minicai.sample import pad
+
 
 @dataclass
 class LabelArgs:
@@ -138,32 +141,6 @@ class Args:
             "batch_size": "pairs per micro-batch, all ranks together under torchrun"}
 
 
-def check_args(args: Args) -> None:
-    a, o = args.label, args.optim
-    if a.k < 2:
-        raise InputError(f"--k {a.k}: need at least 2 responses per prompt")
-    if o.batch_size < 1 or o.grad_accum < 1 or args.rm.epochs < 1 or o.warmup < 0:
-        raise InputError("--batch-size, --grad-accum and --epochs must be at least 1, --warmup at least 0")
-    if args.run.fsdp:
-        raise InputError("--fsdp: train_rm.py trains the reward model with DDP only")
-    if not a.preferences and a.labeller == "revision" and not a.sl_traces:
-        raise InputError("--labeller revision needs --sl-traces (train_sl.py's OUT/traces.jsonl)")
-    if not a.preferences and a.labeller == "revision" and not Path(a.sl_traces).is_file():
-        raise InputError(f"{a.sl_traces}: SL-CAI traces file not found (--sl-traces)")
-
-
-def select_prompts(a: LabelArgs, seed: int) -> list[Prompt]:
-    """The train side of data.split over all sources, shuffled by the seed, the first n."""
-    prompts = list({p.text: p for spec in a.prompts or ["builtin-red-team", "builtin-helpful"]
-                    for p in load_prompts(spec)}.values())  # dedupe across sources
-    train, _ = split(prompts, a.held_out_fraction)
-    random.Random(seed).shuffle(train)
-    train = train[:a.n_prompts] if a.n_prompts else train
-    if not train:
-        raise InputError("--prompts: no prompts left after removing the held-out ones")
-    return train
-
-
 def tokenize_pairs(records: list[dict], tok, max_len: int) -> tuple[list[dict], int]:
     """Token ids of both sides of every pair (feedback.reward_input); pairs longer than max_len
     are skipped and counted."""
@@ -189,7 +166,7 @@ def train_step(ddp, opt, pairs, batch, micro, pad_id, device, autocast, d, step:
     / world): after DDP's average the gradient is that of one process's pair-mean loss over the
     whole batch (a repeated pair, only when a micro-batch is smaller than the world, is left out).
     Returns the global loss, accuracy, margin and the gradient norm."""
-    shares = [distributed.rank_share(batch[s:s + micro], d) for s in range(0, len(batch), micro)]
+    shares = [distributed.rank_share(batch[s:s + micro], d) for s in range(0, len(batch), micro)]  # [dist]
     real = torch.cat([torch.arange(len(idx), device=device) < n for idx, n in shares])  # (b,) this rank's
     denom = distributed.loss_denominator(real, d)
     loss_sum, kept = torch.zeros((), device=device), []
@@ -198,7 +175,7 @@ def train_step(ddp, opt, pairs, batch, micro, pad_id, device, autocast, d, step:
             r = rewards(ddp, [pairs[j]["a"] for j in idx] + [pairs[j]["b"] for j in idx], pad_id, device, autocast)
             r_a, r_b, p = r[:len(idx)], r[len(idx):], torch.tensor([pairs[j]["p"] for j in idx], device=device)  # (B,)
             loss = pairwise_loss(r_a[:n], r_b[:n], p[:n], denominator=denom)
-            reported = distributed.all_reduce_sum(loss.detach(), d)  # every rank, before any may stop
+            reported = distributed.all_reduce_sum(loss.detach(), d)  # [dist] every rank, before any may stop
             check_finite(r, "a reward", step)
             check_finite(reported, "the reward-model loss", step)
             loss.backward()
@@ -208,7 +185,7 @@ def train_step(ddp, opt, pairs, batch, micro, pad_id, device, autocast, d, step:
     check_finite(gnorm, "the gradient norm", step)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    ga, gb, gp = distributed.gather_uneven(torch.cat(kept), d).unbind(1)  # (B,) each
+    ga, gb, gp = distributed.gather_uneven(torch.cat(kept), d).unbind(1)  # [dist] (B,) each
     acc = pairwise_accuracy(ga, gb, gp).item()
     return {"loss": loss_sum.item(),
             "accuracy": None if math.isnan(acc) else acc, "grad_norm": gnorm.item(),
@@ -222,11 +199,11 @@ def score_all(model, seqs: list[list[int]], batch_size, pad_id, device, autocast
     was_training = model.training
     model.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    mine = distributed.shard([seqs[i] for i in order], d)
+    mine = distributed.shard([seqs[i] for i in order], d)  # [dist]
     scores = [rewards(model, mine[s:s + batch_size], pad_id, device, autocast)
               for s in tqdm(range(0, len(mine), batch_size), desc="scoring", leave=False, disable=not d.main)]
     model.train(was_training)
-    r = distributed.gather_uneven((torch.cat(scores) if scores else torch.zeros(0, device=device))[:, None], d)[:, 0]
+    r = distributed.gather_uneven((torch.cat(scores) if scores else torch.zeros(0, device=device))[:, None], d)[:, 0]  # [dist]
     return torch.empty_like(r).index_copy_(0, torch.tensor(order, device=r.device), r)  # back to seqs' order
 
 
@@ -257,31 +234,14 @@ def normalise(rm, pairs, batch_size, pad_id, device, autocast, d: distributed.Di
     return {"reward_mean_before_normalising": mean, "reward_std_before_normalising": std, "normalised_on": len(seqs)}
 
 
-def reward_model(rm_dir: Path, rm_init: str, device) -> tuple[ScalarModel, object, bool]:
-    """The checkpoint in rm_dir to resume, else the trunk of rm_init (fp32 master weights) with a
-    new head (N(0, 1/sqrt(C+1))). Returns (model, tokenizer, resuming)."""
-    resuming = (rm_dir / "train_state.json").exists()
-    if resuming:
-        rm, tok, _ = load_scalar_model(rm_dir, device=device)
-    else:
-        trunk, tok, _ = load_model(rm_init, dtype=torch.float32, device=device)
-        rm = ScalarModel(trunk, ScalarHead(trunk.cfg.dim, init_std=1 / math.sqrt(trunk.cfg.dim + 1)).to(device))
-    if rm.trunk.lm_head is not None:
-        # An untied LM head plays no part in the reward (hidden states -> ScalarHead): without a
-        # gradient AdamW never moved it anyway, and frozen it is left out by DDP, which would
-        # otherwise wait for its gradient (or need find_unused_parameters). It is still saved.
-        rm.trunk.lm_head.requires_grad_(False)
-    return rm, tok, resuming
-
-
 def main(argv=None) -> int:
     args = cli.parse(Args, argv, description=__doc__)
     t_start, run, a = time.time(), args.run, args.label
     check_args(args)
     torch.set_num_threads(run.threads or torch.get_num_threads())
     device, dtype = resolve_device(run.device, a.dtype)
-    d = distributed.init(device)
-    device = distributed.rank_device(device, d)
+    d = distributed.init(device)  # [dist]
+    device = distributed.rank_device(device, d)  # [dist]
     # bad input fails before anything is written (else the corrected command would meet a run
     # folder made with the bad file's name in its config)
     if a.preferences:
@@ -291,7 +251,7 @@ def main(argv=None) -> int:
     out, times = Path(run.out), {}
     if d.main:
         prepare_run_dir(out, cli.config(args), run.overwrite, cli.resume_ignored(Args), defaults=cli.defaults(Args))
-    distributed.barrier(d)
+    distributed.barrier(d)  # [dist]
     t0, pref_path = time.time(), Path(a.preferences or out / "preferences.jsonl")
     if not a.preferences:  # stage 1
         times.update(label_pairs(a, run.seed, pref_path, prompts, principles, d, device, dtype))
@@ -310,8 +270,16 @@ def main(argv=None) -> int:
         result = train_reward_model(args, records, pref_path, out / "rm", d, device, times)
     if d.main:
         write_summary(out, args, stats, result, times, t_start)
-    distributed.finish(d)
+    distributed.finish(d)  # [dist]
     return 0
+
+
+def save(rm_dir: Path, rm, tok, opt, step: int, total: int, d, rm_init: str, done: dict | None = None) -> None:
+    """The reward model to rm_dir (train.save_checkpoint: atomic, weights checked finite): with the
+    optimizer state while training, without it once `done` (the final metadata) is given."""
+    save_checkpoint(rm_dir, rm.trunk, tok, opt, step, {"stage": "reward-model", "step": step, "rm_init": rm_init,
+                                                       **(done or {})}, d, with_state=done is None,
+                    extra={"total": total}, heads={"reward": rm.head})
 
 
 def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir: Path, d, device, times: dict) -> dict:
@@ -335,7 +303,7 @@ def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir:
     # resumed run skips exactly the batches it has trained on, whatever the number of ranks.
     lengths = [len(x["a"]) + len(x["b"]) for x in train]
     plan = [b for e in range(ra.epochs) for b in length_buckets(lengths, step_pairs, random.Random(run.seed + e))]
-    ddp = distributed.wrap(rm, d)  # the one module whose forward gives the rewards: DDP averages its gradients
+    ddp = distributed.wrap(rm, d)  # [dist] the one module whose forward gives the rewards: DDP averages its gradients
     # the trunk's parameters, then the head's (the layout of every checkpoint); fused: one kernel (HF Trainer default)
     opt = torch.optim.AdamW(list(rm.parameters()), lr=o.lr, weight_decay=o.weight_decay, fused=True)
     step = load_train_state(rm_dir, opt)["step"] if resuming else 0
@@ -376,27 +344,6 @@ def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir:
     save(rm_dir, rm, tok, opt, step, total, d, rm_init, {"rm_stage": "done", "result": result, "times": times,
                                                          "policy": args.label.policy, "preferences": str(pref_path)})
     return result
-
-
-def save(rm_dir: Path, rm, tok, opt, step: int, total: int, d, rm_init: str, done: dict | None = None) -> None:
-    """The reward model to rm_dir (train.save_checkpoint: atomic, weights checked finite): with the
-    optimizer state while training, without it once `done` (the final metadata) is given."""
-    save_checkpoint(rm_dir, rm.trunk, tok, opt, step, {"stage": "reward-model", "step": step, "rm_init": rm_init,
-                                                       **(done or {})}, d, with_state=done is None,
-                    extra={"total": total}, heads={"reward": rm.head})
-
-
-def write_summary(out: Path, args: Args, stats: dict, result: dict, times: dict, t_start: float) -> None:
-    a = args.label
-    summary = {"held_out_accuracy": result["held_out"]["accuracy"], "held_out_pairs": result["held_out"]["pairs"],
-               "train_accuracy": result["train"]["accuracy"], "train_pairs": result["train"]["pairs"],
-               "held_out_loss": result["held_out"]["loss"], "feedback": stats, "reward_model": result,
-               "seconds": {**times, "this_run": time.time() - t_start}, "policy": a.policy,
-               "feedback_model": a.feedback_model or a.policy, "rm_init": args.rm.rm_init or a.policy, "cot": a.cot}
-    atomic_write_json(out / "summary.json", summary)
-    print(json.dumps({k: summary[k] for k in ("held_out_accuracy", "held_out_pairs", "train_accuracy")}
-                     | {"order_agreement": stats["order_agreement"], "dropped_identical": stats["dropped_identical"],
-                        "seconds": summary["seconds"]}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ prompts are skipped and SFT continues from OUT/ckpt.
 The SFT loss is losses.sft_loss on the model's logits; --fused-ce computes the same loss without
 them (infra/fast.FusedSFTLoss; bench/bench_train.py compares the two). Under torchrun
 (infra/distributed.py) a micro-batch of --batch-size sequences is split over the ranks, so any
-number of processes trains the model one process would.
+number of processes trains the model one process would. Lines marked `# [dist]` exist for torchrun alone (in one process they change nothing): skip them
+on a first reading.
 """
 from __future__ import annotations
 
@@ -116,12 +117,12 @@ def generate_traces(args: Args, model, tok, critic, prompts: list, constitution,
     model.eval()
     with torch.no_grad():
         finished = load_done(trace)  # read once, not once per prompt
-        mine = [p for p in distributed.shard(prompts, d) if p.id not in finished]
+        mine = [p for p in distributed.shard(prompts, d) if p.id not in finished]  # [dist]
         run_slcai(model, tok, mine, constitution, trace if d.world == 1 else out / f"traces.rank{d.rank}.jsonl",
                   rounds=args.rounds, fmt=args.format, few_shot=args.few_shot, batch_size=args.gen_batch_size,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.run.seed,
                   critic=critic)
-    distributed.barrier(d)
+    distributed.barrier(d)  # [dist]
     if d.world > 1 and d.main:  # merge the shards into traces.jsonl, in prompt order
         done = load_done(trace)
         for r in range(d.world):
@@ -129,7 +130,7 @@ def generate_traces(args: Args, model, tok, critic, prompts: list, constitution,
         atomic_write_text(trace, "".join(json.dumps(done[p.id], ensure_ascii=False) + "\n" for p in prompts))
         for r in range(d.world):
             (out / f"traces.rank{r}.jsonl").unlink(missing_ok=True)
-    distributed.barrier(d)
+    distributed.barrier(d)  # [dist]
     done = load_done(trace)
     return [done[p.id] for p in prompts]
 
@@ -160,7 +161,7 @@ def sft_data(records: list[dict], tok, args: Args, trace: Path) -> tuple[list, l
 def sft_net(model, d: distributed.Dist, args: Args) -> torch.nn.Module:
     """What the SFT step calls: the model (its forward gives logits for losses.sft_loss) or, with
     --fused-ce, FusedSFTLoss(model) (its forward gives the summed loss), wrapped for DDP/FSDP."""
-    return distributed.wrap(FusedSFTLoss(model) if args.fused_ce else model, d, fsdp=args.run.fsdp)
+    return distributed.wrap(FusedSFTLoss(model) if args.fused_ce else model, d, fsdp=args.run.fsdp)  # [dist]
 
 
 def batch_loss(net, examples, idx, pad_id: int, autocast, d: distributed.Dist, n_real: int | None = None,
@@ -182,7 +183,7 @@ def batch_loss(net, examples, idx, pad_id: int, autocast, d: distributed.Dist, n
             loss = net(ids, att, mask) / denominator  # the summed NLL, through the fused LM head
         else:
             loss = sft_loss(net(ids, att)[:, :-1], ids[:, 1:], mask[:, 1:], denominator)  # (B, T-1, V) logits
-    return loss, distributed.all_reduce_sum(loss.detach(), d) / d.world
+    return loss, distributed.all_reduce_sum(loss.detach(), d) / d.world  # [dist]
 
 
 def micro_batches(train: list, global_batch: int, seed: int, d: distributed.Dist):
@@ -192,7 +193,7 @@ def micro_batches(train: list, global_batch: int, seed: int, d: distributed.Dist
     e = 0
     while True:
         for idx in length_buckets([len(x[0]) for x in train], global_batch, random.Random(seed + e)):
-            yield distributed.rank_share(idx, d)
+            yield distributed.rank_share(idx, d)  # [dist]
         e += 1
 
 
@@ -285,8 +286,8 @@ def main(argv=None) -> int:
     if args.run.threads:
         torch.set_num_threads(args.run.threads)
     device, dtype = resolve_device(args.run.device, "float32" if args.dtype == "auto" else args.dtype)
-    d = distributed.init(device)
-    device = distributed.rank_device(device, d)
+    d = distributed.init(device)  # [dist]
+    device = distributed.rank_device(device, d)  # [dist]
     torch.manual_seed(args.run.seed)
     t0 = time.time()
     constitution = load_constitution(args.constitution, args.comparisons)  # bad input fails before
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
     out = Path(args.run.out)
     if d.main:
         prepare_run_dir(out, cli.config(args), args.run.overwrite, cli.resume_ignored(Args), defaults=cli.defaults(Args))
-    distributed.barrier(d)
+    distributed.barrier(d)  # [dist]
     model, tok, _ = load_model(args.model, dtype=dtype, device=device)
     sft_done = (out / "model" / "config.json").exists() and (out / "sft_summary.json").exists()
     critic = None
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
     if args.skip_sft or sft_done:
         if sft_done and not args.skip_sft and d.main:
             print(f"SFT already done: {out / 'model'}")
-        distributed.finish(d)
+        distributed.finish(d)  # [dist]
         return 0
 
     train, val = sft_data(records, tok, args, out / "traces.jsonl")  # stage 2
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
     if d.main:
         atomic_write_json(out / "sft_summary.json", summary)
         print(json.dumps(summary))
-    distributed.finish(d)
+    distributed.finish(d)  # [dist]
     return 0
 
 

@@ -11,7 +11,8 @@ import torch
 import train_rm
 from conftest import Killed, kill_after
 from minicai.infra import labelling
-from minicai.infra.checkpoint import load_scalar_model
+from minicai.infra.checkpoint import load_model, load_scalar_model
+from minicai.infra.data import Prompt, split
 from minicai.feedback import reward_input
 from minicai.model import ScalarModel, last_token_scores
 from minicai.model import ScalarHead
@@ -175,7 +176,7 @@ def test_end_to_end_feedback_then_reward_model(tiny_gguf, tmp_path, monkeypatch)
         summary["feedback"]["dropped_identical"] == 10
     assert summary["train_pairs"] + summary["held_out_pairs"] == len(recs)
     assert set(summary["seconds"]) >= {"feedback_s", "reward_model_s", "normalise_s"}
-    held = set(train_rm.split([train_rm.Prompt(r["prompt"], "", "red-team") for r in recs], 0.2)[1])
+    held = set(split([Prompt(r["prompt"], "", "red-team") for r in recs], 0.2)[1])
     assert not held  # the project's evaluation prompts are never used
     assert (out / "rm" / "reward_head.safetensors").exists()
     with pytest.raises(InputError, match="field 'n_prompts'"):  # a changed config is refused
@@ -237,7 +238,7 @@ def test_train_step_accumulates_to_the_whole_batch_step(tiny_gguf, tmp_path):
         rows.append(row)
     assert rows[0]["grad_norm"] == pytest.approx(rows[1]["grad_norm"], rel=1e-5)
     moved = 0.0
-    base, _, _ = train_rm.load_model(str(tiny_gguf))
+    base, _, _ = load_model(str(tiny_gguf))
     for (name, x), (_, y) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
         if name.startswith("trunk.") and name[6:] in base.state_dict():
