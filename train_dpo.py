@@ -3,7 +3,7 @@
     python train_dpo.py --preferences runs/rm/preferences.jsonl --policy runs/sl/model --out runs/dpo
     torchrun --nproc_per_node 4 train_dpo.py ...    (data-parallel: minicai/infra/distributed.py)
 
-Data. The preferences JSONL that train_rm.py writes (minicai/feedback.py): prompt, response_a,
+Data. The preferences JSONL that train_rm.py writes (minicai/infra/labelling.py): prompt, response_a,
 response_b and the soft label p_a = P(response_a is better), from the labeller's order-swapped,
 principle-ensembled multiple-choice answers. Files with only TRL's chosen/rejected (strings with a
 "prompt" field, or message lists with the prompt as the first user turn) work too, with p = 1.
@@ -43,7 +43,6 @@ import math
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +55,9 @@ from minicai.infra import cli, distributed
 from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
 from minicai.infra.data import split_pairs
 from minicai.infra.files import read_preferences
-from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at,
-                                 prepare_run_dir, run_cli, save_checkpoint, warmup_steps)
-from minicai.infra.utils import InputError, atomic_write_bytes, atomic_write_json, resolve_device
+from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, length_buckets, lr_at,
+                                 open_run, run_cli, save_checkpoint, save_final, start, warmup_steps)
+from minicai.infra.utils import InputError, atomic_write_bytes, atomic_write_json
 from minicai.losses import dpo_loss, dpo_statistics
 from minicai.rl import logprobs_from_logits
 from minicai.sample import pad
@@ -247,12 +246,7 @@ def run_dpo(args: Args, model, tok, train: list, val: list, out: Path, resuming:
     # parameter list is taken after wrapping); every parameter gets a gradient (the LM head gives
     # the log-probs). Fused AdamW (HF Trainer's default) unless the parameters are DTensors.
     net = distributed.wrap(model, d, fsdp=args.run.fsdp)  # [dist]
-    opt = torch.optim.AdamW(net.parameters(), lr=args.optim.lr, weight_decay=args.optim.weight_decay,
-                            fused=not args.run.fsdp)
-    apply = (lambda sd: distributed.load_full_optimizer_state(model, opt, sd)) if args.run.fsdp else None
-    step = load_train_state(ckpt, opt, apply)["step"] if resuming else 0
-    if resuming and d.main:
-        print(f"resuming DPO at step {step}/{total} from {ckpt}")
+    opt, step = adamw_resumed(net, model, args.optim, ckpt, resuming, d, args.run.fsdp, what="DPO", total=total)
     log = MetricsLog(out / "dpo_metrics.jsonl", resume_step=step if step else None) if d.main else None
 
     def save(folder, s, with_state):
@@ -279,9 +273,7 @@ def run_dpo(args: Args, model, tok, train: list, val: list, out: Path, resuming:
         if step % args.run.save_every == 0 and step < total:
             save(ckpt, step, True)
     bar.close()
-    model.eval()
-    save(ckpt, step, True)
-    save(out / "model", step, False)
+    save_final(save, model, ckpt, out, step)
     return step
 
 
@@ -294,17 +286,10 @@ def main(argv=None) -> int:
         raise InputError(f"--beta must be > 0, got {args.beta}")
     if not 0.0 <= args.label_smoothing < 0.5:
         raise InputError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    if args.run.threads:
-        torch.set_num_threads(args.run.threads)
-    device, dtype = resolve_device(args.run.device, "float32" if args.dtype == "auto" else args.dtype)
-    d = distributed.init(device)  # [dist]
-    device = distributed.rank_device(device, d)  # [dist]
+    device, dtype, d = start(args.run, "float32" if args.dtype == "auto" else args.dtype)  # [dist] process group
     records = read_preferences(Path(args.preferences))  # bad input fails before anything is written
-    out = Path(args.run.out)
-    if d.main:
-        prepare_run_dir(out, cli.config(args), args.run.overwrite, cli.resume_ignored(Args), defaults=cli.defaults(Args))
-    distributed.barrier(d)  # [dist]
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.run.bf16 else nullcontext
+    out = open_run(args, Args, d)
+    autocast = bf16_autocast(device, args.run.bf16)
     torch.manual_seed(args.run.seed)
     ckpt, final = out / "ckpt", out / "model"
     if (final / "config.json").exists() and (out / "dpo_summary.json").exists():

@@ -48,24 +48,21 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from minicai.infra import cli, distributed
+from minicai.infra import cli, distributed, train
 from minicai.infra.checkpoint import EMBEDDED_NAME
 from minicai.infra.ppo import (EOS_PENALTY_MODES, Models, Rollout, check_config, end_of_turn_id, gather_generation,
                                global_whiten_stats, iteration_metrics, load_checkpoint, load_models,
                                missing_eos_penalty, prompt_batch, response_forward, response_values,
                                reward_model_input, save_checkpoint, show_samples, token_reward, train_prompts,
                                write_summary)
-from minicai.infra.train import MetricsLog, check_finite, prepare_run_dir, run_cli
-from minicai.infra.utils import resolve_device
+from minicai.infra.train import MetricsLog, check_finite, open_run, run_cli
 from minicai.model import last_token_scores
-from minicai.infra.fast import gae_vectorized
-from minicai.rl import (REWARD_AT, KLController, gae_mask, kl_loss, kl_per_token, masked_mean,
+from minicai.rl import (REWARD_AT, KLController, gae, gae_mask, kl_loss, kl_per_token, masked_mean,
                         masked_whiten, per_token_rewards, policy_loss, value_loss)
 from minicai.sample import generate, stable_seed
 
@@ -233,7 +230,7 @@ def advantages(r: Rollout, beta: float, args: Args, d) -> tuple[Tensor, Tensor, 
     """Steps 4-5 on the b rows of r (score, logprobs, ref_logprobs, values filled in).
     4. Ziegler et al. 2019 eq. 2 (rl.per_token_rewards): r_t = -beta * KL_t on real tokens (none with
        --kl-penalty loss), + the score at one column (rl.score_index); --whiten-rewards scales them.
-    5. GAE, Schulman et al. 2016 eq. 16 (infra.fast.gae_vectorized, the fast twin of rl.gae): delta_t = r_t + gamma V_{t+1} - V_t,
+    5. GAE, Schulman et al. 2016 eq. 16 (rl.gae, the backward loop; infra.fast.gae_vectorized is its tested matmul twin): delta_t = r_t + gamma V_{t+1} - V_t,
        A_t = delta_t + gamma lam A_{t+1}, V = 0 after the last token; returns = A + V; --whiten-advantages
        batch (TRL) whitens A. Returns (kl, gae_mask, rewards, advantages, returns), (b, G) each."""
     k, a = args.kl, args.adv
@@ -244,7 +241,7 @@ def advantages(r: Rollout, beta: float, args: Args, d) -> tuple[Tensor, Tensor, 
     if k.whiten_rewards:  # OpenAI: scale only, the mean is added back
         rewards = masked_whiten(rewards, gmask, shift_mean=False, unbiased=unbiased,
                                 stats=global_whiten_stats(rewards, gmask, d, unbiased))  # [dist] stats
-    adv, returns = gae_vectorized(rewards, r.values, gmask, a.gamma, a.lam)  # (b, G), (b, G)
+    adv, returns = gae(rewards, r.values, gmask, a.gamma, a.lam)  # (b, G), (b, G)
     if a.whiten_advantages == "batch":
         adv = masked_whiten(adv, r.mask, unbiased=unbiased,
                             stats=global_whiten_stats(adv, r.mask, d, unbiased))  # [dist] stats
@@ -311,18 +308,11 @@ def update(m: Models, ddp, opt, r: Rollout, beta: float, it: int, args: Args, d)
 
 def main(argv=None) -> int:
     args = cli.parse(Args, argv, description=__doc__)
-    device, _ = resolve_device(args.run.device, "float32")
-    d = distributed.init(device)  # [dist] single process unless started by torchrun
-    device = distributed.rank_device(device, d)  # [dist]
+    device, _, d = train.start(args.run)  # [dist] the process group: a single process unless started by torchrun
     check_config(cli.config(args), d.world)
-    if args.run.threads:
-        torch.set_num_threads(args.run.threads)
     prompts = train_prompts(args.models.prompts, args.models.held_out_fraction)  # before the run folder
-    out, ckpt, B, n_it = Path(args.run.out), Path(args.run.out) / "ckpt", args.optim.batch_size, args.rollout.iterations
-    if d.main:
-        prepare_run_dir(out, cli.config(args), args.run.overwrite, cli.resume_ignored(Args),
-                        defaults=cli.defaults(Args))
-    distributed.barrier(d)  # [dist]
+    out, B, n_it = open_run(args, Args, d), args.optim.batch_size, args.rollout.iterations
+    ckpt = out / "ckpt"
     a = args.models
     m = load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model, device)
     ddp = distributed.wrap(m.trained, d)  # [dist] DDP under torchrun; the module itself in one process

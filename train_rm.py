@@ -1,4 +1,3 @@
-
 """RL-CAI, first half: AI-feedback preference labels, then a reward model (Bai et al. 2022, §4.1).
 
     python train_rm.py --policy runs/sl/model --feedback-model runs/sl/model --out runs/rm
@@ -55,9 +54,9 @@ from minicai.infra.rm import check_args, reward_model, select_prompts, write_sum
 from minicai.infra.checkpoint import EMBEDDED_NAME
 from minicai.infra.data import split_pairs
 from minicai.infra.files import read_preferences
-from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, prepare_run_dir,
-                                 run_cli, save_checkpoint, warmup_steps)
-from minicai.infra.utils import InputError, resolve_device
+from minicai.infra.train import (MetricsLog, bf16_autocast, check_finite, length_buckets, load_train_state, lr_at,
+                                 open_run, run_cli, save_checkpoint, start, warmup_steps)
+from minicai.infra.utils import InputError
 from minicai.losses import pairwise_accuracy, pairwise_loss
 from minicai.model import last_token_scores
 from minicai.sample import pad
@@ -238,20 +237,14 @@ def main(argv=None) -> int:
     args = cli.parse(Args, argv, description=__doc__)
     t_start, run, a = time.time(), args.run, args.label
     check_args(args)
-    torch.set_num_threads(run.threads or torch.get_num_threads())
-    device, dtype = resolve_device(run.device, a.dtype)
-    d = distributed.init(device)  # [dist]
-    device = distributed.rank_device(device, d)  # [dist]
+    device, dtype, d = start(run, a.dtype)  # [dist] process group
     # bad input fails before anything is written (else the corrected command would meet a run
     # folder made with the bad file's name in its config)
     if a.preferences:
         read_preferences(Path(a.preferences))
     else:
         principles, prompts = load_constitution(a.constitution, a.comparisons).principles, select_prompts(a, run.seed)
-    out, times = Path(run.out), {}
-    if d.main:
-        prepare_run_dir(out, cli.config(args), run.overwrite, cli.resume_ignored(Args), defaults=cli.defaults(Args))
-    distributed.barrier(d)  # [dist]
+    out, times = open_run(args, Args, d), {}
     t0, pref_path = time.time(), Path(a.preferences or out / "preferences.jsonl")
     if not a.preferences:  # stage 1
         times.update(label_pairs(a, run.seed, pref_path, prompts, principles, d, device, dtype))
@@ -313,7 +306,7 @@ def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir:
         print(f"reward model: {len(train)} training pairs, {len(val)} held-out pairs ({skipped} too long), "
               f"{total} steps")
     log = MetricsLog(rm_dir.parent / "metrics.jsonl", resume_step=step if step else None) if d.main else None
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if run.bf16 else nullcontext
+    autocast = bf16_autocast(device, run.bf16)
     rm.train()
     bar = tqdm(total=total, initial=step, desc="reward model", unit="step", disable=not d.main)
     while step < total:

@@ -22,7 +22,6 @@ import math
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
 from minicai.infra.constitution_files import load_constitution
 from minicai.infra.data import Prompt, load_prompts, mix, split
 from minicai.infra.fast import FusedSFTLoss
-from minicai.infra.train import (MetricsLog, check_finite, length_buckets, load_train_state, lr_at, prepare_run_dir,
-                                 run_cli, save_checkpoint, to_device, warmup_steps)
+from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, length_buckets, lr_at,
+                                 open_run, run_cli, save_checkpoint, save_final, start, to_device, warmup_steps)
 from minicai.infra.utils import InputError, atomic_write_json, atomic_write_text, resolve_device
 from minicai.losses import sft_loss
 from minicai.sample import pad
@@ -237,17 +236,9 @@ def run_sft(args: Args, model, tok, train: list, val: list, out: Path, d: distri
         model = load_model(str(ckpt), dtype=dtype, device=device)[0]
     model.train()
     net = sft_net(model, d, args)
-    # fused AdamW (one kernel over all parameters; HF Trainer's default on torch >= 2.8); FSDP's
-    # sharded DTensor parameters take the default implementation
-    opt = torch.optim.AdamW(net.parameters(), lr=args.optim.lr, weight_decay=args.optim.weight_decay,
-                            betas=(0.9, 0.95), fused=not args.run.fsdp)
-    if resuming:
-        apply = (lambda sd: distributed.load_full_optimizer_state(model, opt, sd)) if args.run.fsdp else None
-        step = load_train_state(ckpt, opt, apply)["step"]
-        if d.main:
-            print(f"resuming SFT at step {step}/{total} from {ckpt}")
+    opt, step = adamw_resumed(net, model, args.optim, ckpt, resuming, d, args.run.fsdp, (0.9, 0.95), "SFT", total)
     log = MetricsLog(out / "sft_metrics.jsonl", resume_step=step if step else None) if d.main else None
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.run.bf16 else nullcontext
+    autocast = bf16_autocast(device, args.run.bf16)
 
     def save(folder, s, with_state):
         save_checkpoint(folder, model, tok, opt, s, {"stage": "sl-cai", "base": args.model, "step": s}, d,
@@ -273,9 +264,7 @@ def run_sft(args: Args, model, tok, train: list, val: list, out: Path, d: distri
         if step % args.run.save_every == 0 and step < total:
             save(ckpt, step, True)
     bar.close()
-    model.eval()
-    save(ckpt, step, True)
-    save(out / "model", step, False)
+    save_final(save, model, ckpt, out, step)
     return {"train_examples": len(train), "val_examples": len(val), "steps": step, "first_loss": first_loss,
             "final_val_loss": evaluate(net, val, tok.pad_id, args.optim.batch_size, autocast, args.fused_ce)
             if val else None}
@@ -283,19 +272,12 @@ def run_sft(args: Args, model, tok, train: list, val: list, out: Path, d: distri
 
 def main(argv=None) -> int:
     args = cli.parse(Args, argv, description=__doc__)
-    if args.run.threads:
-        torch.set_num_threads(args.run.threads)
-    device, dtype = resolve_device(args.run.device, "float32" if args.dtype == "auto" else args.dtype)
-    d = distributed.init(device)  # [dist]
-    device = distributed.rank_device(device, d)  # [dist]
+    device, dtype, d = start(args.run, "float32" if args.dtype == "auto" else args.dtype)  # [dist] process group
     torch.manual_seed(args.run.seed)
     t0 = time.time()
     constitution = load_constitution(args.constitution, args.comparisons)  # bad input fails before
     prompts = select_prompts(args)  # anything is written
-    out = Path(args.run.out)
-    if d.main:
-        prepare_run_dir(out, cli.config(args), args.run.overwrite, cli.resume_ignored(Args), defaults=cli.defaults(Args))
-    distributed.barrier(d)  # [dist]
+    out = open_run(args, Args, d)
     model, tok, _ = load_model(args.model, dtype=dtype, device=device)
     sft_done = (out / "model" / "config.json").exists() and (out / "sft_summary.json").exists()
     critic = None

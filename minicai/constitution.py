@@ -109,14 +109,6 @@ def revision_request_text(p: Principle) -> str:
     return f"\n\nRevisionRequest: {p.revision}\n\nRevision:"
 
 
-def few_shot_text(shot: FewShot, p: Principle) -> str:
-    """One few-shot example as a complete transcript: human turn, assistant turn, critique
-    request and critique, revision request and revision."""
-    return (f"\n\nHuman: {shot.prompt}\n\nAssistant: {shot.response}"
-            f"{critique_request_text(p)} {shot.critique}"
-            f"{revision_request_text(p)} {shot.revision}")
-
-
 def feedback_prompt(conversation: str, principle_comparison: str, option_a: str, option_b: str) -> str:
     """The multiple-choice prompt of the feedback model (paper §4.1), laid out as in the released
     evals/438HHHEvaluations.jsonl:

@@ -69,6 +69,8 @@ from .model import Transformer, last_real_index
 from .sample import generate, pad, stable_seed
 from .infra.tokenizer import ChatTokenizer
 from .infra.utils import InputError
+from .infra.yardstick import outcome
+from .metrics import continuation_logprobs
 
 ANSWER_CUE = "The answer is:"
 """Ends feedback_prompt(); we move it from the user message to the start of the assistant turn."""
@@ -226,8 +228,6 @@ def reply_logprob_means(model: Transformer, tok: ChatTokenizer, items: list[tupl
     marker), for items (system prompt, user text, reply), in the model's chat format. Equal items
     are scored once, and the batches depend only on the set of items, so equal inputs give equal
     outputs; the LM head runs in fp32 (metrics.continuation_logprobs)."""
-    from .metrics import continuation_logprobs
-
     uniq = sorted(set(items))  # a canonical order: the batches depend only on the SET of items, so a
     pairs = []                 # pair asked in the other order is scored in exactly the same batches
     for system, user, reply in uniq:
@@ -398,8 +398,6 @@ def revision_filter(initial: str, final: str, harmful: bool = True) -> str | Non
       2. the revision equals the initial response up to case and whitespace;
       3. on a harmful prompt, the initial response was already an explained refusal and the
          revision is not one (yardstick.outcome): the revision made it worse, not better."""
-    from .infra.yardstick import outcome
-
     if not final.strip():
         return "empty revision"
     if _norm(initial) == _norm(final):
@@ -429,7 +427,7 @@ def revision_pairs(traces: list[dict], seed: int = 0) -> tuple[list[dict], list[
     return rows, dropped
 
 
-# ------------------------------------------------------------------------------ preferences file
+# ------------------------------------------------------------------------------ drawing principles, reward-model inputs
 def draw(pool: list, m: int, *seed_parts) -> list:
     """min(m, len(pool)) items of `pool` without replacement, from a rng seeded with
     stable_seed(*seed_parts): the one way every stage draws the principles of a pair or an item."""

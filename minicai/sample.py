@@ -56,7 +56,8 @@ class Generation:
 def stable_seed(*parts) -> int:
     """A 48-bit seed from any parts (ints, strings), stable across runs, machines and Python's
     hash randomisation: the first 6 bytes of SHA-256 of the parts joined by ':'. Every per-prompt
-    and per-row seed of the project comes from here."""
+    and per-row seed a stage passes to the sampler comes from here; inside generate, the n
+    samples of one such seed draw from streams derived from it (_row_generators)."""
     return int.from_bytes(hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()[:6], "big")
 
 

@@ -122,7 +122,7 @@ def build_parser(cls, description: str | None = None, prog: str | None = None) -
                     kw["required"] = True
                 if "metavar" in md:
                     kw["metavar"] = md["metavar"]
-            group.add_argument(flag, *md.get("aliases", ()), **kw)
+            group.add_argument(flag, **kw)
 
     add(p, cls, cls())
     return p

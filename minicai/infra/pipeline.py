@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     if not args.no_dpo:
         dpo = out / "dpo"
         run_stage("dpo", ["train_dpo.py", "--out", str(dpo), "--preferences", str(rm / "preferences.jsonl"),
-                          "--policy", str(sl), "--seed", str(args.seed), "--device", args.device],
+                          "--policy", str(sl), "--pair-val-fraction", str(args.pair_val_fraction),
+                          "--seed", str(args.seed), "--device", args.device],
                   dpo / "model" / "config.json", log, out, args.dry_run)
         policies["dpo"] = str(dpo / "model")
 

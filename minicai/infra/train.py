@@ -171,15 +171,75 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, apply=None)
     return meta
 
 
+def start(run, dtype: str = "float32"):
+    """A script's first lines, from its cli.RunArgs: torch's CPU threads (--threads), the device
+    and the weight dtype (utils.resolve_device), the process group under torchrun. Returns
+    (device, dtype, d): this rank's device, a torch dtype, a distributed.Dist."""
+    from . import distributed
+    from .utils import resolve_device
+
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    device, dt = resolve_device(run.device, dtype)
+    d = distributed.init(device)
+    return distributed.rank_device(device, d), dt, d
+
+
+def open_run(args, cls, d) -> Path:
+    """Rank 0 makes or checks the run folder args.run.out (prepare_run_dir with the config
+    dataclass cls: its config, resume-ignored fields and defaults); every rank waits. Returns it."""
+    from . import cli, distributed
+
+    out = Path(args.run.out)
+    if d.main:
+        prepare_run_dir(out, cli.config(args), args.run.overwrite, cli.resume_ignored(cls), defaults=cli.defaults(cls))
+    distributed.barrier(d)
+    return out
+
+
+def bf16_autocast(device: torch.device, on: bool):
+    """A context factory: bf16 autocast on `device` (--bf16; the weights stay fp32), else nothing."""
+    from contextlib import nullcontext
+
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if on else nullcontext
+
+
+def adamw_resumed(net, model, optim, ckpt: Path, resuming: bool, d, fsdp: bool = False, betas=(0.9, 0.999),
+                  what: str = "training", total: int | None = None):
+    """AdamW over net's parameters (fused: one kernel, HF Trainer's default on torch >= 2.8; FSDP's
+    sharded DTensor parameters take the default implementation), with its state and step restored
+    from ckpt when resuming (FSDP re-shards the full state: distributed.load_full_optimizer_state).
+    optim: a cli.OptimArgs; what, total: for the 'resuming WHAT at step S/TOTAL' line. Returns
+    (optimizer, step)."""
+    from . import distributed
+
+    opt = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, betas=betas,
+                            fused=not fsdp)
+    if not resuming:
+        return opt, 0
+    apply = (lambda sd: distributed.load_full_optimizer_state(model, opt, sd)) if fsdp else None
+    step = load_train_state(ckpt, opt, apply)["step"]
+    if d.main:
+        print(f"resuming {what} at step {step}/{total} from {ckpt}")
+    return opt, step
+
+
+def save_final(save, model, ckpt: Path, out: Path, step: int) -> None:
+    """The end of training: save(folder, step, with_state) to the resumable checkpoint (with the
+    optimizer state) and to OUT/model (weights only)."""
+    model.eval()
+    save(ckpt, step, True)
+    save(out / "model", step, False)
+
+
 def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_keys_ignored=("device", "dtype"),
-                    parser=None, defaults: dict | None = None) -> Path:
+                    defaults: dict | None = None) -> Path:
     """Create `out` and record the config in out/config.json. A folder made by a different config
     is refused (one line naming the first differing field) unless overwrite is set, so a resumed
     run never mixes two configurations. Keys in resume_keys_ignored may differ between runs.
-    parser (the script's argparse parser): a flag that the folder's config lacks (the run was
-    started by a version without it) is accepted at its default value, which keeps the old
-    behaviour; any other value is a difference. defaults (cli.defaults(Args)): the same, from
-    a config dataclass instead of a parser."""
+    defaults (cli.defaults(Args)): a field that the folder's config lacks (the run was started by a
+    version without it) is accepted at its default value, which keeps the old behaviour; any other
+    value is a difference."""
     import shutil
 
     out = Path(out)
@@ -194,10 +254,8 @@ def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_key
         for k in sorted(set(old) | set(config)):
             if k in resume_keys_ignored:
                 continue
-            if k not in old and parser is not None and config.get(k) == parser.get_default(k):
-                continue  # a flag added since this run began, at its default
             if k not in old and defaults is not None and k in defaults and config.get(k) == defaults[k]:
-                continue
+                continue  # a flag added since this run began, at its default
             if old.get(k) != config.get(k):
                 raise InputError(f"{path}: field '{k}' was {old.get(k)!r} in the run in this folder, now "
                                  f"{config.get(k)!r}; use another --out or pass --overwrite to start over")

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import one_line_error  # noqa: E402
 
-from minicai.constitution import ANSWERS, GENERIC_COMPARISON, Constitution, FewShot, Principle, critique_request_text, feedback_prompt, few_shot_text, revision_request_text
+from minicai.constitution import ANSWERS, GENERIC_COMPARISON, Constitution, FewShot, Principle, critique_request_text, feedback_prompt, revision_request_text
 from minicai.infra.constitution_files import load_constitution
 
 
@@ -191,9 +191,12 @@ def test_critique_and_revision_request_text():
     assert revision_request_text(P) == "\n\nRevisionRequest: Make it polite.\n\nRevision:"
 
 
-def test_few_shot_text():
+def test_few_shot_events_render_as_the_released_transcript():
+    """slcai.few_shot_events puts a constitution's worked examples in front of every transcript;
+    in the paper layout they read as the released CritiqueRevisionFewShotPrompts.json does."""
+    from minicai.slcai import few_shot_events, render_paper
     shot = FewShot("Hi?", "Go away.", "It is rude.", "Hello! How can I help?", "p")
-    assert few_shot_text(shot, P) == (
+    assert render_paper(few_shot_events(Constitution("t", [P], [shot], "test"))) == (
         "\n\nHuman: Hi?\n\nAssistant: Go away."
         "\n\nCritiqueRequest: Is it rude?\n\nCritique: It is rude."
         "\n\nRevisionRequest: Make it polite.\n\nRevision: Hello! How can I help?")

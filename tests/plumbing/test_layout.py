@@ -52,6 +52,7 @@ def test_every_walkthrough_row_names_a_function_a_loop_line_and_a_test_that_exis
     path, line = first_code(loop).split(": ", 1)
     text = (ROOT / path).read_text(encoding="utf-8")
     assert line.replace("\\|", "|") in text, f"{path} has no line {line!r}"
+    assert re.search(rf"\b{re.escape(name.split('.')[-1])}\(", line), f"the loop line does not call {name}: {line!r}"
     test_path, test_name = first_code(test).split("::")
     assert test_name in defined(ROOT / test_path), f"{test_path} has no {test_name}"
 
