@@ -8,7 +8,8 @@ from pathlib import Path
 from .utils import InputError, append_text, atomic_write_text
 
 
-def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: bool = False) -> list:
+def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: bool = False,
+               skipped: list | None = None) -> list:
     """The object of every non-blank line of a UTF-8 JSON-lines file ((line number, object) pairs
     with numbered=True); [] if the file does not exist. torn_tail says what happens to a last line that is not valid JSON and has no
     newline after it, i.e. a write cut off by a crash, a full disk or a power cut:
@@ -17,7 +18,9 @@ def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: b
       'repair'  it is left out and the file is rewritten without it, atomically (before a resume
                 appends to the file)
     Any other bad line, or a line that is not a JSON object, is one InputError naming the file and
-    the line, with `hint` (say, '; delete the file to regenerate') at the end."""
+    the line, with `hint` (say, '; delete the file to regenerate') at the end; or, with a list
+    `skipped` (the report, which shows whatever a run folder holds), its line number goes there,
+    the line is left out, and bytes that are not UTF-8 are replaced."""
     path = Path(path)
     if not path.exists():
         return []
@@ -25,7 +28,7 @@ def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: b
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
         data = data[3:]
     try:
-        lines = data.decode("utf-8").split("\n")
+        lines = data.decode("utf-8", errors="strict" if skipped is None else "replace").split("\n")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise InputError(f"{path}: line {line}: not valid UTF-8 (byte {e.start}){hint}") from None
@@ -39,8 +42,14 @@ def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: b
             if n == len(lines) and torn_tail != "error":  # no newline after it: a torn write
                 torn = True
                 break
+            if skipped is not None:
+                skipped.append(n)
+                continue
             reason = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
             raise InputError(f"{path}: line {n}: not valid JSON ({reason}){hint}") from None
+        if not isinstance(row, dict) and skipped is not None:
+            skipped.append(n)
+            continue
         if not isinstance(row, dict):
             raise InputError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}{hint}")
         rows.append((n, row))

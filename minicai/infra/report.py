@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from .files import read_jsonl as read_jsonl_file
 from .evaluate import policy_names
 from .utils import InputError, atomic_write_text, first_line
 
@@ -64,29 +65,17 @@ def fmt(x) -> str:
 
 # ------------------------------------------------------------------------------ reading
 def read_jsonl(path: Path, notes: list[str], limit: int | None = None) -> list[dict]:
-    """JSON objects of a JSONL file; bad lines are skipped and noted (a torn last line is normal)."""
-    rows = []
+    """JSON objects of a JSONL file (files.read_jsonl); bad lines are skipped and noted (a torn
+    last line is normal: a run may still be writing)."""
+    bad: list[int] = []
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = read_jsonl_file(path, "drop", skipped=bad)
     except OSError as e:
         notes.append(f"{path}: unreadable ({e})")
-        return rows
-    bad = 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(obj, dict):
-            rows.append(obj)
-        if limit is not None and len(rows) >= limit:
-            break
+        return []
     if bad:
-        notes.append(f"{path}: skipped {bad} line(s) that are not valid JSON")
-    return rows
+        notes.append(f"{path}: skipped {len(bad)} line(s) that are not valid JSON")
+    return rows[:limit] if limit is not None else rows
 
 
 def read_json(path: Path, notes: list[str]):
