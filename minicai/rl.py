@@ -332,6 +332,8 @@ class KLController:
         self.value, self.target, self.horizon = float(value), target, horizon
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        """After a batch of n_steps episodes whose mean KL was current_kl: the new beta (the
+        formula above; unchanged with a fixed beta)."""
         if self.target is not None:
             e = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + e * n_steps / self.horizon
