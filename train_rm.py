@@ -54,7 +54,7 @@ from minicai.infra.rm import check_args, reward_model, select_prompts, write_sum
 from minicai.infra.checkpoint import EMBEDDED_NAME
 from minicai.infra.data import split_pairs
 from minicai.infra.files import read_preferences
-from minicai.infra.train import (MetricsLog, bf16_autocast, check_finite, length_buckets, load_train_state, lr_at,
+from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, length_buckets, lr_at,
                                  open_run, run_cli, save_checkpoint, start, warmup_steps)
 from minicai.infra.utils import InputError
 from minicai.losses import pairwise_accuracy, pairwise_loss
@@ -298,10 +298,7 @@ def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir:
     plan = [b for e in range(ra.epochs) for b in length_buckets(lengths, step_pairs, random.Random(run.seed + e))]
     ddp = distributed.wrap(rm, d)  # [dist] the one module whose forward gives the rewards: DDP averages its gradients
     # the trunk's parameters, then the head's (the layout of every checkpoint); fused: one kernel (HF Trainer default)
-    opt = torch.optim.AdamW(list(rm.parameters()), lr=o.lr, weight_decay=o.weight_decay, fused=True)
-    step = load_train_state(rm_dir, opt)["step"] if resuming else 0
-    if d.main and resuming:
-        print(f"resuming reward-model training at step {step}/{total} from {rm_dir}")
+    opt, step = adamw_resumed(rm, rm, o, rm_dir, resuming, d, what="reward-model training", total=total)
     if d.main:
         print(f"reward model: {len(train)} training pairs, {len(val)} held-out pairs ({skipped} too long), "
               f"{total} steps")
