@@ -188,3 +188,43 @@ def win_rates(games: list[tuple[str, str, float]], names: list[str]) -> dict[str
         sums[b][a][0] += 1.0 - p
         sums[b][a][1] += 1
     return {x: {y: (s / n if n else None) for y, (s, n) in row.items() if y != x} for x, row in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Diversity of samples: distinct n-grams (Li et al. 2016, arXiv 1510.03055, "distinct-n"), used by
+# the principle-count ablation (Bai et al. 2022 Fig. 6 measures diversity of revisions too).
+
+
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The word n-grams of text: lower-cased, split on whitespace."""
+    w = text.lower().split()
+    return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float | None:
+    """distinct-n across samples: the number of distinct word n-grams in all the texts together,
+    divided by the number of n-grams (1 = no n-gram repeats anywhere; near 0 = the samples repeat
+    each other). None when the texts hold no n-gram."""
+    grams = [g for t in texts for g in ngrams(t, n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment depth (Qi et al. 2024, arXiv 2406.05946, Fig. 1): the per-token KL between the aligned
+# policy and the base model along the aligned policy's own replies, averaged by position.
+
+
+def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p || q) = sum_v p(v) (log p(v) - log q(v)) at every position, from two models'
+    logits (B, T, V) over the same tokens -> (B, T) fp32."""
+    lp, lq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)  # (B, T, V)
+    return (lp.exp() * (lp - lq)).sum(-1)  # (B, T)
+
+
+def mean_by_position(x: torch.Tensor, mask: torch.Tensor) -> tuple[list[float | None], list[int]]:
+    """Per position t (columns of x (B, T)), the mean of x over the rows where mask (B, T) is True,
+    and the number of those rows; None where no row reaches t."""
+    m = mask.bool()
+    n = m.sum(0)  # (T,)
+    s = torch.where(m, x.float(), torch.zeros(())).sum(0)  # (T,)
+    return [None if c == 0 else float(v / c) for v, c in zip(s, n)], [int(c) for c in n]

@@ -249,6 +249,50 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 
 
 # --------------------------------------------------------------------------------------------
+# critic-free advantages: k samples per prompt, the other samples are the baseline
+# --------------------------------------------------------------------------------------------
+
+ADVANTAGES = ("gae", "rloo", "grpo")
+"""train_ppo.py --advantage: GAE with a learned value (PPO), the leave-one-out baseline (RLOO), the
+group-normalised reward (GRPO)."""
+
+
+def group_differences(rewards: Tensor, k: int) -> Tensor:
+    """(B,) sequence rewards of B = n * k rows, rows g*k ... g*k + k - 1 being k samples of prompt g
+    -> (n, k, k): D[g, i, j] = R_{g,i} - R_{g,j}. Both baselines below are means of these
+    differences, so k equal rewards give advantages that are exactly 0 (a difference of equal
+    floats is 0; a mean of equal floats need not be the float itself)."""
+    if k < 2 or rewards.shape[0] % k:
+        raise ValueError(f"{rewards.shape[0]} rows are not groups of k = {k} >= 2 samples")
+    r = rewards.reshape(-1, k)  # (n, k): row g = prompt g's k samples
+    return r[:, :, None] - r[:, None, :]  # (n, k, k)
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv 2402.14740, eq. 5; Kool et al. 2019):
+    A_i = R_i - 1/(k-1) sum_{j != i} R_j = 1/(k-1) sum_j (R_i - R_j) (the j = i term is 0).
+    rewards (B,) in groups of k consecutive rows -> (B,). TRL rloo_trainer.py computes the same
+    baseline as (sum - R_i) / (k - 1) on a (k, n) layout; ours is (n, k), prompt-major."""
+    return (group_differences(rewards, k).sum(-1) / (k - 1)).reshape(-1)  # (n, k) -> (B,)
+
+
+def grpo_advantages(rewards: Tensor, k: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantage (Shao et al. 2024, arXiv 2402.03300, §4.1.2):
+    A_i = (R_i - mean(R)) / (std(R) + eps) within each group of k; std with Bessel's correction and
+    eps = 1e-4 as TRL grpo_trainer.py (`rewards.view(-1, G).std(dim=1)`, `+ 1e-4`).
+    R_i - mean(R) = 1/k sum_j (R_i - R_j). rewards (B,) in groups of k consecutive rows -> (B,)."""
+    dev = group_differences(rewards, k).mean(-1)  # (n, k): R_i - mean(R)
+    std = (dev.pow(2).sum(-1, keepdim=True) / (k - 1)).sqrt()  # (n, 1) unbiased std of the group
+    return (dev / (std + eps)).reshape(-1)  # (B,)
+
+
+def sequence_advantages(adv: Tensor, mask: Tensor) -> Tensor:
+    """One advantage per sequence (B,) on every real token of its row (B, T), 0 on padding: the
+    critic-free methods give each token of a response the response's advantage."""
+    return _where(mask, adv[:, None].expand(mask.shape).to(torch.float32))  # (B, T)
+
+
+# --------------------------------------------------------------------------------------------
 # PPO losses
 # --------------------------------------------------------------------------------------------
 

@@ -433,3 +433,54 @@ def test_fixed_kl_controller_never_moves():
     ctl = KLController(0.05)
     for kl in (0.0, 6.0, 100.0):
         assert ctl.update(kl, 512) == 0.05
+
+
+# ---- critic-free advantages (RLOO, GRPO) -------------------------------------------------------
+
+def test_rloo_and_grpo_advantages_against_hand_computation_on_a_ragged_batch():
+    from minicai.rl import grpo_advantages, rloo_advantages, sequence_advantages
+    # two prompts, k = 3 samples each; responses of lengths 2, 4, 1 | 3, 3, 2 (ragged)
+    rewards = torch.tensor([1.0, 4.0, 7.0, -1.0, 0.0, 4.0])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0],
+                         [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0]]).bool()
+    # RLOO by hand: A_i = R_i - mean of the other two
+    # group 1: 1 - (4+7)/2 = -4.5, 4 - (1+7)/2 = 0, 7 - (1+4)/2 = 4.5
+    # group 2: -1 - (0+4)/2 = -3, 0 - (-1+4)/2 = -1.5, 4 - (-1+0)/2 = 4.5
+    rloo = rloo_advantages(rewards, 3)
+    assert torch.allclose(rloo, torch.tensor([-4.5, 0.0, 4.5, -3.0, -1.5, 4.5]))
+    # GRPO by hand: group 1 mean 4, deviations -3, 0, 3, unbiased std sqrt(18/2) = 3
+    # group 2 mean 1, deviations -2, -1, 3, unbiased std sqrt(14/2) = sqrt(7)
+    grpo = grpo_advantages(rewards, 3)
+    s7 = math.sqrt(7.0) + 1e-4
+    expect = torch.tensor([-3 / 3.0001, 0.0, 3 / 3.0001, -2 / s7, -1 / s7, 3 / s7])
+    assert torch.allclose(grpo, expect, atol=1e-6)
+    # on tokens: the row's advantage on each real token, 0 on padding
+    tok = sequence_advantages(rloo, mask)
+    assert tok.shape == mask.shape
+    assert torch.equal(tok[0], torch.tensor([-4.5, -4.5, 0.0, 0.0]))
+    assert torch.equal(tok[2], torch.tensor([4.5, 0.0, 0.0, 0.0]))
+    assert torch.equal(tok[~mask], torch.zeros(int((~mask).sum())))
+
+
+@pytest.mark.parametrize("value", [0.1, -3.7, 1e-3, 12345.678])
+@pytest.mark.parametrize("k", [2, 3, 4, 7])
+def test_k_identical_rewards_give_advantages_of_exactly_zero(value, k):
+    from minicai.rl import grpo_advantages, rloo_advantages
+    r = torch.full((2 * k,), value)
+    assert torch.equal(rloo_advantages(r, k), torch.zeros(2 * k))
+    assert torch.equal(grpo_advantages(r, k), torch.zeros(2 * k))
+
+
+def test_group_advantages_sum_to_zero_and_reject_bad_groups():
+    from minicai.rl import grpo_advantages, rloo_advantages
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(12, generator=g, dtype=torch.float64)
+    for f in (rloo_advantages, grpo_advantages):
+        assert torch.allclose(f(r, 4).reshape(3, 4).sum(1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    # GRPO's advantages have unit (unbiased) std within a group, up to eps
+    a = grpo_advantages(r, 4, eps=0.0).reshape(3, 4)
+    assert torch.allclose(a.std(1), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        rloo_advantages(r, 5)  # 12 rows are not groups of 5
+    with pytest.raises(ValueError):
+        grpo_advantages(r, 1)
