@@ -11,6 +11,8 @@ the checkpoint in minicai/infra/ppo.py). Per iteration:
   3. logprobs_values()   log-probs under the policy and the reference, at the rollout temperature; values
   4-5. advantages()      r_t = -beta * KL_t, + the score at the last token; GAE (gamma 1, lambda 0.95),
                          returns = A + V; the advantages whitened
+       or group_advantages()  --advantage rloo|grpo: k samples per prompt, no value function; each
+                         response's advantage from the other samples of its prompt (below)
   6. update()            epochs x minibatches of clipped policy loss + vf_coef * clipped value loss
   7. log                 metrics.jsonl, a few samples, checkpoints (HF folder + value head + optimizer)
 
@@ -28,6 +30,17 @@ Conventions on which the references disagree are switches (defaults first):
                                       end-of-turn marker (as train_rm.py trained it) or as it is (TRL)
   --value-model shared|separate       value head on the policy trunk, or a copy of the reward model
   --lr 1e-5                           Adam(W), eps 1e-5 (OpenAI, summarize_from_feedback_details); TRL 3e-6
+
+Critic-free RL in the same loop (--advantage, default gae = PPO above). --batch-size stays the
+number of episodes, so the compute per iteration is the same: B / k prompts, each sampled k times
+(--k, default 4), rows g*k ... g*k + k - 1 being prompt g's samples.
+  rloo   REINFORCE leave-one-out (Ahmadian et al. 2024, as TRL RLOOTrainer): R = score - beta * sum_t KL_t
+         (the KL in the reward, summed over the response), A = R - mean of the prompt's other k - 1 R
+  grpo   Shao et al. 2024 (DeepSeekMath; TRL GRPOTrainer): A = (score - group mean) / (group std + 1e-4),
+         the KL to the reference as beta * k3 in the loss (--kl-penalty loss)
+Both give every token of a response its response's advantage, keep the clipped ratio of step 6, and
+train no value function (--value-model none; no value loss). Unless given, --kl-penalty,
+--whiten-advantages and --value-model follow the method (method_defaults).
 
 Data parallel: `torchrun --nproc_per_node N train_ppo.py ...` (DDP; gloo on CPU, NCCL on CUDA).
 Lines marked `# [dist]` exist for it alone (in one process they change nothing): skip them on a
@@ -62,8 +75,9 @@ from minicai.infra.ppo import (EOS_PENALTY_MODES, Models, Rollout, check_config,
                                write_summary)
 from minicai.infra.train import MetricsLog, check_finite, open_run, run_cli
 from minicai.model import last_token_scores
-from minicai.rl import (REWARD_AT, KLController, gae, gae_mask, kl_loss, kl_per_token, masked_mean,
-                        masked_whiten, per_token_rewards, policy_loss, value_loss)
+from minicai.rl import (ADVANTAGES, REWARD_AT, KLController, gae, gae_mask, grpo_advantages, kl_loss, kl_per_token,
+                        masked_mean, masked_whiten, per_token_rewards, policy_loss, rloo_advantages,
+                        sequence_advantages, value_loss)
 from minicai.sample import generate, stable_seed
 
 
@@ -123,8 +137,9 @@ class KLArgs:
     """adaptive KL controller horizon (episodes)"""
     kl_estimator: str = field(default="k1", metadata={"choices": ("k1", "k3")})
     """per-token KL in the reward"""
-    kl_penalty: str = field(default="reward", metadata={"choices": ("reward", "loss")})
-    """reward: r_t = -beta*KL_t (Ziegler et al., TRL); loss: beta * k3 KL term in the loss (GRPO)"""
+    kl_penalty: str | None = field(default=None, metadata={"choices": ("reward", "loss")})
+    """reward: r_t = -beta*KL_t (Ziegler et al., TRL); loss: beta * k3 KL term in the loss (GRPO);
+    default: loss for --advantage grpo, else reward"""
     reward_at: str = field(default="last", metadata={"choices": REWARD_AT})
     """column that gets the score: the last real token, or the one after it (TRL)"""
     whiten_rewards: bool = False
@@ -134,12 +149,18 @@ class KLArgs:
 @dataclass
 class AdvantageArgs:
     """5. advantages"""
+    advantage: str = field(default="gae", metadata={"choices": ADVANTAGES})
+    """gae: PPO with a learned value (GAE); rloo: leave-one-out baseline over k samples per prompt
+    (Ahmadian et al. 2024); grpo: group mean/std normalised rewards (Shao et al. 2024)"""
+    k: int | None = None
+    """samples per prompt (rloo, grpo; default 4); --batch-size / k prompts per iteration"""
     gamma: float = 1.0
     """discount"""
     lam: float = 0.95
     """GAE lambda"""
-    whiten_advantages: str = field(default="batch", metadata={"choices": ("batch", "minibatch", "none")})
-    """whiten advantages once per batch (TRL) or per minibatch (OpenAI)"""
+    whiten_advantages: str | None = field(default=None, metadata={"choices": ("batch", "minibatch", "none")})
+    """whiten advantages once per batch (TRL) or per minibatch (OpenAI); default: batch for gae, none for
+    rloo and grpo (their baselines already centre the advantages)"""
     whiten_var: str = field(default="unbiased", metadata={"choices": ("unbiased", "biased")})
     """variance used by whitening: n-1 (TRL masked_var) or n (OpenAI tf.nn.moments)"""
 
@@ -159,9 +180,10 @@ class UpdateArgs:
     """value clip epsilon"""
     vf_coef: float = 0.1
     """weight of the value loss"""
-    value_model: str = field(default="shared", metadata={"choices": ("shared", "separate")})
+    value_model: str | None = field(default=None, metadata={"choices": ("shared", "separate", "none")})
     """shared: a zero-init value head on the policy trunk (3 models resident); separate: a trainable copy
-    of the reward model (4 models; needs --reward-model)"""
+    of the reward model (4 models; needs --reward-model); none: no value function (rloo, grpo);
+    default: shared for gae, none for rloo and grpo"""
 
 
 @dataclass
@@ -180,6 +202,17 @@ class Args:
             "lr": "Adam(W) learning rate (OpenAI 1e-5; TRL 3e-6)",
             "warmup": "must be 0: PPO's learning rate is constant (or --lr-anneal)",
             "save_every": "checkpoint every N iterations (and at the end)"}
+
+
+def method_defaults(args: Args) -> Args:
+    """The flags that follow --advantage unless given (None): where the KL goes, whether advantages
+    are whitened, the value function, and k; resolved before the run's config is recorded."""
+    a, gae_ = args.adv, args.adv.advantage == "gae"
+    args.kl.kl_penalty = args.kl.kl_penalty or ("loss" if a.advantage == "grpo" else "reward")
+    a.whiten_advantages = a.whiten_advantages or ("batch" if gae_ else "none")
+    args.ppo.value_model = args.ppo.value_model or ("shared" if gae_ else "none")
+    a.k = a.k or (1 if gae_ else 4)
+    return args
 
 
 def rollout(m: Models, prompts: list[list[int]], it: int, args: Args, d) -> Rollout:
@@ -217,12 +250,13 @@ def score(m: Models, r: Rollout, args: Args) -> tuple[Tensor, Tensor]:
 def logprobs_values(m: Models, r: Rollout, args: Args) -> tuple[Tensor, Tensor, Tensor]:
     """Step 3: log-probs of the sampled tokens under the policy and the reference at the rollout
     temperature (else the first ratio is not 1: https://github.com/huggingface/trl/issues/2358), and
-    values V(prompt + response[:t]). Returns (logprobs, ref_logprobs, values), (b, G) each."""
+    values V(prompt + response[:t]). Returns (logprobs, ref_logprobs, values), (b, G) each; values is
+    None without a value function (rloo, grpo)."""
     T = args.rollout.temperature
     with torch.no_grad(), m.autocast(args.run.bf16):
         out = response_forward(m.policy, r.seq, r.attn_mask, r.P, T, m.value_head)
         ref_logp = response_forward(m.ref, r.seq, r.attn_mask, r.P, T).logprobs  # (b, G)
-        values = out.values if m.value_head is not None else response_values(m.value_model, r.seq, r.attn_mask, r.P)
+        values = out.values if m.value_model is None else response_values(m.value_model, r.seq, r.attn_mask, r.P)
     return out.logprobs, ref_logp, values
 
 
@@ -248,6 +282,25 @@ def advantages(r: Rollout, beta: float, args: Args, d) -> tuple[Tensor, Tensor, 
     return kl, gmask, rewards, adv, returns
 
 
+def group_advantages(r: Rollout, beta: float, args: Args) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+    """Steps 4-5 for --advantage rloo|grpo on all B rows of r (groups of k consecutive rows = one prompt).
+    4. The per-token rewards of step 4 (-beta * KL_t with --kl-penalty reward, + the score at the last
+       token), summed over the response: R = score - beta * sum_t KL_t (TRL rloo_trainer.py
+       `rlhf_reward = scores + non_score_reward`); with --kl-penalty loss (GRPO) R = score.
+    5. RLOO (rl.rloo_advantages) or GRPO (rl.grpo_advantages) on R (B,), the same on every real token
+       of the row (rl.sequence_advantages); --whiten-advantages batch whitens them too.
+    Returns (kl, mask, rewards, advantages, None): no value function, so no returns; (B, G) each."""
+    k, a = args.kl, args.adv
+    kl = kl_per_token(r.logprobs, r.ref_logprobs, k.kl_estimator)  # (B, G)
+    rewards = per_token_rewards(r.score, kl, r.mask, beta if k.kl_penalty == "reward" else 0.0)  # (B, G)
+    R = rewards.sum(1)  # (B,) padding holds 0
+    seq_adv = (rloo_advantages if a.advantage == "rloo" else grpo_advantages)(R, a.k)  # (B,)
+    adv = sequence_advantages(seq_adv, r.mask)  # (B, G)
+    if a.whiten_advantages == "batch":
+        adv = masked_whiten(adv, r.mask, unbiased=a.whiten_var == "unbiased")
+    return kl, r.mask, rewards, adv, None
+
+
 def minibatches(r: Rollout, it: int, args: Args):
     """Step 6's minibatches of the batch r (B rows): each epoch a permutation of the rows (generator
     seeded by stable_seed(seed, "ppo-minibatch", it)) cut into --num-minibatches. Yields (epoch, k,
@@ -269,10 +322,14 @@ def ppo_loss(r: Rollout, adv, new_logp, new_values, entropy, beta: float, args: 
     entropy (s, G): the clipped surrogate (Schulman et al. 2017 eq. 7) + vf_coef * the clipped value
     loss (OpenAI, TRL) [+ beta * GRPO's k3 KL, Shao et al. 2024 eqs. 3-4, with --kl-penalty loss],
     each a masked sum / (the minibatch's global token count / N) (distributed.loss_denominator).
+    With no value function (rloo, grpo) the loss is the policy term [+ the KL term].
     Returns (loss, detached 0-d statistics with the same denominators)."""
     den, den_v = distributed.loss_denominator(r.mask, d), distributed.loss_denominator(r.gae_mask, d)  # [dist]
     pg, pg_stats = policy_loss(new_logp, r.logprobs, adv, r.mask, args.ppo.clip, denominator=den)
-    vf, vf_stats = value_loss(new_values, r.values, r.returns, r.gae_mask, args.ppo.clip_v, denominator=den_v)
+    if r.values is not None:
+        vf, vf_stats = value_loss(new_values, r.values, r.returns, r.gae_mask, args.ppo.clip_v, denominator=den_v)
+    else:  # rloo, grpo: no value function
+        vf, vf_stats = torch.zeros(()), {"vf_clipfrac": torch.zeros(())}
     loss, kl = pg + args.ppo.vf_coef * vf, torch.zeros(())
     if args.kl.kl_penalty == "loss":
         kl = kl_loss(new_logp, r.ref_logprobs, r.mask, denominator=den)  # differentiable in new_logp
@@ -307,7 +364,7 @@ def update(m: Models, ddp, opt, r: Rollout, beta: float, it: int, args: Args, d)
 
 
 def main(argv=None) -> int:
-    args = cli.parse(Args, argv, description=__doc__)
+    args = method_defaults(cli.parse(Args, argv, description=__doc__))
     device, _, d = train.start(args.run)  # [dist] the process group: a single process unless started by torchrun
     check_config(cli.config(args), d.world)
     prompts = train_prompts(args.models.prompts, args.models.held_out_fraction)  # before the run folder
@@ -327,7 +384,9 @@ def main(argv=None) -> int:
     bar = tqdm(range(start, n_it), initial=start, total=n_it, desc="PPO", unit="it", disable=not d.main)
     for it in bar:
         t0 = time.perf_counter()
-        idx = prompt_batch(len(prompts), B, it, args.run.seed)  # this iteration's prompts: (seed, it) only
+        k = args.adv.k  # samples per prompt (1 for gae)
+        # this iteration's prompts depend on (seed, it) only; prompt g fills rows g*k ... g*k + k - 1
+        idx = [i for i in prompt_batch(len(prompts), B // k, it, args.run.seed) for _ in range(k)]  # (B,)
         # ---- 1. rollout: all B rows, on every rank
         r = rollout(m, [prompt_ids[i] for i in idx], it, args, d)
         t1 = time.perf_counter()
@@ -336,10 +395,14 @@ def main(argv=None) -> int:
         mine.raw_score, mine.score = score(m, mine, args)  # (b,), (b,)
         mine.logprobs, mine.ref_logprobs, mine.values = logprobs_values(m, mine, args)  # (b, G) each
         t2 = time.perf_counter()
-        # ---- 4-5. per-token rewards, GAE, whitened advantages
+        # ---- 4-5. per-token rewards, GAE, whitened advantages (or, critic-free, the group baselines)
         beta = kl_ctl.value
-        mine.kl, mine.gae_mask, mine.rewards, mine.advantages, mine.returns = advantages(mine, beta, args, d)
-        r = mine.gather(d)  # [dist] every rank holds the whole batch for the update and the log
+        if args.adv.advantage == "gae":
+            mine.kl, mine.gae_mask, mine.rewards, mine.advantages, mine.returns = advantages(mine, beta, args, d)
+            r = mine.gather(d)  # [dist] every rank holds the whole batch for the update and the log
+        else:
+            r = mine.gather(d)  # [dist] first: a prompt's k rows may lie on different ranks
+            r.kl, r.gae_mask, r.rewards, r.advantages, r.returns = group_advantages(r, beta, args)
         # ---- 6. PPO update
         if args.ppo.lr_anneal:  # CleanRL / summarize_from_feedback_details: lr * (1 - it / iterations)
             opt.param_groups[0]["lr"] = args.optim.lr * (1.0 - it / n_it)

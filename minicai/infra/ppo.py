@@ -199,14 +199,14 @@ class PolicyValue(torch.nn.Module):
     def __init__(self, policy: Transformer, value_head: ScalarHead | None = None,
                  value_model: ScalarModel | None = None):
         super().__init__()
-        if (value_head is None) == (value_model is None):
-            raise ValueError("PolicyValue needs exactly one of value_head and value_model")
+        if value_head is not None and value_model is not None:
+            raise ValueError("PolicyValue takes at most one of value_head and value_model")
         self.policy, self.value_head, self.value_model = policy, value_head, value_model
 
     def forward(self, seq: Tensor, attn_mask: Tensor, context_len: int, temperature: float):
         out = response_forward(self.policy, seq, attn_mask, context_len, temperature, self.value_head, entropy=True)
         values = out.values if self.value_model is None else \
-            response_values(self.value_model, seq, attn_mask, context_len)  # (b, G)
+            response_values(self.value_model, seq, attn_mask, context_len)  # (b, G); None: no value function
         return out.logprobs, values, out.entropy
 
 
@@ -255,7 +255,8 @@ def load_models(policy_path: str, ref_path: str | None, reward_model: str | None
     three models resident instead of four and costs no extra forward or backward: the policy's
     hidden states give logits and values at once (~35% less compute per iteration, docs/benchmarks.md).
     "separate": a trainable copy of the reward model, trunk and head, as in TRL and
-    summarize_from_feedback_details (values start as the reward model's reading of each prefix)."""
+    summarize_from_feedback_details (values start as the reward model's reading of each prefix).
+    "none": no value function (train_ppo.py --advantage rloo|grpo)."""
     policy, tok, _ = load_model(policy_path, device=device)
     if ref_path is None or ref_path == policy_path:
         ref = copy.deepcopy(policy)
@@ -276,7 +277,7 @@ def load_models(policy_path: str, ref_path: str | None, reward_model: str | None
     head, vm = None, None
     if value_model == "shared":
         head = ScalarHead(policy.cfg.dim).to(device)  # zero init: V = 0 at the start (OpenAI)
-    else:
+    elif value_model == "separate":
         vm = ScalarModel(copy.deepcopy(reward.trunk), copy.deepcopy(reward.head)).requires_grad_(True)
         vm.trunk.lm_head = None  # never used by a value model (DDP needs every parameter used)
     meta = {"stage": "ppo", "policy": policy_path, "ref": ref_path or policy_path, "reward_model": reward_model,
@@ -312,7 +313,7 @@ def load_checkpoint(folder: Path, m: Models, opt) -> tuple[int, float] | None:
     m.policy.load_state_dict(loaded.state_dict())
     if m.value_head is not None:
         m.value_head.load_state_dict(load_head(folder, "value", m.policy.cfg.dim).state_dict())
-    else:
+    elif m.value_model is not None:
         m.value_model.load_state_dict(load_file(str(folder / "value_model.safetensors")))
     state = load_train_state(folder, opt)
     return state["step"], state["beta"]
@@ -461,6 +462,18 @@ def check_config(c: dict, world: int = 1) -> None:
         raise InputError("give exactly one of --reward-model PATH and --reward-token TEXT")
     if c["value_model"] == "separate" and c["reward_model"] is None:
         raise InputError("--value-model separate copies the reward model: it needs --reward-model")
+    critic_free = c["advantage"] != "gae"
+    if critic_free and c["value_model"] != "none":
+        raise InputError(f"--advantage {c['advantage']} trains no value function: drop --value-model")
+    if not critic_free and c["value_model"] == "none":
+        raise InputError("--value-model none: GAE needs a value function (or use --advantage rloo|grpo)")
+    if critic_free and c["k"] < 2:
+        raise InputError(f"--k must be at least 2 for --advantage {c['advantage']}: the baseline is the other samples")
+    if not critic_free and c["k"] != 1:
+        raise InputError("--k: GAE-PPO samples one response per prompt (--k is for --advantage rloo|grpo)")
+    if c["batch_size"] % c["k"]:
+        raise InputError(f"--batch-size {c['batch_size']} is not a multiple of --k {c['k']}: every prompt "
+                         f"gets k rows")
     for name in ("iterations", "batch_size", "max_new_tokens", "ppo_epochs", "num_minibatches", "save_every",
                  "sample_every"):
         if c[name] < 1:
@@ -498,9 +511,11 @@ def iteration_metrics(r: Rollout, stats: list[dict], beta: float, d: distributed
     row = {"objective/kl": seq_kl.mean().item(), "objective/scores": r.score.mean().item(),
            "objective/raw_scores": r.raw_score.mean().item(), "objective/non_score_reward": non_score.mean().item(),
            "objective/rlhf_reward": (r.score + non_score).mean().item(), "objective/beta": beta,
-           "val/explained_variance": explained_variance(r.values, r.returns, r.gae_mask).item(),
-           "val/mean": masked_mean(r.values, r.gae_mask).item(), "response/length": r.mask.sum(1).float().mean().item(),
+           "response/length": r.mask.sum(1).float().mean().item(),
            "response/eos_fraction": r.stopped.float().mean().item()}
+    if r.values is not None:  # none for rloo, grpo
+        row["val/explained_variance"] = explained_variance(r.values, r.returns, r.gae_mask).item()
+        row["val/mean"] = masked_mean(r.values, r.gae_mask).item()
     means = torch.stack([sum(s[k] for s in stats) / len(stats) for k in METRICS]).float()  # (len(METRICS),)
     means = distributed.all_reduce_sum(means, d) / d.world
     row.update(zip(METRICS.values(), means.tolist()))

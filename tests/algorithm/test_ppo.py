@@ -58,7 +58,8 @@ class Steps:
     per-minibatch statistics)."""
 
     def __init__(self, policy: Path, *extra: str, reward=("--reward-token", REWARD_TOKEN)):
-        self.args = args = cli.parse(train_ppo.Args, argv(Path("unused"), policy, *extra, reward=reward))
+        self.args = args = train_ppo.method_defaults(
+            cli.parse(train_ppo.Args, argv(Path("unused"), policy, *extra, reward=reward)))
         a, self.d = args.models, distributed.Dist()
         self.m = train_ppo.load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model,
                                        torch.device("cpu"))
@@ -412,6 +413,11 @@ def test_reference_with_another_shape_is_refused(tmp_path, tiny_gguf):
     (("--grad-accum", "2"), "--grad-accum: .*--num-minibatches"),
     (("--warmup", "3"), "--warmup: .*--lr-anneal"),
     (("--save-every", "0"), "--save-every must be at least 1"),
+    (("--advantage", "rloo", "--value-model", "shared"), "trains no value function"),
+    (("--value-model", "none"), "GAE needs a value function"),
+    (("--advantage", "grpo", "--k", "1"), "--k must be at least 2"),
+    (("--k", "2"), "--k: GAE-PPO samples one response"),
+    (("--advantage", "rloo", "--k", "3"), "not a multiple of --k 3"),
 ])
 def test_bad_flags(tmp_path, tiny_gguf, tiny_rm, extra, match):
     reward = ("--reward-token", REWARD_TOKEN)
@@ -494,3 +500,52 @@ def test_help_explains_every_flag(capsys):
     out = capsys.readouterr().out
     assert "--reward-at last|eos_plus_one" in out and "--max-grad-norm" in out and "--sample-every" in out
     assert set(cli.resume_ignored(train_ppo.Args)) == {"device", "threads", "save_every", "sample_every"}
+
+
+# ---------------------------------------------------------------------------------------------
+# critic-free advantages in the same loop: --advantage rloo | grpo
+
+
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_critic_free_iteration_groups_prompts_and_uses_the_group_baseline(tmp_path, tiny_gguf, method):
+    args = train_ppo.method_defaults(cli.parse(train_ppo.Args, argv(tmp_path, tiny_gguf, "--advantage", method)))
+    # what each method puts where, unless given
+    assert (args.adv.k, args.ppo.value_model, args.adv.whiten_advantages) == (4, "none", "none")
+    assert args.kl.kl_penalty == ("loss" if method == "grpo" else "reward")
+    m = train_ppo.load_models(args.models.policy, None, None, REWARD_TOKEN, "none", torch.device("cpu"))
+    assert m.value_head is None and m.value_model is None
+    d = distributed.Dist()
+    prompts, _ = split([p for s in ["builtin-red-team", "builtin-helpful"] for p in load_prompts(s)], 0.2)
+    ids = [m.tok.render([{"role": "user", "content": p.text}], add_generation_prompt=True)[0] for p in prompts]
+    idx = [i for i in prompt_batch(len(ids), 2, 0, 0) for _ in range(4)]  # 2 prompts x k = 4 rows
+    r = train_ppo.rollout(m, [ids[i] for i in idx], 0, args, d)
+    assert torch.equal(r.seq[0, :r.P], r.seq[3, :r.P]) and not torch.equal(r.seq[3, :r.P], r.seq[4, :r.P])
+    r.raw_score, r.score = train_ppo.score(m, r, args)
+    r.logprobs, r.ref_logprobs, r.values = train_ppo.logprobs_values(m, r, args)
+    r.score = torch.tensor([0.0, 1.0, 2.0, 5.0, 1.0, 1.0, 1.0, 1.0])  # hand-set scores; KL is 0 at the start
+    kl, mask, rewards, adv, returns = train_ppo.group_advantages(r, args.kl.beta, args)
+    assert returns is None and torch.equal(mask, r.mask) and torch.all(kl[r.mask] == 0)
+    r.kl, r.gae_mask, r.rewards, r.advantages, r.returns = kl, mask, rewards, adv, returns
+    if method == "rloo":  # 0 - (1+2+5)/3, 1 - 7/3, 2 - 6/3, 5 - 3/3; the second group is all equal
+        want = torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+    else:  # mean 2, deviations -2, -1, 0, 3, unbiased std sqrt(14/3)
+        s = (14 / 3) ** 0.5 + 1e-4
+        want = torch.tensor([-2 / s, -1 / s, 0.0, 3 / s, 0.0, 0.0, 0.0, 0.0])
+    for b in range(8):
+        assert torch.allclose(adv[b][r.mask[b]], want[b].expand(int(r.mask[b].sum())), atol=1e-6), b
+    assert torch.all(adv[~r.mask] == 0)
+    stats = train_ppo.update(m, m.trained, torch.optim.AdamW(m.trained.parameters(), lr=1e-3), r, args.kl.beta, 0,
+                             args, d)
+    assert stats[0]["first_ratio_dev"] == 0.0 and all(float(s["vf_loss"]) == 0.0 for s in stats)
+
+
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_critic_free_methods_raise_a_synthetic_reward(tmp_path, tiny_gguf, method):
+    rows = run(tmp_path / "r", tiny_gguf, "--advantage", method, "--iterations", "12", "--batch-size", "16",
+               "--lr", "3e-4", "--max-new-tokens", "12", "--save-every", "1000")
+    scores = [r["objective/scores"] for r in rows]
+    first, last = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
+    assert last > first + 0.25, scores
+    assert all(r["loss/value"] == 0.0 for r in rows) and "val/mean" not in rows[0]
+    assert (tmp_path / "r" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "r" / "model" / "value_head.safetensors").exists()

@@ -87,7 +87,7 @@ def assert_same_weights(a, b, base, atol=WEIGHT_ATOL):
     return moved
 
 
-@pytest.mark.parametrize("variant", ["shared", "separate"])
+@pytest.mark.parametrize("variant", ["shared", "separate", "rloo"])
 def test_ppo_two_processes_equal_one(eos_gguf, tiny_rm, tmp_path, variant):
     """A tiny PPO run (2 iterations x 2 epochs x 2 minibatches of a global batch of 8) under torchrun
     with 2 gloo processes ends with the weights and metrics of the same run in one process: rollouts
@@ -95,10 +95,13 @@ def test_ppo_two_processes_equal_one(eos_gguf, tiny_rm, tmp_path, variant):
     each rank's losses divide their masked sums by the minibatch's global token count / 2
     (distributed.loss_denominator). "separate" also covers the value model, per-minibatch advantage
     whitening, reward whitening and the GRPO-style KL loss. The policy stops early on about half of
-    its rows, so the ranks hold different token counts and the denominator matters."""
+    its rows, so the ranks hold different token counts and the denominator matters. "rloo": groups of
+    k = 2 rows, which lie on different ranks (rows r, r + 2, ...): the batch is gathered before the
+    leave-one-out baseline is taken."""
     from safetensors.torch import load_file
 
     extra = (["--reward-token", "he"] if variant == "shared" else
+             ["--reward-token", "he", "--advantage", "rloo", "--k", "2"] if variant == "rloo" else
              ["--reward-model", str(tiny_rm), "--value-model", "separate", "--whiten-advantages", "minibatch",
               "--whiten-rewards", "--kl-penalty", "loss"])
 
@@ -112,7 +115,8 @@ def test_ppo_two_processes_equal_one(eos_gguf, tiny_rm, tmp_path, variant):
     rows = [[json.loads(x) for x in (tmp_path / o / "metrics.jsonl").read_text().splitlines()] for o in ("one", "two")]
     assert len(rows[0]) == len(rows[1]) == 2
     for r1, r2 in zip(*rows):  # the same rollouts, scores, KL and advantages-driven losses
-        for key in ("objective/scores", "objective/kl", "response/length", "val/mean", "loss/policy", "grad_norm"):
+        for key in ("objective/scores", "objective/kl", "response/length", "loss/policy", "grad_norm",
+                    *(["val/mean"] if variant != "rloo" else [])):
             assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-5), key
     m1, _, _ = load_model(str(tmp_path / "one" / "model"))
     m2, _, _ = load_model(str(tmp_path / "two" / "model"))
@@ -120,6 +124,8 @@ def test_ppo_two_processes_equal_one(eos_gguf, tiny_rm, tmp_path, variant):
     assert_same_weights(m1.state_dict(), m2.state_dict(), base.state_dict())
     lengths = [r["response/length"] for r in rows[0]]
     assert min(lengths) < 8  # some rows stopped early: unequal token shares
+    if variant == "rloo":
+        return
     if variant == "shared":
         heads = [load_file(str(tmp_path / o / "model" / "value_head.safetensors")) for o in ("one", "two")]
     else:
