@@ -9,6 +9,10 @@ assistant tokens only, and writes OUT/model (an HF-format folder). Held-out prom
 are never used here: they are kept for evaluation. Rerunning the same command resumes: finished
 prompts are skipped and SFT continues from OUT/ckpt.
 
+The standard-SFT baseline: `--target initial --traces SL_OUT/traces.jsonl` fine-tunes on the
+initial responses of an SL-CAI run's traces (the same prompts, samples, steps and optimizer, no
+critique and no revision), so the two policies differ by the revisions alone (pipeline --baseline sft).
+
 The SFT loss is losses.sft_loss on the model's logits; --fused-ce computes the same loss without
 them (infra/fast.FusedSFTLoss; bench/bench_train.py compares the two). Under torchrun
 (infra/distributed.py) a micro-batch of --batch-size sequences is split over the ranks, so any
@@ -89,6 +93,12 @@ class Args:
     """held-out loss every N optimizer steps"""
     fused_ce: bool = field(default=False, metadata=cli.IGNORE)
     """the SFT loss through infra/fast.FusedSFTLoss (LM head fused with the cross-entropy, no (B, T, V) logits): the same loss and gradients as the plain losses.sft_loss, less memory"""
+    target: str = field(default="revision", metadata={"choices": ("revision", "initial")})
+    """what SFT trains on: revision = each prompt's final revision (SL-CAI); initial = the initial response
+    (the standard-SFT baseline: no critique, no revision)"""
+    traces: str = None
+    """read the traces of the selected prompts from this traces.jsonl (another run's, e.g. SL-CAI's for
+    the baseline) instead of generating them"""
     skip_sft: bool = field(default=False, metadata=cli.NOT_CONFIG)
     """only generate the traces"""
 
@@ -134,26 +144,47 @@ def generate_traces(args: Args, model, tok, critic, prompts: list, constitution,
     return [done[p.id] for p in prompts]
 
 
+def read_traces(path: Path, prompts: list) -> list[dict]:
+    """--traces: the records of `prompts` from another run's traces.jsonl, in prompt order; a prompt
+    missing there is an error naming the file (run it with the same prompt flags and --seed)."""
+    if not path.is_file():
+        raise InputError(f"--traces {path}: no such file")
+    done = load_done(path)
+    missing = [p for p in prompts if p.id not in done]
+    if missing:
+        raise InputError(f"{path}: no trace of {len(missing)} of the {len(prompts)} selected prompts (first: "
+                         f"{missing[0].text[:60]!r}); use the same --n-prompts, --prompts, --helpful-fraction and "
+                         f"--seed as the run that wrote it")
+    return [done[p.id] for p in prompts]
+
+
 # ------------------------------------------------------------------------------ stage 2: SFT
-def sft_examples(records: list[dict], tok, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(ids, mask) for (prompt, final revision) in the chat format; mask = assistant tokens."""
+TARGET_FIELD = {"revision": "final", "initial": "initial"}
+"""--target -> the trace record's field SFT trains on."""
+
+
+def sft_examples(records: list[dict], tok, max_len: int, field_: str = "final") -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) for (prompt, record[field_]: the final revision or the initial response) in the chat
+    format; mask = assistant tokens."""
     out = []
     for r in records:
-        ids, mask = tok.render([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["final"]}])
+        ids, mask = tok.render([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[field_]}])
         out.append((ids[:max_len], mask[:max_len]))
     return out
 
 
 def sft_data(records: list[dict], tok, args: Args, trace: Path) -> tuple[list, list]:
-    """(train, val) examples of the non-empty final revisions, split by prompt hash (salt
-    'sft-val'); a tiny run whose revisions all fall on the val side trains on them."""
-    usable = [r for r in records if r["final"].strip()]  # an empty revision teaches nothing
+    """(train, val) examples of the non-empty --target texts (final revisions or initial responses),
+    split by prompt hash (salt 'sft-val'); a tiny run whose examples all fall on the val side trains on
+    them. The split depends on the prompts alone, so the baseline trains on the same prompts."""
+    key = TARGET_FIELD[args.target]
+    usable = [r for r in records if str(r.get(key, "")).strip()]  # an empty text teaches nothing
     if not usable:
-        raise InputError(f"{trace}: no non-empty revisions to train on")
+        raise InputError(f"{trace}: no non-empty '{key}' texts to train on")
     _, val_side = split([Prompt(r["prompt"], r["source"], r["kind"]) for r in usable], args.val_fraction, salt="sft-val")
     val_texts = {p.text for p in val_side}
-    train = sft_examples([r for r in usable if r["prompt"] not in val_texts], tok, args.max_len)
-    val = sft_examples([r for r in usable if r["prompt"] in val_texts], tok, args.max_len)
+    train = sft_examples([r for r in usable if r["prompt"] not in val_texts], tok, args.max_len, key)
+    val = sft_examples([r for r in usable if r["prompt"] in val_texts], tok, args.max_len, key)
     return train or val, val
 
 
@@ -281,11 +312,14 @@ def main(argv=None) -> int:
     model, tok, _ = load_model(args.model, dtype=dtype, device=device)
     sft_done = (out / "model" / "config.json").exists() and (out / "sft_summary.json").exists()
     critic = None
-    if args.critic_model and args.critic_model != args.model and not sft_done:
+    if args.critic_model and args.critic_model != args.model and not sft_done and not args.traces:
         critic = load_model(args.critic_model, dtype=resolve_device(args.run.device, args.critic_dtype)[1],
                             device=device)[:2]
 
-    records = generate_traces(args, model, tok, critic, prompts, constitution, out, d)  # stage 1
+    if args.traces:  # another run's traces (the SFT baseline reads SL-CAI's)
+        records = read_traces(Path(args.traces), prompts)
+    else:
+        records = generate_traces(args, model, tok, critic, prompts, constitution, out, d)  # stage 1
     del critic
     gen_s = time.time() - t0
     if d.main:
@@ -296,7 +330,7 @@ def main(argv=None) -> int:
         distributed.finish(d)  # [dist]
         return 0
 
-    train, val = sft_data(records, tok, args, out / "traces.jsonl")  # stage 2
+    train, val = sft_data(records, tok, args, Path(args.traces) if args.traces else out / "traces.jsonl")  # stage 2
     summary = {"prompts": len(records), **run_sft(args, model, tok, train, val, out, d, device, dtype),
                "world_size": d.world, "generation_seconds_this_run": gen_s, "wall_seconds_this_run": time.time() - t0}
     if d.main:

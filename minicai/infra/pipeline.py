@@ -16,10 +16,18 @@ stage can be rerun or changed by hand. Every stage resumes: rerunning the comman
 stages and continues an interrupted one where it stopped. The defaults take about 46 minutes on
 2 CPU cores, most of it labelling with the 1.5B feedback model (docs/results.md has the stage times).
 
+The standard-SFT baseline (--baseline sft): after stage 1, train_sl.py fine-tunes the base model on
+the initial responses of stage 1's own traces (the same prompts, samples, steps and optimizer; no
+critique, no revision) -> OUT/baseline/model, evaluated as "sft" beside SL-CAI in stage 5. The
+seeds' exercise ("a simplified constitutional AI loop with 4 principles: helpful, harmless, honest,
+clear; one epoch; compare against standard SFT"): --constitution hhh --sl-epochs 1 --baseline sft.
+
 Iterative self-improvement (--self-improve K): after round 1, repeat SL-CAI -> RM -> PPO from the
-latest RL policy, up to K more rounds, each evaluated against the base model on held-out prompts;
-stop as soon as a round's quality (evaluate.py's "quality": the probability of beating the base
-model) falls more than --stop-drop (a fraction) below the best round so far.
+latest RL policy, up to K more rounds. Every round's RL policy is evaluated on the judge-free
+yardstick (and by the reward model or the judge, as stage 5); the loop stops as soon as a round's
+yardstick quality (evaluate.yardstick_quality: explained refusals of held-out harmful prompts minus
+refusals of benign ones) falls more than --stop-drop below the best round so far. Each round's
+numbers are in OUT/pipeline.json and OUT/self_improve.experiment.json (a chart in the report).
 """
 from __future__ import annotations
 
@@ -59,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "both), or a model")
     p.add_argument("--sl-prompts", type=int, default=32, help="red-team prompts for SL-CAI")
     p.add_argument("--sl-rounds", type=int, default=2, help="critique/revision rounds (paper: 4)")
+    p.add_argument("--sl-epochs", type=float, default=2.0, help="SFT passes over the revisions (train_sl.py --epochs)")
+    p.add_argument("--baseline", default="none", choices=["none", "sft"],
+                   help="sft: also train standard SFT on stage 1's initial responses (same prompts, steps, "
+                        "optimizer; no critique or revision) and evaluate it as 'sft' beside SL-CAI")
     p.add_argument("--rm-prompts", type=int, default=64, help="prompts for AI-labelled response pairs")
     p.add_argument("--rm-k", type=int, default=3,
                    help="responses sampled per feedback prompt; every pair of them is labelled (3 -> 3 pairs)")
@@ -89,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dpo", action="store_true", help="skip the DPO extension")
     p.add_argument("--self-improve", type=int, default=0, help="extra SL -> RL rounds after the first (0 = off)")
     p.add_argument("--stop-drop", type=float, default=0.05,
-                   help="stop self-improvement when quality falls this fraction below the best round")
+                   help="stop self-improvement when a round's yardstick quality (explained refusal minus "
+                        "over-refusal, in [-1, 1]) falls more than this below the best round's")
     p.add_argument("--seed", type=int, default=0, help="seed passed to every stage")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto, passed to every stage")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
@@ -132,10 +145,15 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
     critic = [] if args.critic_model == base else ["--critic-model", args.critic_model]
     feedback = [x for n in args.feedback_model for x in ("--feedback-model", n)]
     sl, rm, ppo = d / "sl", d / "rm", d / "ppo"
-    run_stage(f"{tag or 'round1'}/sl", ["train_sl.py", "--out", str(sl), "--model", base,
-                                        "--constitution", args.constitution, "--n-prompts", str(args.sl_prompts),
-                                        "--rounds", str(args.sl_rounds), "--max-new-tokens", str(args.max_new_tokens),
-                                        *critic, *common], sl / "sft_summary.json", log, out, dry)
+    sl_flags = ["--model", base, "--constitution", args.constitution, "--n-prompts", str(args.sl_prompts),
+                "--rounds", str(args.sl_rounds), "--max-new-tokens", str(args.max_new_tokens),
+                "--epochs", str(args.sl_epochs)]
+    run_stage(f"{tag or 'round1'}/sl", ["train_sl.py", "--out", str(sl), *sl_flags, *critic, *common],
+              sl / "sft_summary.json", log, out, dry)
+    if args.baseline == "sft" and not tag:  # the same prompts and samples, trained on the initial responses
+        run_stage("baseline", ["train_sl.py", "--out", str(out / "baseline"), *sl_flags, "--target", "initial",
+                               "--traces", str(sl / "traces.jsonl"), *common],
+                  out / "baseline" / "sft_summary.json", log, out, dry)
     run_stage(f"{tag or 'round1'}/rm", ["train_rm.py", "--out", str(rm), "--policy", str(sl / "model"),
                                         *feedback, "--labeller", args.labeller,
                                         *(["--sl-traces", str(sl / "traces.jsonl")] if args.labeller == "revision"
@@ -172,6 +190,57 @@ def evaluate(args, out: Path, name: str, policies: dict[str, str], rm: Path, log
     return folder / "eval.json"
 
 
+def round_record(k: int, res: dict, name: str) -> dict:
+    """One self-improvement round's numbers from its eval.json: the yardstick quality and its parts,
+    capability and perplexity (the tax), and the judged quality (reward model or AI judge)."""
+    p = res["policies"][name]
+    j = p.get("judge_free") or {}
+    rate = lambda d, *ks: _dig(d, *ks, "rate")  # noqa: E731
+    if p.get("yardstick_quality") is None:
+        raise InputError(f"eval_round{k}: the yardstick was not measured, so self-improvement cannot stop on it")
+    return {"round": k, "yardstick_quality": p["yardstick_quality"],
+            "explained_refusal": rate(j, "harmful", "explained_refusal"),
+            "compliance": rate(j, "harmful", "compliance"), "over_refusal": rate(j, "over_refusal", "refusal_strict"),
+            "capability": rate(j, "capability", "accuracy"), "perplexity": _dig(j, "perplexity", "perplexity"),
+            "judged_quality": p.get("quality"), "judged_by": p.get("quality_source")}
+
+
+def _dig(d, *keys):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def stop_self_improvement(q: float, best: float, drop: float) -> bool:
+    """True when a round's yardstick quality q fell more than `drop` (absolute: quality is a difference
+    of shares in [-1, 1], so a relative drop of a quality near 0 would mean nothing) below the best."""
+    return q < best - drop
+
+
+def write_self_improve(out: Path, rounds: list[dict], args) -> None:
+    """OUT/self_improve.experiment.json and .md: every round on the yardstick (the report's chart)."""
+    from .utils import atomic_write_text
+
+    keys = ("yardstick_quality", "explained_refusal", "compliance", "over_refusal", "capability", "perplexity",
+            "judged_quality")
+    cell = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    table = ("| round | " + " | ".join(k.replace("_", " ") for k in keys) + " | stopped |\n|" + "---|" * (len(keys) + 2)
+             + "\n" + "".join(f"| {r['round']} | " + " | ".join(cell(r.get(k)) for k in keys) +
+                              f" | {'yes' if r.get('stopped') else ''} |\n" for r in rounds))
+    exp = {"experiment": "self_improve", "title": "Iterative SL -> RL rounds on the judge-free yardstick",
+           "command": "python -m minicai.infra.pipeline " + " ".join(sys.argv[1:]), "table": table,
+           "notes": (f"Each round's RL policy on held-out prompts. yardstick quality = explained refusal share on "
+                     f"harmful prompts - strict refusal share on benign edgy prompts; the loop stops when it falls "
+                     f"more than {args.stop_drop} below the best round. judged quality = P(beats the base model) by "
+                     f"the {rounds[-1].get('judged_by') or 'reward model'}, shown, not used to stop."),
+           "plots": [{"title": "yardstick by round", "xlabel": "round", "ylabel": "share",
+                      "series": {k.replace("_", " "): [[r["round"], r[k]] for r in rounds if r.get(k) is not None]
+                                 for k in ("yardstick_quality", "explained_refusal", "over_refusal", "capability")}}],
+           "rounds": rounds}
+    atomic_write_json(out / "self_improve.experiment.json", exp)
+    atomic_write_text(out / "self_improve.md", f"# {exp['title']}\n\n{table}\n{exp['notes']}\n")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()  # stages run with the repository as their working folder
@@ -190,7 +259,8 @@ def main(argv=None) -> int:
     log["config"] = vars(args)
     t0 = time.time()
     sl, rm, ppo = rl_round(args, out, args.model, "", log, args.dry_run)
-    policies = {"base": args.model, "sl": str(sl), "rl": str(ppo)}
+    policies = {"base": args.model, **({"sft": str(out / "baseline" / "model")} if args.baseline == "sft" else {}),
+                "sl": str(sl), "rl": str(ppo)}
     if not args.no_dpo:
         dpo = out / "dpo"
         run_stage("dpo", ["train_dpo.py", "--out", str(dpo), "--preferences", str(rm / "preferences.jsonl"),
@@ -199,24 +269,31 @@ def main(argv=None) -> int:
                   dpo / "model" / "config.json", log, out, args.dry_run)
         policies["dpo"] = str(dpo / "model")
 
-    # iterative self-improvement: each extra round starts from the last RL policy
-    best_q, latest = None, ppo
+    # iterative self-improvement: each extra round starts from the last RL policy and is measured on the
+    # judge-free yardstick; the loop stops on the yardstick's quality (evaluate.yardstick_quality)
+    best_q, latest, rounds = None, ppo, []
     for k in range(2, args.self_improve + 2):
         if best_q is None and not args.dry_run:
             res = json.loads(evaluate(args, out, "eval_round1", {"base": args.model, "rl": str(ppo)}, rm, log,
                                       args.dry_run).read_text())
-            best_q = res["policies"]["rl"]["quality"]
+            rounds = [round_record(1, res, "rl")]
+            best_q = rounds[0]["yardstick_quality"]
         _, rm_k, ppo_k = rl_round(args, out, str(latest), f"round{k}", log, args.dry_run)
         if args.dry_run:
             continue
         res = json.loads(evaluate(args, out, f"eval_round{k}", {"base": args.model, f"rl{k}": str(ppo_k)}, rm_k,
                                   log, args.dry_run).read_text())
-        q = res["policies"][f"rl{k}"]["quality"]
-        log.setdefault("self_improve", []).append({"round": k, "quality": q, "best_before": best_q})
+        rounds.append({**round_record(k, res, f"rl{k}"), "best_before": best_q})
+        q = rounds[-1]["yardstick_quality"]
+        stop = stop_self_improvement(q, best_q, args.stop_drop)
+        rounds[-1]["stopped"] = stop
+        log["self_improve"] = rounds
         atomic_write_json(log_path, log)
-        print(f"[self-improve] round {k}: held-out quality {q:.3f} (best so far {best_q:.3f})")
-        if q < best_q * (1 - args.stop_drop):
-            print(f"[self-improve] quality fell more than {args.stop_drop:.0%} below the best round: stopping")
+        write_self_improve(out, rounds, args)
+        print(f"[self-improve] round {k}: yardstick quality {q:+.3f} (best so far {best_q:+.3f}); "
+              f"judged quality {rounds[-1]['judged_quality']}")
+        if stop:
+            print(f"[self-improve] yardstick quality fell more than {args.stop_drop} below the best round: stopping")
             break
         policies[f"rl{k}"] = str(ppo_k)
         best_q, latest = max(best_q, q), ppo_k

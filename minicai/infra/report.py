@@ -20,7 +20,9 @@ hold several stages, e.g. runs/ itself) work without configuration:
   response_a shown first and shown second, the soft label and the principles; missing keys are
   shown as "-" and TRL chosen/rejected files are shown as such;
 - evaluation: eval.json (minicai.infra.evaluate): the per-policy table, the win-rate matrix and the
-  held-out responses.
+  held-out responses;
+- experiments: any *.experiment.json (minicai.infra.experiments, ablations, depth, the SFT
+  baseline): notes, command, one line chart per plot (several series, a legend) and the table.
 
 The page is self-contained: inline CSS and SVG, no external file, font or script; one small inline
 script only opens or closes all <details>. Every piece of text from the run is escaped with
@@ -130,6 +132,103 @@ def svg_chart(xs: list[float], ys: list[float], title: str, width: int = 340, he
         parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" class="dot"/>' for x, y in zip(xs, ys)]
     parts.append("</svg>")
     return "".join(parts)
+
+
+SERIES_COLOURS = ("#2f6db5", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#0b7285", "#c2255c", "#495057")
+
+
+def svg_lines(plot: dict, width: int = 420, height: int = 230) -> str:
+    """Several line series in one chart with a legend, as an inline <svg>: plot = {"title", "xlabel",
+    "ylabel", "series": {label: [[x, y], ...]}} (an experiment's plot). Non-numeric points are
+    dropped; a series with one point is a dot."""
+    series = {str(k): [(x, y) for x, y in v if is_number(x) and is_number(y)]
+              for k, v in (plot.get("series") or {}).items() if isinstance(v, list)}
+    series = {k: v for k, v in series.items() if v}
+    title = str(plot.get("title", ""))
+    if not series:
+        return f"<p class='note'>{esc(title)}: no numeric points</p>"
+    L, R, T, B = 58, 10, 22, 40  # margins: left (y labels), right, top (title), bottom (x labels, axis name)
+    legend_h = 14 * ((len(series) + 2) // 3)
+    H = height + legend_h
+    xs = [x for v in series.values() for x, _ in v]
+    ys = [y for v in series.values() for _, y in v]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 == y0:
+        pad = abs(y0) * 0.05 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
+
+    def px(x):
+        return L + (x - x0) / (x1 - x0) * (width - L - R)
+
+    def py(y):
+        return height - B - (y - y0) / (y1 - y0) * (height - T - B)
+
+    parts = [f'<svg width="{width}" height="{H}" viewBox="0 0 {width} {H}" role="img" aria-label="{esc(title)}">',
+             f'<text x="{L}" y="14" class="t">{esc(title)}</text>',
+             f'<rect x="{L}" y="{T}" width="{width - L - R}" height="{height - T - B}" class="frame"/>']
+    ticks = (y0, (y0 + y1) / 2, y1)
+    digits = next((d for d in range(3, 9) if len({f"{y:.{d}g}" for y in ticks}) == 3), 8)
+    for y in ticks:
+        parts.append(f'<line x1="{L}" x2="{width - R}" y1="{py(y):.1f}" y2="{py(y):.1f}" class="grid"/>'
+                     f'<text x="{L - 4}" y="{py(y) + 4:.1f}" class="yl">{esc(f"{y:.{digits}g}")}</text>')
+    parts.append(f'<text x="{L}" y="{height - B + 13}" class="xl">{esc(f"{x0:g}")}</text>'
+                 f'<text x="{width - R}" y="{height - B + 13}" class="xl end">{esc(f"{x1:g}")}</text>'
+                 f'<text x="{(L + width - R) / 2:.0f}" y="{height - B + 26}" class="xl mid">'
+                 f'{esc(str(plot.get("xlabel", "")))}</text>'
+                 f'<text x="12" y="{(T + height - B) / 2:.0f}" class="xl mid" '
+                 f'transform="rotate(-90 12 {(T + height - B) / 2:.0f})">{esc(str(plot.get("ylabel", "")))}</text>')
+    for i, (label, pts) in enumerate(series.items()):
+        c = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        pts = sorted(pts)
+        if len(pts) > 1:
+            path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{c}" stroke-width="1.8"/>')
+        if len(pts) <= 40:
+            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.6" fill="{c}"/>' for x, y in pts]
+        lx, ly = L + (i % 3) * ((width - L) // 3), height + 4 + 14 * (i // 3)
+        parts.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{c}"/>'
+                     f'<text x="{lx + 14}" y="{ly + 9}" class="xl">{esc(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def markdown_table_html(md: str) -> str:
+    """The pipe tables of a Markdown text as HTML tables (other lines as paragraphs), escaped."""
+    out, rows = [], []
+
+    def flush():
+        if rows:
+            head, *body = rows
+            out.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>" +
+                       "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body) +
+                       "</table>")
+            rows.clear()
+    for line in str(md).splitlines():
+        t = line.strip()
+        if t.startswith("|") and t.endswith("|"):
+            cells = [c.strip() for c in t[1:-1].split("|")]
+            if not all(set(c) <= set("-: ") and c for c in cells):  # skip the |---| separator
+                rows.append(cells)
+        else:
+            flush()
+            if t:
+                out.append(f"<p>{esc(t)}</p>")
+    flush()
+    return "".join(out)
+
+
+def experiment_html(exp: dict) -> str:
+    """One *.experiment.json: notes, the command and wall time, its charts, its table."""
+    plots = [p for p in exp.get("plots") or [] if isinstance(p, dict)]
+    secs = exp.get("seconds")
+    return ((f"<p class='note'>{esc(exp.get('notes', ''))}</p>" if exp.get("notes") else "") +
+            (f"<p class='note'><code>{esc(exp['command'])}</code>" +
+             (f" &middot; {fmt(secs)} s" if is_number(secs) else "") + "</p>" if exp.get("command") else "") +
+            ("<div class='charts'>" + "".join(f"<div class='chart'>{svg_lines(p)}</div>" for p in plots) + "</div>"
+             if plots else "") +
+            markdown_table_html(exp.get("table", "")))
 
 
 def is_number(v) -> bool:
@@ -439,7 +538,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bot
 h3{font-size:15px;margin:16px 0 6px} .note{color:#5b6672;font-size:12px}
 .charts{display:flex;flex-wrap:wrap;gap:8px} .chart{border:1px solid #e3e7eb;border-radius:4px;background:#fff}
 svg .t{font-size:12px;font-weight:600;fill:#1d232a} svg .yl{font-size:10px;fill:#5b6672;text-anchor:end}
-svg .xl{font-size:10px;fill:#5b6672} svg .end{text-anchor:end} svg .frame{fill:#fafbfc;stroke:#d6dbe0}
+svg .xl{font-size:10px;fill:#5b6672} svg .end{text-anchor:end} svg .mid{text-anchor:middle} svg .frame{fill:#fafbfc;stroke:#d6dbe0}
 svg .grid{stroke:#e9ecef} svg .line{fill:none;stroke:#2f6db5;stroke-width:1.6} svg .dot{fill:#2f6db5}
 table{border-collapse:collapse;margin:6px 0}
 th,td{border:1px solid #d6dbe0;padding:4px 6px;vertical-align:top;text-align:left}
@@ -477,6 +576,12 @@ def render_report(run_dir: Path, max_traces: int = 30, max_preferences: int = 40
             sections.append(("Held-out harmful prompts, every policy's reply", side_by_side_html(main[1])))
     for p, res in evals:
         sections.append((f"Evaluation: {rel(p)}", eval_html(res)))
+
+    for p in files(run_dir, "*.experiment.json"):
+        exp = read_json(p, notes)
+        if isinstance(exp, dict):
+            sections.append((f"Experiment: {exp.get('title') or exp.get('experiment') or p.name} ({rel(p)})",
+                             experiment_html(exp)))
 
     configs = [p for p in files(run_dir, "config.json") if not (p.parent / "model.safetensors").exists()]
     if configs:

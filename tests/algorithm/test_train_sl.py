@@ -5,6 +5,7 @@ import pytest
 
 from minicai.infra.constitution_files import load_constitution
 from minicai.infra.data import Prompt
+from minicai.infra.utils import InputError
 from conftest import Killed, kill_after
 from minicai.infra import traces as slcai_traces
 from minicai.infra.traces import run_slcai
@@ -306,3 +307,34 @@ def test_lr_at_hand_values():
     assert lr_at(9, 14, 1.0, 4) == pytest.approx(0.55)  # t = 1/2: cos = 0
     assert lr_at(14, 14, 2.0, 4) == pytest.approx(0.2)  # t = 1: min_ratio * peak
     assert [warmup_steps(w, n) for w, n in ((0.1, 30), (0.1, 5), (5, 100), (0, 100))] == [3, 1, 5, 0]
+
+
+def test_sft_baseline_trains_on_the_initial_responses_of_the_same_traces(tiny_gguf, tmp_path):
+    import train_sl
+    from minicai.infra import cli
+    from minicai.infra.checkpoint import load_model
+
+    flags = ("--n-prompts", "4", "--rounds", "1", "--epochs", "1", "--val-fraction", "0")
+    assert train_sl_main(sl_args(tiny_gguf, tmp_path, *flags)) == 0
+    trace = tmp_path / "run" / "traces.jsonl"
+    base_out = tmp_path / "baseline"
+    argv = sl_args(tiny_gguf, tmp_path, *flags, "--target", "initial", "--traces", str(trace), "--out", str(base_out))
+    assert train_sl_main(argv) == 0
+    assert not (base_out / "traces.jsonl").exists()  # read in place, not generated again
+    # the same prompts, steps and optimizer: as many SFT rows, and the examples are the initial responses
+    rows = [(tmp_path / o / "sft_metrics.jsonl").read_text().splitlines() for o in ("run", "baseline")]
+    assert len(rows[0]) == len(rows[1]) > 0
+    records = [json.loads(x) for x in trace.read_text().splitlines()]
+    args = cli.parse(train_sl.Args, argv)
+    _, tok, _ = load_model(str(tiny_gguf))
+    train, _ = train_sl.sft_data(records, tok, args, trace)
+    want = sorted(tok.render([{"role": "user", "content": r["prompt"]},
+                              {"role": "assistant", "content": r["initial"]}])[0] for r in records if r["initial"].strip())
+    assert sorted(ids for ids, _ in train) == want
+    assert any(r["initial"] != r["final"] for r in records)  # the two targets differ on this run
+    # a traces file without the selected prompts is refused, naming the file
+    (tmp_path / "empty.jsonl").write_text("")
+    bad = sl_args(tiny_gguf, tmp_path, *flags, "--target", "initial", "--traces", str(tmp_path / "empty.jsonl"),
+                  "--out", str(tmp_path / "b2"))
+    with pytest.raises(InputError, match=r"empty.jsonl: no trace of 4 of the 4 selected prompts"):
+        train_sl_main(bad)

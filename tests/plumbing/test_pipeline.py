@@ -13,25 +13,70 @@ TINY = ["--sl-prompts", "4", "--sl-rounds", "1", "--rm-prompts", "8", "--ppo-ite
 def test_pipeline_end_to_end_and_resume(tiny_gguf, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
-    assert pipeline_main(["--out", str(out), "--model", str(tiny_gguf), *TINY, "--self-improve", "1"]) == 0
+    assert pipeline_main(["--out", str(out), "--model", str(tiny_gguf), *TINY, "--self-improve", "1",
+                          "--baseline", "sft"]) == 0
     for f in ["sl/model/model.safetensors", "sl/traces.jsonl", "rm/preferences.jsonl", "rm/rm/reward_head.safetensors",
               "ppo/model/model.safetensors", "dpo/model/model.safetensors", "round2/ppo/model/config.json",
-              "eval/eval.json", "eval/eval.md", "report.html"]:
+              "eval/eval.json", "eval/eval.md", "report.html", "baseline/model/model.safetensors",
+              "self_improve.experiment.json"]:
         assert (out / f).exists(), f
     log = json.loads((out / "pipeline.json").read_text())
-    assert {"round1/sl", "round1/rm", "round1/ppo", "dpo", "eval", "round2/ppo"} <= set(log["stages"])
-    assert log["self_improve"][0]["round"] == 2
+    assert {"round1/sl", "baseline", "round1/rm", "round1/ppo", "dpo", "eval", "round2/ppo"} <= set(log["stages"])
+    assert "--target initial --traces" in log["stages"]["baseline"]["command"]
+    assert not (out / "baseline" / "traces.jsonl").exists()  # the baseline reads stage 1's traces
+    # every round on the yardstick: round 1's RL policy, then round 2's
+    assert [r["round"] for r in log["self_improve"]] == [1, 2]
+    for r in log["self_improve"]:
+        assert r["yardstick_quality"] == r["explained_refusal"] - r["over_refusal"]
     table = (out / "eval" / "eval.md").read_text()
-    for name in ("base", "sl", "rl", "dpo"):
+    for name in ("base", "sft", "sl", "rl", "dpo"):
         assert f"| {name}" in table
     res = json.loads((out / "eval" / "eval.json").read_text())
     assert "## Judge-free (held-out)" in table and res["judge_free"]["sets"]["harmful"] == 3
-    assert res["judge_free"]["sets"]["benign"] == 4 and set(res["alignment_tax"]) == {"sl", "rl", "dpo", "rl2"}
+    assert res["judge_free"]["sets"]["benign"] == 4 and set(res["alignment_tax"]) == {"sft", "sl", "rl", "dpo", "rl2"}
     assert res["judge_accuracy"]["builtin_pairs"]["accuracy"]["n"] == 48
     assert res["reward_model_accuracy"]["builtin_pairs"]["accuracy"]["n"] == 48
-    assert "The answer" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "The answer" in page and "Experiment: Iterative SL -&gt; RL rounds" in page
     capsys.readouterr()
     # rerunning the same command finds every stage done
-    assert pipeline_main(["--out", str(out), "--model", str(tiny_gguf), *TINY, "--self-improve", "1"]) == 0
+    assert pipeline_main(["--out", str(out), "--model", str(tiny_gguf), *TINY, "--self-improve", "1",
+                          "--baseline", "sft"]) == 0
     printed = capsys.readouterr().out
     assert "$ python" not in printed and printed.count("skipping") >= 8
+
+
+def test_self_improvement_stops_on_an_absolute_drop_of_the_yardstick_quality():
+    from minicai.infra.pipeline import stop_self_improvement
+    assert not stop_self_improvement(0.10, 0.12, 0.05)  # 2 points below the best: go on
+    assert stop_self_improvement(0.05, 0.12, 0.05)  # 7 points below: stop
+    assert not stop_self_improvement(-0.02, 0.0, 0.05)  # a quality near 0 is not a 100% relative drop
+    assert stop_self_improvement(-0.06, 0.0, 0.05)
+
+
+def test_yardstick_quality_and_tax_cli(tmp_path, capsys):
+    import pytest
+
+    from minicai.infra.evaluate import main as evaluate_main, yardstick_quality
+    from minicai.infra.utils import InputError
+    j = {"harmful": {"explained_refusal": {"rate": 0.25}}, "over_refusal": {"refusal_strict": {"rate": 0.10}}}
+    assert yardstick_quality(j) == pytest.approx(0.15)
+    assert yardstick_quality({"harmful": {"explained_refusal": {"rate": 0.2}}}) is None
+    # --tax reads every eval*/eval.json of a run and prints base, policy, relative change and verdict
+    tax = {"sl": {"benchmarks": {"perplexity": {"base": 20.0, "policy": 22.0, "relative_change": 0.1,
+                                                 "verdict": "regression"},
+                                 "capability": {"base": 0.5, "policy": 0.6, "relative_change": 0.2,
+                                                "verdict": "improvement"}},
+                  "average_gain": 0.05, "verdict": "improvement"}}
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "eval.json").write_text(json.dumps({"anchor": "base", "alignment_tax": tax}))
+    assert evaluate_main(["--tax", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "Alignment tax of sl against base" in out
+    assert "perplexity" in out and "+10.0%  regression" in out and "+20.0%  improvement" in out
+    assert "+5.0%  improvement" in out  # the average, signed so that improvement is positive
+    with pytest.raises(InputError, match="missing: no such file or folder"):
+        evaluate_main(["--tax", str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"empty: no eval\*/eval.json"):
+        evaluate_main(["--tax", str(tmp_path / "empty")])

@@ -122,3 +122,24 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert (w, h) == (1200, 3000)
     assert shot.stat().st_size > 20_000  # a blank page compresses to a few kB
     assert len(set(pixels[::97])) > 20  # many distinct byte values: text, lines and colours were drawn
+
+
+def test_experiment_files_are_rendered_with_charts_legend_and_table(run_dir):
+    exp = {"experiment": "rl", "title": "GAE vs <RLOO>", "command": "python -m x rl", "seconds": 12.5,
+           "notes": "same compute", "table": "| policy | score |\n|---|---|\n| gae | 0.1 |\n| rloo | <b>0.2</b> |\n",
+           "plots": [{"title": "score", "xlabel": "iteration", "ylabel": "score",
+                      "series": {"gae": [[1, 0.0], [2, 0.5]], "rloo": [[1, 0.1], [2, "bad"], [3, 0.9]],
+                                 "empty": []}},
+                     {"title": "nothing", "series": {}}]}
+    (run_dir / "experiments").mkdir()
+    (run_dir / "experiments" / "rl.experiment.json").write_text(json.dumps(exp))
+    (run_dir / "experiments" / "broken.experiment.json").write_text("{not json")
+    page = render_report(run_dir)
+    assert "Experiment: GAE vs &lt;RLOO&gt;" in page and "<RLOO>" not in page
+    section = page[page.index("Experiment: GAE"):]
+    assert section.count("<polyline") >= 2  # one line per series with two or more numeric points
+    assert ">gae</text>" in section and ">rloo</text>" in section and ">empty</text>" not in section  # legend
+    assert "<th>policy</th><th>score</th>" in section and "<td>&lt;b&gt;0.2&lt;/b&gt;</td>" in section
+    assert "---" not in section.split("<table>")[1].split("</table>")[0]  # the separator row is not a row
+    assert "nothing: no numeric points" in section
+    assert "broken.experiment.json" in page  # an unreadable file is a note, not a crash
