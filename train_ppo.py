@@ -294,7 +294,7 @@ def group_advantages(r: Rollout, beta: float, args: Args) -> tuple[Tensor, Tenso
     kl = kl_per_token(r.logprobs, r.ref_logprobs, k.kl_estimator)  # (B, G)
     rewards = per_token_rewards(r.score, kl, r.mask, beta if k.kl_penalty == "reward" else 0.0)  # (B, G)
     R = rewards.sum(1)  # (B,) padding holds 0
-    seq_adv = (rloo_advantages if a.advantage == "rloo" else grpo_advantages)(R, a.k)  # (B,)
+    seq_adv = rloo_advantages(R, a.k) if a.advantage == "rloo" else grpo_advantages(R, a.k)  # (B,)
     adv = sequence_advantages(seq_adv, r.mask)  # (B, G)
     if a.whiten_advantages == "batch":
         adv = masked_whiten(adv, r.mask, unbiased=a.whiten_var == "unbiased")
