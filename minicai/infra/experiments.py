@@ -84,7 +84,7 @@ def rl_table(summary: dict[str, dict], res: dict) -> str:
 def run_rl(args) -> dict:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "stages.json"
+    log_path = out / "pipeline.json"  # run_stage records each stage there
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     t0 = time.time()
     for m, cmd in rl_commands(args, out).items():
