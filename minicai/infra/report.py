@@ -574,14 +574,13 @@ def render_report(run_dir: Path, max_traces: int = 30, max_preferences: int = 40
         sections.append((f"The answer: {rel(main[0])}", headline_html(main[1])))
         if side_by_side_html(main[1]):
             sections.append(("Held-out harmful prompts, every policy's reply", side_by_side_html(main[1])))
-    for p, res in evals:
-        sections.append((f"Evaluation: {rel(p)}", eval_html(res)))
-
     for p in files(run_dir, "*.experiment.json"):
         exp = read_json(p, notes)
         if isinstance(exp, dict):
             sections.append((f"Experiment: {exp.get('title') or exp.get('experiment') or p.name} ({rel(p)})",
                              experiment_html(exp)))
+    for p, res in evals:
+        sections.append((f"Evaluation: {rel(p)}", eval_html(res)))
 
     configs = [p for p in files(run_dir, "config.json") if not (p.parent / "model.safetensors").exists()]
     if configs:
