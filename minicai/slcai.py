@@ -7,6 +7,8 @@ For each red-team prompt:
        under that principle, then for a revision; the transcript keeps growing, so round r
        critiques the revision of round r-1;
     3. the last revision is the SFT target.
+Direct revision (critique=False; the paper's ablation of §3.5 / Fig. 7): each round asks for the
+revision straight after the last answer, with no critique request and no critique.
 Helpfulness prompts are answered once and kept as they are (the paper mixes helpfulness samples
 into SL-CAI so that the model does not become evasive).
 
@@ -19,6 +21,9 @@ Two transcript formats:
         "\\n\\nRevisionRequest: {revision request}\\n\\nRevision: {revision}"
 Few-shot transcripts from the constitution can be put in front (--few-shot).
 
+Principle subsets (principle_subset; the ablation of §3.4 / Fig. 6): the constitution restricted
+to the first n of its principles after a seeded shuffle, so that the rounds draw from n principles.
+
 Traces: `traces` yields every batch's records (prompt, initial response, each round's principle,
 critique and revision). Each prompt has its own seed (from the global seed and the prompt's id),
 and the sampler draws each row from its own generator, so a prompt's record does not depend on
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .constitution import Constitution, Principle, critique_request_text, revision_request_text
 from .infra.data import Prompt
@@ -50,12 +55,17 @@ class Record:
     seed: int
     principles: list[Principle]
     events: list[tuple[str, str]]
+    critique: bool = True
+    """False: direct revision, each round is (revision_request, revision) with no critique."""
 
     def to_json(self) -> dict:
         rounds = []
         ev = self.events[2:]
         for r, p in enumerate(self.principles):
-            if 4 * r + 3 < len(ev):
+            if not self.critique:  # direct revision: 2 events per round
+                if 2 * r + 1 < len(ev):
+                    rounds.append({"principle": p.name, "revision_request": ev[2 * r][1], "revision": ev[2 * r + 1][1]})
+            elif 4 * r + 3 < len(ev):
                 rounds.append({"principle": p.name, "critique_request": ev[4 * r][1], "critique": ev[4 * r + 1][1],
                                "revision_request": ev[4 * r + 2][1], "revision": ev[4 * r + 3][1]})
         final = rounds[-1]["revision"] if rounds else self.events[1][1]
@@ -149,19 +159,39 @@ def strip_preamble(text: str) -> str:
     return out if out else text
 
 
+def principle_subset(constitution: Constitution, n: int, seed: int) -> Constitution:
+    """The constitution with only n of its principles: a copy of the principle list is shuffled by
+    random.Random(seed) and its first n are kept (in shuffled order), so that for one seed the
+    subsets are nested (the 1 inside the 2 inside the 4 ...). n = 0 or n >= the number of
+    principles: the constitution itself, unchanged (every principle, in file order, as plain SL-CAI
+    draws them). Few-shot examples are kept as they are."""
+    if n < 0:
+        raise InputError(f"number of principles must be >= 0 (0 = all), got {n}")
+    if n == 0 or n >= len(constitution.principles):
+        return constitution
+    order = list(constitution.principles)
+    random.Random(seed).shuffle(order)
+    return replace(constitution, principles=order[:n])
+
+
 def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Constitution, *,
            rounds: int = 4, fmt: str = "chat", few_shot: bool = False, batch_size: int = 8,
            max_new_tokens: int = 96, temperature: float = 0.7, seed: int = 0,
-           critic: tuple | None = None, critic_layout: str = "quoted"):
+           critic: tuple | None = None, critic_layout: str = "quoted", critique: bool = True):
     """SL-CAI traces of `prompts`, generated batch by batch: yields each batch's records (Record.to_json:
     prompt, initial response, each round's principle, critique and revision, final). A prompt's
     record depends only on its own seed, never on its batch. critic=(model, tok): a distilled
     SL-CAI, where `model` writes the initial response and the critic model every critique and
     revision (the transcript is text, rendered in each model's own chat format); None: `model`
     writes all of it, as in the paper. critic_layout "quoted" shows the critic each round as a
-    quoted conversation (quoted_events), "chat" as the policy's own transcript."""
+    quoted conversation (quoted_events), "chat" as the policy's own transcript. critique=False:
+    direct revision, every round a revision request right after the last answer (no critique; the
+    record's rounds then hold principle, revision_request and revision only); a revision keeps the
+    sampler seed it has with critiques (stage 2r + 2 of round r)."""
     if fmt not in ("chat", "paper"):
         raise InputError(f"format must be 'chat' or 'paper', got {fmt!r}")
+    if not critique and critic is not None and critic_layout == "quoted":
+        raise InputError("direct revision (no critique) with a critic model needs critic_layout 'chat'")
     if fmt == "chat" and tok.chat.kind == "plain":
         fmt = "paper"  # a checkpoint without a chat template only has the raw transcript
     writer, writer_tok = critic if critic is not None else (model, tok)
@@ -174,7 +204,7 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
         for p in prompts[start:start + batch_size]:
             s = stable_seed(seed, p.id)  # a prompt's own seed: its text does not depend on its batch
             principles = constitution.sample(random.Random(s), rounds) if p.kind == "red-team" else []
-            recs.append(Record(p, s, principles, [("user", p.text)]))
+            recs.append(Record(p, s, principles, [("user", p.text)], critique))
 
         def answer(active: list[Record], stage: int, kind: str):
             m, t = (model, tok) if stage == 0 else (writer, writer_tok)  # the policy answers, the critic revises
@@ -192,9 +222,10 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
             active = [r for r in recs if r.principles]
             if not active:
                 break
-            for r in active:
-                r.events.append(("critique_request", r.principles[rnd].critique))
-            answer(active, 2 * rnd + 1, "critique")
+            if critique:  # direct revision (critique=False) skips these two events
+                for r in active:
+                    r.events.append(("critique_request", r.principles[rnd].critique))
+                answer(active, 2 * rnd + 1, "critique")
             for r in active:
                 r.events.append(("revision_request", r.principles[rnd].revision))
             answer(active, 2 * rnd + 2, "revision")
