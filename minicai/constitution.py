@@ -109,6 +109,7 @@ def revision_request_text(p: Principle) -> str:
     return f"\n\nRevisionRequest: {p.revision}\n\nRevision:"
 
 
+# exercise
 def feedback_prompt(conversation: str, principle_comparison: str, option_a: str, option_b: str) -> str:
     """The multiple-choice prompt of the feedback model (paper §4.1), laid out as in the released
     evals/438HHHEvaluations.jsonl:

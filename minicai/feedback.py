@@ -167,6 +167,7 @@ def centered_p(margin: float, cot: bool) -> float:
     return c
 
 
+# exercise
 def judge_pairs(model: Transformer, tok: ChatTokenizer, pairs: list[tuple[str, str, str]],
                 principles: list[list[str]], *, cot: bool = False, batch_size: int = 8,
                 cot_max_new_tokens: int = 64, progress: bool = False) -> list[dict]:
@@ -244,6 +245,7 @@ def reply_logprob_means(model: Transformer, tok: ChatTokenizer, items: list[tupl
     return [mean[it] for it in items]
 
 
+# exercise
 def contrast_pairs(model: Transformer, tok: ChatTokenizer, pairs: list[tuple[str, str, str]],
                    contexts: list[list[tuple[str, str]]], *, tau: float = CONTRAST_TAU,
                    batch_size: int = 8) -> list[dict]:

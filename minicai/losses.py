@@ -15,6 +15,7 @@ from torch import Tensor
 from .rl import upcast_fp32, masked_mean
 
 
+# exercise
 def pairwise_loss(r_a: Tensor, r_b: Tensor, p_a: Tensor | float, margin: Tensor | float = 0.0,
                   denominator: Tensor | float | None = None) -> Tensor:
     """Soft-label Bradley-Terry loss, averaged over the batch: r_a, r_b (B,) scalar rewards,
@@ -51,6 +52,7 @@ def center_reward_penalty(r_a: Tensor, r_b: Tensor, coef: float) -> Tensor:
     return coef * ((r_a + r_b) ** 2).mean()
 
 
+# exercise
 def sft_loss(logits: Tensor, targets: Tensor, mask: Tensor, denominator: Tensor | float | None = None) -> Tensor:
     """Next-token cross-entropy on the masked (assistant) tokens only: their summed NLL divided by
     `denominator`, by default their count: a token-level mean over the whole batch, the prompt
@@ -72,6 +74,7 @@ def sft_loss(logits: Tensor, targets: Tensor, mask: Tensor, denominator: Tensor 
 
 
 # ------------------------------------------------------------------------------ DPO
+# exercise
 def dpo_loss(pi_a: Tensor, pi_b: Tensor, ref_a: Tensor, ref_b: Tensor,
              p_a: Tensor | float, beta: float, denominator: Tensor | float | None = None) -> Tensor:
     """Soft-label DPO loss, a mean over pairs: pi_*, ref_* (B,) sequence log-probs of responses a

@@ -73,12 +73,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    # exercise
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
+# exercise
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
     """RoPE tables for arbitrary per-row positions (Su et al. 2021, RoFormer eq. 34), in the
     rotate_half layout: frequencies repeated as [f0..f_{D/2-1}, f0..f_{D/2-1}].
@@ -134,6 +136,7 @@ class KVCache(nn.Module):
         return new
 
 
+# exercise
 def manual_attention(q, k, v, mask):
     """Reference attention, written out: softmax(q k^T / sqrt(D) + mask) v (Vaswani et al. 2017,
     eq. 1), with GQA by repeating each key/value head n_heads // n_kv_heads times.
@@ -225,6 +228,7 @@ def padding_positions(attn_mask: torch.Tensor) -> torch.Tensor:
     return (attn_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# exercise
 def padding_attn_mask(key_valid: torch.Tensor, T: int, start: int = 0) -> torch.Tensor:
     """Boolean attention mask for queries at slots [start, start+T) over keys at slots
     [0, start+T): key j is visible from query i iff j <= i and key j is a real token.

@@ -91,6 +91,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     return var
 
 
+# exercise
 def masked_whiten(
     x: Tensor,
     mask: Tensor,
@@ -143,6 +144,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)  # (B, T)
 
 
+# exercise
 def kl_per_token(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from the sampled token's log-probs (B, T) -> (B, T).
 
@@ -203,6 +205,7 @@ def gae_mask(mask: Tensor, reward_at: str = "last") -> Tensor:
     return m
 
 
+# exercise
 def per_token_rewards(score: Tensor, kl: Tensor, mask: Tensor, beta: float, reward_at: str = "last") -> Tensor:
     """Dense rewards (B, T): r_t = -beta * KL_t on real tokens, 0 on padding, plus the score (B,)
     at `score_index(mask, reward_at)`. Ziegler et al. 2019 eq. 2 (R = r - beta * KL);
@@ -221,6 +224,7 @@ def per_token_rewards(score: Tensor, kl: Tensor, mask: Tensor, beta: float, rewa
 # --------------------------------------------------------------------------------------------
 
 
+# exercise
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation, the textbook backward loop (slow, obviously correct).
     rewards, values, mask (B, T) -> (advantages, returns), each (B, T) and 0 on padding.
@@ -268,6 +272,7 @@ def group_differences(rewards: Tensor, k: int) -> Tensor:
     return r[:, :, None] - r[:, None, :]  # (n, k, k)
 
 
+# exercise
 def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv 2402.14740, eq. 5; Kool et al. 2019):
     A_i = R_i - 1/(k-1) sum_{j != i} R_j = 1/(k-1) sum_j (R_i - R_j) (the j = i term is 0).
@@ -276,6 +281,7 @@ def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
     return (group_differences(rewards, k).sum(-1) / (k - 1)).reshape(-1)  # (n, k) -> (B,)
 
 
+# exercise
 def grpo_advantages(rewards: Tensor, k: int, eps: float = 1e-4) -> Tensor:
     """GRPO's outcome advantage (Shao et al. 2024, arXiv 2402.03300, §4.1.2):
     A_i = (R_i - mean(R)) / (std(R) + eps) within each group of k; std with Bessel's correction and
@@ -297,6 +303,7 @@ def sequence_advantages(adv: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+# exercise
 def policy_loss(
     logp_new: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor, clip: float,
     denominator: Tensor | float | None = None,
@@ -333,6 +340,7 @@ def policy_loss(
     return loss, stats
 
 
+# exercise
 def value_loss(
     v_new: Tensor, v_old: Tensor, returns: Tensor, mask: Tensor, clip_v: float,
     denominator: Tensor | float | None = None,
@@ -375,6 +383,7 @@ class KLController:
     def __init__(self, value: float, target: float | None = None, horizon: int = 10000):
         self.value, self.target, self.horizon = float(value), target, horizon
 
+    # exercise
     def update(self, current_kl: float, n_steps: int) -> float:
         """After a batch of n_steps episodes whose mean KL was current_kl: the new beta (the
         formula above; unchanged with a fixed beta)."""

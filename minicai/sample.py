@@ -76,6 +76,7 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right", device="cpu") -
     return ids.to(device), mask.to(device)
 
 
+# exercise
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Top-k then nucleus (top-p, Holtzman et al. 2020 §3.1) filtering: removed entries -> -inf.
     logits (B, V) -> (B, V). top_p keeps the smallest set of tokens whose probability sums to at

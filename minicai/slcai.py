@@ -88,6 +88,7 @@ def few_shot_events(constitution: Constitution) -> list[tuple[str, str]]:
     return out
 
 
+# exercise
 def render_paper(events: list[tuple[str, str]], principles_for_requests: bool = True) -> str:
     """The paper's raw transcript of `events`, ending with the label the model continues after
     (Assistant:, Critique: or Revision:) when the last event is a request. Answers follow their
