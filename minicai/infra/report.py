@@ -95,10 +95,13 @@ def files(run_dir: Path, pattern: str) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ SVG curves
-def svg_chart(xs: list[float], ys: list[float], title: str, width: int = 340, height: int = 190) -> str:
-    """A line chart (points too when there are few) as an inline <svg>: y range with 3 labelled
-    ticks, x range labelled at both ends."""
-    L, R, T, B = 66, 10, 22, 26  # margins: left (y labels), right, top (title), bottom (x labels)
+def svg_frame(xs: list[float], ys: list[float], title: str, width: int, height: int, margins: tuple,
+              svg_height: int | None = None):
+    """The part every line chart shares: the x and y ranges (widened when flat), the <svg> opening,
+    the title, the plot frame and 3 labelled y ticks. margins = (left, right, top, bottom) of the plot
+    area inside a width x height box (svg_height: a taller <svg>, room for a legend below).
+    Returns (parts, px, py, x0, x1): the SVG pieces so far and the data -> pixel maps."""
+    L, R, T, B = margins
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     if x1 == x0:
@@ -113,8 +116,8 @@ def svg_chart(xs: list[float], ys: list[float], title: str, width: int = 340, he
     def py(y):
         return height - B - (y - y0) / (y1 - y0) * (height - T - B)
 
-    parts = [f'<svg width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
+    H = svg_height or height
+    parts = [f'<svg width="{width}" height="{H}" viewBox="0 0 {width} {H}" role="img" aria-label="{esc(title)}">',
              f'<text x="{L}" y="14" class="t">{esc(title)}</text>',
              f'<rect x="{L}" y="{T}" width="{width - L - R}" height="{height - T - B}" class="frame"/>']
     ticks = (y0, (y0 + y1) / 2, y1)
@@ -123,7 +126,15 @@ def svg_chart(xs: list[float], ys: list[float], title: str, width: int = 340, he
     for y in ticks:
         parts.append(f'<line x1="{L}" x2="{width - R}" y1="{py(y):.1f}" y2="{py(y):.1f}" class="grid"/>'
                      f'<text x="{L - 4}" y="{py(y) + 4:.1f}" class="yl">{esc(f"{y:.{digits}g}")}</text>')
-    parts.append(f'<text x="{L}" y="{height - 8}" class="xl">{esc(f"{x0:g}")}</text>'
+    return parts, px, py, x0, x1
+
+
+def svg_chart(xs: list[float], ys: list[float], title: str, width: int = 340, height: int = 190) -> str:
+    """A line chart (points too when there are few) as an inline <svg>: y range with 3 labelled
+    ticks, x range labelled at both ends."""
+    R = 10
+    parts, px, py, x0, x1 = svg_frame(xs, ys, title, width, height, (66, R, 22, 26))
+    parts.append(f'<text x="66" y="{height - 8}" class="xl">{esc(f"{x0:g}")}</text>'
                  f'<text x="{width - R}" y="{height - 8}" class="xl end">{esc(f"{x1:g}")}</text>')
     pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
     if len(xs) > 1:
@@ -149,30 +160,9 @@ def svg_lines(plot: dict, width: int = 420, height: int = 230) -> str:
         return f"<p class='note'>{esc(title)}: no numeric points</p>"
     L, R, T, B = 58, 10, 22, 40  # margins: left (y labels), right, top (title), bottom (x labels, axis name)
     legend_h = 14 * ((len(series) + 2) // 3)
-    H = height + legend_h
     xs = [x for v in series.values() for x, _ in v]
     ys = [y for v in series.values() for _, y in v]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    if y1 == y0:
-        pad = abs(y0) * 0.05 or 1.0
-        y0, y1 = y0 - pad, y1 + pad
-
-    def px(x):
-        return L + (x - x0) / (x1 - x0) * (width - L - R)
-
-    def py(y):
-        return height - B - (y - y0) / (y1 - y0) * (height - T - B)
-
-    parts = [f'<svg width="{width}" height="{H}" viewBox="0 0 {width} {H}" role="img" aria-label="{esc(title)}">',
-             f'<text x="{L}" y="14" class="t">{esc(title)}</text>',
-             f'<rect x="{L}" y="{T}" width="{width - L - R}" height="{height - T - B}" class="frame"/>']
-    ticks = (y0, (y0 + y1) / 2, y1)
-    digits = next((d for d in range(3, 9) if len({f"{y:.{d}g}" for y in ticks}) == 3), 8)
-    for y in ticks:
-        parts.append(f'<line x1="{L}" x2="{width - R}" y1="{py(y):.1f}" y2="{py(y):.1f}" class="grid"/>'
-                     f'<text x="{L - 4}" y="{py(y) + 4:.1f}" class="yl">{esc(f"{y:.{digits}g}")}</text>')
+    parts, px, py, x0, x1 = svg_frame(xs, ys, title, width, height, (L, R, T, B), height + legend_h)
     parts.append(f'<text x="{L}" y="{height - B + 13}" class="xl">{esc(f"{x0:g}")}</text>'
                  f'<text x="{width - R}" y="{height - B + 13}" class="xl end">{esc(f"{x1:g}")}</text>'
                  f'<text x="{(L + width - R) / 2:.0f}" y="{height - B + 26}" class="xl mid">'
