@@ -425,6 +425,7 @@ def main(argv=None) -> int:
     if d.main:
         write_summary(out, n_it, d)
         print(f"done: {out / 'model'} (policy + value head); metrics in {out / 'metrics.jsonl'}")
+    del ddp  # [dist] DDP's reducer goes before the process group it holds, not at interpreter exit
     distributed.finish(d)  # [dist]
     return 0
 
