@@ -159,6 +159,7 @@ def svg_lines(plot: dict, width: int = 420, height: int = 230) -> str:
     if not series:
         return f"<p class='note'>{esc(title)}: no numeric points</p>"
     L, R, T, B = 58, 10, 22, 40  # margins: left (y labels), right, top (title), bottom (x labels, axis name)
+    width = max(width, L + R + 7 * len(title))  # room for the title (~7 px a character at 12 px bold)
     legend_h = 14 * ((len(series) + 2) // 3)
     xs = [x for v in series.values() for x, _ in v]
     ys = [y for v in series.values() for _, y in v]
