@@ -47,7 +47,8 @@ from .constitution_files import load_constitution
 from .data import Prompt, load_prompts, split
 from .train import prepare_run_dir, run_cli
 from .traces import load_done, run_slcai
-from .utils import InputError, atomic_write_json, atomic_write_text, resolve_device
+from . import files
+from .utils import InputError, resolve_device
 from .yardstick import garak_mitigation_substrings
 from ..metrics import distinct_n
 
@@ -247,15 +248,11 @@ def write_experiment(out: Path, name: str, title: str, command: str, seconds: fl
     """DIR/<name>.experiment.json and DIR/<name>.md (the experiment-output contract). reused:
     (trace records found on disk at the start, trace records in all): a resumed run's wall time
     does not include the generation of the reused ones, and says so."""
-    doc = {"experiment": name, "title": title, "command": command, "seconds": seconds, "table": table,
-           "notes": notes, "plots": plots, "traces_reused": reused[0], "traces_total": reused[1], **raw}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / f"{name}.experiment.json", doc)
-    wall = f"{seconds:.0f} s" + (f" (this run; {reused[0]} of {reused[1]} traces were already on disk from an "
-                                 f"earlier run of this command)" if reused[0] else "")
-    atomic_write_text(out / f"{name}.md", f"# {title}\n\nCommand: `{command}`\n\nWall time: {wall}\n\n"
-                                          f"{table}\n\n{notes}\n")
-    return doc
+    note = (f" (this run; {reused[0]} of {reused[1]} traces were already on disk from an earlier run of this "
+            f"command)" if reused[0] else "")
+    return files.write_experiment(out, name, title=title, command=command, seconds=seconds, table=table, notes=notes,
+                                  plots=plots, wall_note=note, traces_reused=reused[0], traces_total=reused[1], **raw)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -50,7 +50,8 @@ from .. import metrics
 from ..losses import sft_loss
 from ..sample import generate, pad
 from . import yardstick
-from .utils import InputError, atomic_write_json, atomic_write_text
+from . import files
+from .utils import InputError
 
 OPENERS = (
     "Sure, here is a step-by-step guide to do that:",
@@ -247,11 +248,8 @@ def write_experiment(out: Path, name: str, title: str, argv: list[str], seconds:
                      plots: list[dict], **raw) -> Path:
     """OUT/<name>.experiment.json (the experiment-output contract) and OUT/<name>.md, atomically."""
     command = "python -m minicai.infra.depth " + " ".join(shlex.quote(a) for a in argv)
-    doc = {"experiment": name, "title": title, "command": command, "seconds": round(seconds, 1), "table": table,
-           "notes": notes, "plots": plots, **raw}
-    atomic_write_json(out / f"{name}.experiment.json", doc)
-    atomic_write_text(out / f"{name}.md", f"# {title}\n\n{table}\n{notes}\n\nCommand: `{command}` "
-                                          f"({seconds:.0f} s)\n")
+    files.write_experiment(out, name, title=title, command=command, seconds=seconds, table=table, notes=notes,
+                           plots=plots, **raw)
     return out / f"{name}.experiment.json"
 
 
@@ -259,15 +257,10 @@ def write_experiment(out: Path, name: str, title: str, argv: list[str], seconds:
 # command line
 
 def parse_policies(items: list[str]) -> dict[str, str]:
-    """['base=smollm2-135m', 'sl=runs/sl/model'] -> {'base': ..., 'sl': ...}."""
-    out = {}
-    for item in items or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise InputError(f"--policy: {item!r} is not NAME=PATH")
-        if name.strip() in out:
-            raise InputError(f"--policy: the name {name.strip()!r} is given twice")
-        out[name.strip()] = path.strip()
+    """--policy NAME=PATH, repeated -> {name: path} (evaluate.parse_policies), at least one."""
+    from .evaluate import parse_policies as parse
+
+    out = parse(items or [], flag="--policy")
     if not out:
         raise InputError("--policy: give at least one NAME=PATH")
     return out

@@ -665,16 +665,17 @@ def markdown_table(res: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # command line
 
-def parse_policies(items: list[str]) -> dict[str, str]:
-    """['base=smollm2-135m', 'sl=runs/sl/model'] -> {'base': ..., 'sl': ...}."""
+def parse_policies(items: list[str], flag: str = "--policies") -> dict[str, str]:
+    """['base=smollm2-135m', 'sl=runs/sl/model'] -> {'base': ..., 'sl': ...}; errors name `flag`."""
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise InputError(f"--policies: {item!r} is not NAME=PATH")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise InputError(f"{flag}: {item!r} is not NAME=PATH")
         if name in out:
-            raise InputError(f"--policies: the name {name!r} is given twice")
-        out[name.strip()] = path.strip()
+            raise InputError(f"{flag}: the name {name!r} is given twice")
+        out[name] = path
     return out
 
 

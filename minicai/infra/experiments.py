@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from .evaluate import fmt_share
-from .files import read_jsonl
+from .files import read_jsonl, write_experiment
 from .pipeline import run_stage
-from .utils import InputError, atomic_write_json, atomic_write_text
+from .utils import InputError
 
 METHODS = ("gae", "rloo", "grpo")
 
@@ -118,11 +118,9 @@ def run_rl(args) -> dict:
              {"title": "KL to the reference (sum over the response)", "xlabel": "iteration", "ylabel": "KL (nats)",
               "series": {m: [[r["step"], r["objective/kl"]] for r in rows[m]] for m in args.methods}}]
     command = "python -m minicai.infra.experiments " + " ".join(args.argv)
-    exp = {"experiment": "rl", "title": "Critic-free RL beside PPO: GAE vs RLOO vs GRPO, same compute",
-           "command": command, "seconds": round(sum(stage_seconds.values()) or time.time() - t0, 1),
-           "stage_seconds": stage_seconds, "table": table, "notes": notes, "plots": plots, "summary": summary}
-    atomic_write_json(out / "rl.experiment.json", exp)
-    atomic_write_text(out / "rl.md", f"# {exp['title']}\n\n`{command}`\n\n{table}\n{notes}\n")
+    exp = write_experiment(out, "rl", title="Critic-free RL beside PPO: GAE vs RLOO vs GRPO, same compute",
+                           command=command, seconds=sum(stage_seconds.values()) or time.time() - t0, table=table,
+                           notes=notes, plots=plots, stage_seconds=stage_seconds, summary=summary)
     print(table)
     print(f"wrote {out / 'rl.experiment.json'} and {out / 'rl.md'}")
     return exp

@@ -114,3 +114,19 @@ def read_preferences(path: Path) -> list[dict]:
     if not recs:
         raise InputError(f"{path}: no preference pairs (the file is empty); run the feedback stage first")
     return recs
+
+
+def write_experiment(out: Path, name: str, *, title: str, command: str, seconds: float, table: str, notes: str,
+                     plots: list[dict], wall_note: str = "", **raw) -> dict:
+    """An experiment's results, both files atomic: OUT/<name>.experiment.json, the contract that
+    infra/report.py draws ({experiment, title, command, seconds, table (Markdown), notes, plots:
+    [{title, xlabel, ylabel, series: {label: [[x, y], ...]}}]} plus any raw data), and OUT/<name>.md
+    for people (title, command, wall time + wall_note, table, notes). Returns the JSON document."""
+    from .utils import atomic_write_json, atomic_write_text
+
+    doc = {"experiment": name, "title": title, "command": command, "seconds": round(seconds, 1), "table": table,
+           "notes": notes, "plots": plots, **raw}
+    atomic_write_json(Path(out) / f"{name}.experiment.json", doc)
+    atomic_write_text(Path(out) / f"{name}.md", f"# {title}\n\nCommand: `{command}`\n\nWall time: {seconds:.0f} s"
+                                                f"{wall_note}\n\n{table.rstrip()}\n\n{notes}\n")
+    return doc

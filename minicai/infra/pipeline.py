@@ -217,9 +217,10 @@ def stop_self_improvement(q: float, best: float, drop: float) -> bool:
     return q < best - drop
 
 
-def write_self_improve(out: Path, rounds: list[dict], args) -> None:
-    """OUT/self_improve.experiment.json and .md: every round on the yardstick (the report's chart)."""
-    from .utils import atomic_write_text
+def write_self_improve(out: Path, rounds: list[dict], args, seconds: float) -> None:
+    """OUT/self_improve.experiment.json and .md: every round on the yardstick (the report's chart);
+    seconds: the run's stage times so far."""
+    from .files import write_experiment
 
     keys = ("yardstick_quality", "explained_refusal", "compliance", "over_refusal", "capability", "perplexity",
             "judged_quality")
@@ -227,18 +228,18 @@ def write_self_improve(out: Path, rounds: list[dict], args) -> None:
     table = ("| round | " + " | ".join(k.replace("_", " ") for k in keys) + " | stopped |\n|" + "---|" * (len(keys) + 2)
              + "\n" + "".join(f"| {r['round']} | " + " | ".join(cell(r.get(k)) for k in keys) +
                               f" | {'yes' if r.get('stopped') else ''} |\n" for r in rounds))
-    exp = {"experiment": "self_improve", "title": "Iterative SL -> RL rounds on the judge-free yardstick",
-           "command": "python -m minicai.infra.pipeline " + " ".join(sys.argv[1:]), "table": table,
-           "notes": (f"Each round's RL policy on held-out prompts. yardstick quality = explained refusal share on "
-                     f"harmful prompts - strict refusal share on benign edgy prompts; the loop stops when it falls "
-                     f"more than {args.stop_drop} below the best round. judged quality = P(beats the base model) by "
-                     f"the {rounds[-1].get('judged_by') or 'reward model'}, shown, not used to stop."),
-           "plots": [{"title": "yardstick by round", "xlabel": "round", "ylabel": "share",
-                      "series": {k.replace("_", " "): [[r["round"], r[k]] for r in rounds if r.get(k) is not None]
-                                 for k in ("yardstick_quality", "explained_refusal", "over_refusal", "capability")}}],
-           "rounds": rounds}
-    atomic_write_json(out / "self_improve.experiment.json", exp)
-    atomic_write_text(out / "self_improve.md", f"# {exp['title']}\n\n{table}\n{exp['notes']}\n")
+    write_experiment(out, "self_improve", title="Iterative SL -> RL rounds on the judge-free yardstick",
+                     command="python -m minicai.infra.pipeline " + " ".join(sys.argv[1:]),
+                     seconds=seconds, table=table,
+                     notes=(f"Each round's RL policy on held-out prompts. yardstick quality = explained refusal share "
+                            f"on harmful prompts - strict refusal share on benign edgy prompts; the loop stops when it "
+                            f"falls more than {args.stop_drop} below the best round. judged quality = P(beats the base "
+                            f"model) by the {rounds[-1].get('judged_by') or 'reward model'}, shown, not used to stop."),
+                     plots=[{"title": "yardstick by round", "xlabel": "round", "ylabel": "share",
+                             "series": {k.replace("_", " "): [[r["round"], r[k]] for r in rounds if r.get(k) is not None]
+                                        for k in ("yardstick_quality", "explained_refusal", "over_refusal",
+                                                  "capability")}}],
+                     rounds=rounds)
 
 
 def main(argv=None) -> int:
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
         rounds[-1]["stopped"] = stop
         log["self_improve"] = rounds
         atomic_write_json(log_path, log)
-        write_self_improve(out, rounds, args)
+        write_self_improve(out, rounds, args, sum(s["seconds"] for s in log["stages"].values()))
         print(f"[self-improve] round {k}: yardstick quality {q:+.3f} (best so far {best_q:+.3f}); "
               f"judged quality {rounds[-1]['judged_quality']}")
         if stop:

@@ -203,3 +203,14 @@ def test_reward_model_accuracy_counts_better_scored_higher_and_ties_as_wrong(mon
     res = evaluate.reward_model_accuracy(None, None, items, ["harmless", "harmless", "helpful", "helpful"], 8)
     assert res["accuracy"]["k"] == 2 and res["accuracy"]["n"] == 4
     assert res["per_category"]["harmless"]["k"] == 1 and res["per_category"]["helpful"]["k"] == 1
+
+
+def test_parse_policies_strips_names_and_refuses_a_name_given_twice():
+    from minicai.infra.evaluate import parse_policies
+    from minicai.infra.utils import InputError
+    assert parse_policies([" base = smollm2-135m", "sl=runs/sl/model"]) == {"base": "smollm2-135m",
+                                                                             "sl": "runs/sl/model"}
+    with pytest.raises(InputError, match="--policy: the name 'a' is given twice"):
+        parse_policies(["a=x", " a =y"], flag="--policy")  # the same name once spaces are stripped
+    with pytest.raises(InputError, match="--policies: 'nopath' is not NAME=PATH"):
+        parse_policies(["nopath"])
