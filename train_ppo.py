@@ -180,6 +180,10 @@ class UpdateArgs:
     """value clip epsilon"""
     vf_coef: float = 0.1
     """weight of the value loss"""
+    fused_logprobs: bool = False
+    """steps 3 and 6: the response tokens' log-probs and entropies through infra.fast.linear_logprobs
+    (the LM head fused with the softmax; same numbers, no (B, G, V) fp32 logits) instead of full
+    logits + rl.logprobs_from_logits (docs/benchmarks.md, 'PPO iteration')"""
     value_model: str | None = field(default=None, metadata={"choices": ("shared", "separate", "none")})
     """shared: a zero-init value head on the policy trunk (3 models resident); separate: a trainable copy
     of the reward model (4 models; needs --reward-model); none: no value function (rloo, grpo);
@@ -254,8 +258,9 @@ def logprobs_values(m: Models, r: Rollout, args: Args) -> tuple[Tensor, Tensor, 
     None without a value function (rloo, grpo)."""
     T = args.rollout.temperature
     with torch.no_grad(), m.autocast(args.run.bf16):
-        out = response_forward(m.policy, r.seq, r.attn_mask, r.P, T, m.value_head)
-        ref_logp = response_forward(m.ref, r.seq, r.attn_mask, r.P, T).logprobs  # (b, G)
+        fused = args.ppo.fused_logprobs
+        out = response_forward(m.policy, r.seq, r.attn_mask, r.P, T, m.value_head, fused=fused)
+        ref_logp = response_forward(m.ref, r.seq, r.attn_mask, r.P, T, fused=fused).logprobs  # (b, G)
         values = out.values if m.value_model is None else response_values(m.value_model, r.seq, r.attn_mask, r.P)
     return out.logprobs, ref_logp, values
 
@@ -372,10 +377,13 @@ def main(argv=None) -> int:
     ckpt = out / "ckpt"
     a = args.models
     m = load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model, device)
+    m.trained.fused = args.ppo.fused_logprobs
     ddp = distributed.wrap(m.trained, d)  # [dist] DDP under torchrun; the module itself in one process
     prompt_ids = [m.tok.render([{"role": "user", "content": p.text}], add_generation_prompt=True)[0] for p in prompts]
-    # summarize_from_feedback_details / OpenAI: Adam with eps 1e-5, one optimizer for policy and values
-    opt = torch.optim.AdamW(m.trained.parameters(), lr=args.optim.lr, eps=1e-5, weight_decay=args.optim.weight_decay)
+    # summarize_from_feedback_details / OpenAI: Adam with eps 1e-5, one optimizer for policy and values;
+    # fused: one kernel for all parameters (HF Trainer's default on torch >= 2.8), the same update
+    opt = torch.optim.AdamW(m.trained.parameters(), lr=args.optim.lr, eps=1e-5, weight_decay=args.optim.weight_decay,
+                            fused=True)
     kl_ctl = KLController(args.kl.beta, args.kl.kl_target, args.kl.kl_horizon)
     start, kl_ctl.value = load_checkpoint(ckpt, m, opt) or (0, kl_ctl.value)  # resume: weights, optimizer, beta
     if start and d.main:

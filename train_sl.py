@@ -21,6 +21,7 @@ on a first reading.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -77,6 +78,10 @@ class Args:
     """model that writes the critiques and revisions (a distilled SL-CAI: e.g. qwen2.5-coder-1.5b); default: --model itself, as in the paper"""
     critic_dtype: str = field(default="fast", metadata={"choices": ("fast", "float32", "bfloat16")})
     """weights of --critic-model: fast = bfloat16 on CUDA or a CPU with bf16 matrix instructions"""
+    gen_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "fast")})
+    """weights of --model while it writes the traces: float32 = the weights being trained; bfloat16 = a
+    bf16 copy of them (about 2x faster sampling on a CPU with bf16 matrix units, bench/bench_generate.py);
+    fast = bfloat16 on CUDA or such a CPU, else float32. SFT always trains the --dtype weights"""
     gen_batch_size: int = 8
     """prompts generated together"""
     max_new_tokens: int = 96
@@ -319,7 +324,11 @@ def main(argv=None) -> int:
     if args.traces:  # another run's traces (the SFT baseline reads SL-CAI's)
         records = read_traces(Path(args.traces), prompts)
     else:
-        records = generate_traces(args, model, tok, critic, prompts, constitution, out, d)  # stage 1
+        gen_dtype = resolve_device(args.run.device, args.gen_dtype)[1]
+        writer = model if gen_dtype == model.embed_tokens.weight.dtype or sft_done else \
+            copy.deepcopy(model).to(gen_dtype)  # --gen-dtype: a copy; the trained weights stay as loaded
+        records = generate_traces(args, writer, tok, critic, prompts, constitution, out, d)  # stage 1
+        del writer
     del critic
     gen_s = time.time() - t0
     if d.main:

@@ -65,7 +65,7 @@ from tqdm import tqdm
 
 from .constitution import ANSWERS, Principle, feedback_prompt
 from .infra.data import Prompt
-from .model import Transformer, last_real_index
+from .model import Transformer, last_real_index, padding_attn_mask, padding_positions
 from .sample import generate, pad, stable_seed
 from .infra.tokenizer import ChatTokenizer
 from .infra.utils import InputError
@@ -112,29 +112,140 @@ def judge_context(tok: ChatTokenizer, conversation: str, comparison: str, first:
     return ids + tok.encode(cue)
 
 
+MIN_SHARED_PREFIX = 16
+"""Shortest common prefix (tokens) worth one KV-cache prefill shared by several contexts."""
+
+
+def shared_prefix_groups(contexts: list[tuple[int, ...]], max_group: int,
+                         min_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[int, list[int]]]:
+    """Contexts that start with the same tokens, as groups (prefix length P, indices into contexts):
+    each group's prefix is prefilled once and only the suffixes run per row. Sorted as token
+    tuples, a run of neighbours i..j shares P = the least common prefix of adjacent pairs (cut to
+    leave every member at least one token: its last hidden state is read in the suffix pass), and
+    runs
+        tokens(i..j) = sum of lengths - (n - 1) * P      (n = j - i + 1 members, P >= min_prefix)
+    tokens (sum of lengths when P < min_prefix: no sharing). The partition of the sorted order into
+    runs of at most max_group members that runs the fewest tokens is found exactly by dynamic
+    programming over run ends (O(N * max_group)). Groups with P = 0 are lone contexts."""
+    order = sorted(range(len(contexts)), key=lambda i: contexts[i])
+    seqs = [contexts[i] for i in order]
+    N = len(seqs)
+
+    def lcp(a, b):
+        n = min(len(a), len(b))
+        return next((k for k in range(n) if a[k] != b[k]), n)
+
+    adj = [lcp(seqs[k], seqs[k + 1]) for k in range(N - 1)]  # adj[k]: seqs k and k + 1
+    best, cut = [0] + [None] * N, [0] * (N + 1)  # best[j]: fewest tokens for seqs[:j]; cut[j]: its last run's start
+    for j in range(1, N + 1):
+        P, total = len(seqs[j - 1]) - 1, 0
+        for i in range(j - 1, max(j - max_group, 0) - 1, -1):  # the run seqs[i:j]
+            total += len(seqs[i])
+            if i < j - 1:
+                P = min(P, adj[i], len(seqs[i]) - 1)
+            cost = best[i] + (total - (j - i - 1) * P if P >= min_prefix else total)
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], N
+    while j > 0:
+        i = cut[j]
+        members = [order[k] for k in range(i, j)]
+        P = min([len(seqs[k]) - 1 for k in range(i, j)] + adj[i:j - 1])
+        out += [(P, members)] if len(members) > 1 and P >= min_prefix else [(0, [m]) for m in members]
+        j = i
+    return out[::-1]
+
+
+def head_fp32(model: Transformer) -> torch.Tensor:
+    """The LM head's weight (V, C) in fp32, cast once per option_logprobs call (not per batch).
+    fp32 even for bf16 weights: bf16 logits are spaced ~0.06 apart near 10, as coarse as the
+    margins between the two options, and would make many labels exactly 1/2."""
+    return model.head_weight.float()
+
+
+def option_rows(h_last: torch.Tensor, w32: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """LM head in fp32 and the two option columns: h_last (B, C), w32 (V, C) fp32, cols (2,)
+    -> (B, 2) fp32 log-probs (log_softmax over the whole vocabulary)."""
+    return F.linear(h_last.float(), w32).log_softmax(-1)[:, cols]  # (B, V) -> (B, 2)
+
+
+def full_last_hidden(model: Transformer, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """The slow twin: a full padded forward of every row (right padding), read at the last real
+    token. seqs: B token lists -> (B, C)."""
+    device = model.embed_tokens.weight.device
+    ids, mask = pad(seqs, pad_id, "right", device)  # (B, T)
+    h = model.padded_forward(ids, mask, hidden=True)  # (B, T, C)
+    return h[torch.arange(len(seqs), device=device), last_real_index(mask)]  # (B, C)
+
+
+def prefix_last_hidden(model: Transformer, prefixes: list[list[int]], suffixes: list[list[int]],
+                       group: list[int], pad_id: int) -> torch.Tensor:
+    """Last hidden state of each row prefixes[group[r]] + suffixes[r], with each prefix run once:
+    1. prefill the G prefixes (right-padded to Pm) into a KV cache (G, slots [0, Pm));
+    2. copy its rows to the R rows (row r gets group[r]) into a cache of Pm + Sm slots;
+    3. run the R suffixes (right-padded to Sm) at slots [Pm, Pm + Sm), RoPE positions P_g + t,
+       attending to their prefix's real slots and to their own earlier suffix tokens.
+    The same attention as one forward of the concatenation: only the slots differ, not the
+    positions or the visible keys. prefixes: G lists (>= 1 token), suffixes: R lists (>= 1
+    token), group: R ints in [0, G) -> (R, C)."""
+    device = model.embed_tokens.weight.device
+    p_ids, p_mask = pad(prefixes, pad_id, "right", device)  # (G, Pm)
+    s_ids, s_mask = pad(suffixes, pad_id, "right", device)  # (R, Sm)
+    (G, Pm), (R, Sm) = p_ids.shape, s_ids.shape
+    p_valid, s_valid = p_mask.bool(), s_mask.bool()
+    pre = model.new_cache(G, Pm)
+    model.trunk(p_ids, padding_positions(p_mask), None if bool(p_valid.all()) else padding_attn_mask(p_valid, Pm),
+                pre, start=0)  # fills pre; the hidden states of the prefix are not needed
+    g = torch.tensor(group, device=device)
+    cache = model.new_cache(R, Pm + Sm)
+    cache.k[:, :, :, :Pm] = pre.k[:, g]  # (L, R, K, Pm, D) row r <- prefix group[r]
+    cache.v[:, :, :, :Pm] = pre.v[:, g]
+    key_valid = torch.cat([p_valid[g], s_valid], dim=1)  # (R, Pm + Sm)
+    pos = p_mask.sum(-1)[g][:, None] + padding_positions(s_mask)  # (R, Sm) P_g + t
+    h = model.trunk(s_ids, pos, padding_attn_mask(key_valid, Sm, start=Pm), cache, start=Pm)  # (R, Sm, C)
+    return h[torch.arange(R, device=device), last_real_index(s_mask)]  # (R, C)
+
+
 @torch.no_grad()
 def option_logprobs(model: Transformer, contexts: list[list[int]], option_ids: tuple[int, int], pad_id: int,
-                    batch_size: int = 8, desc: str | None = None) -> torch.Tensor:
+                    batch_size: int = 8, desc: str | None = None, shared_prefix: bool = True) -> torch.Tensor:
     """Next-token log-probs of the two option tokens after each context: (N, 2) fp32 on the CPU,
     column 0 = option A. Equal contexts are scored once (so equal inputs give equal outputs,
     whatever the batch); contexts are batched by length (right padding, read at the last real
-    token)."""
+    token). With shared_prefix, contexts that start alike (the two orders of a pair, its
+    principles: chat header, question, conversation) are grouped (shared_prefix_groups); each
+    group's prefix is prefilled once into a KV cache, copied to its rows, and only the suffixes
+    run (prefix_last_hidden); up to batch_size rows per batch. Contexts that share no prefix go
+    through a full forward (full_last_hidden). The LM head is cast to fp32 once per call."""
     uniq = list(dict.fromkeys(tuple(c) for c in contexts))
     row = {c: i for i, c in enumerate(uniq)}
-    order = sorted(range(len(uniq)), key=lambda i: len(uniq[i]))
     out = torch.empty(len(uniq), 2)
-    device = model.embed_tokens.weight.device
-    cols = torch.tensor(option_ids, device=device)
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, unit="batch", leave=False):
-        rows = order[s:s + batch_size]
-        ids, mask = pad([list(uniq[r]) for r in rows], pad_id, "right", device)  # (B, T)
-        h = model.padded_forward(ids, mask, hidden=True)  # (B, T, C)
-        h_last = h[torch.arange(len(rows), device=device), last_real_index(mask)]  # (B, C)
-        # LM head in fp32 even for bf16 weights: bf16 logits are spaced ~0.06 apart near 10, as
-        # coarse as the margins between the two options, and would make many labels exactly 1/2.
-        w = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight  # (V, C)
-        logp = F.linear(h_last.float(), w.float()).log_softmax(-1)  # (B, V)
-        out[rows] = logp[:, cols].cpu()  # (B, 2)
+    cols = torch.tensor(option_ids, device=model.embed_tokens.weight.device)
+    w32 = head_fp32(model)  # (V, C)
+    groups = shared_prefix_groups(uniq, batch_size) if shared_prefix else [(0, [i]) for i in range(len(uniq))]
+    # batches: lone contexts by length, groups by their longest member, up to batch_size rows each
+    single = sorted((m[0] for P, m in groups if P == 0), key=lambda i: len(uniq[i]))
+    batches = [("full", single[s:s + batch_size]) for s in range(0, len(single), batch_size)]
+    shared = sorted(((P, m) for P, m in groups if P > 0), key=lambda g: max(len(uniq[i]) for i in g[1]))
+    chunk, n = [], 0
+    for P, m in shared:
+        if n + len(m) > batch_size:
+            batches.append(("prefix", chunk))
+            chunk, n = [], 0
+        chunk.append((P, m))
+        n += len(m)
+    if chunk:
+        batches.append(("prefix", chunk))
+    for kind, b in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
+        if kind == "full":
+            rows = b
+            h_last = full_last_hidden(model, [list(uniq[r]) for r in rows], pad_id)  # (B, C)
+        else:
+            rows = [i for _, m in b for i in m]
+            group = [g for g, (_, m) in enumerate(b) for _ in m]
+            h_last = prefix_last_hidden(model, [list(uniq[m[0]][:P]) for P, m in b],
+                                        [list(uniq[i][P:]) for P, m in b for i in m], group, pad_id)  # (B, C)
+        out[rows] = option_rows(h_last, w32, cols).cpu()  # (B, 2)
     return out[[row[tuple(c)] for c in contexts]]  # (N, 2)
 
 

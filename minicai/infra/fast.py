@@ -7,6 +7,10 @@ tests/algorithm/test_losses.py checks linear_cross_entropy against F.cross_entro
 gradients) and tests/algorithm/test_train_sl.py one SFT step with and without it; bench/bench_train.py says
 what it buys.
 
+linear_logprobs is train_ppo.py --fused-logprobs: PPO's per-token log-probs and entropies of the
+response tokens (infra.ppo.response_forward's plain route: full logits, rl.logprobs_from_logits,
+rl.entropy_from_logits) with the LM head fused in the same way.
+
 gae_vectorized is GAE as one matmul (rl.gae is the loop it equals; tests/algorithm/test_rl.py);
 compiled_decode_one_token is sample.decode_one_token through torch.compile (generate(compile=True)).
 """
@@ -71,6 +75,74 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
     dt = h.device.type
     dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else h.dtype
     return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """PPO's per-token log-probs and entropies through the LM head, for h (N, C), W (V, C), tokens
+    t (N,), temperature T, with z_i = W h_i / T (the tempered logits of row i):
+        logp_i = z_i[t_i] - logsumexp(z_i)             (rl.logprobs_from_logits)
+        H_i    = logsumexp(z_i) - sum_v p_iv z_iv     (rl.entropy_from_logits; p_i = softmax(z_i))
+    and the gradient of logp only (the entropy is a statistic, as in train_ppo's plain path):
+        dlogp_i/d(W h_i) = (onehot(t_i) - p_i) / T
+        dL/dh_i = g_i (onehot(t_i) - p_i) / T W,   dL/dW = sum_i g_i (onehot(t_i) - p_i)^T h_i / T
+    with g_i = dL/dlogp_i known only in backward. The logits are made once in the compute dtype
+    and overwritten in place by (onehot - p) / T, one (N, V) buffer; the fp32 softmax runs a chunk
+    of rows at a time (fp64 inputs: fp64). No fp32 (N, V) logits, no division by T, no log-softmax output and no
+    log-softmax backward exist (the plain path makes five (N, V) fp32 tensors)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, tokens, temperature, chunk, dtype):
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(h.device.type, enabled=False):  # explicit dtypes below
+            hc, wc = h.to(dtype), weight.to(dtype)
+            z = hc @ wc.T  # (N, V) logits in the compute dtype; becomes (onehot - p) / T below
+            N = z.shape[0]
+            sd = torch.promote_types(z.dtype, torch.float32)  # the softmax's dtype: fp32 (fp64 stays fp64), as rl.upcast_fp32
+            buf = torch.empty(min(chunk, N), z.shape[1], dtype=sd, device=h.device)  # (n, V)
+            logp = torch.empty(N, dtype=sd, device=h.device)
+            ent = torch.empty(N, dtype=sd, device=h.device)
+            for s in range(0, N, chunk):
+                zc = buf[:min(chunk, N - s)].copy_(z[s:s + chunk]).div_(temperature)  # (n, V) fp32 z / T
+                t = tokens[s:s + chunk, None]  # (n, 1)
+                m = zc.amax(dim=-1, keepdim=True)  # (n, 1) for a stable exp
+                target = zc.gather(1, t) - m  # (n, 1) z_t - m
+                zc.sub_(m)  # z - m
+                e = zc.exp()  # (n, V) exp(z - m)
+                total = e.sum(dim=-1, keepdim=True)  # (n, 1)
+                lse = total.log()  # (n, 1) logsumexp(z) - m
+                logp[s:s + chunk] = (target - lse).squeeze(1)
+                p = e.div_(total)  # (n, V) softmax(z)
+                ent[s:s + chunk] = (lse - (p * zc).sum(-1, keepdim=True)).squeeze(1)  # shifts by m cancel
+                if need:
+                    p.neg_().scatter_add_(1, t, torch.ones_like(target)).div_(temperature)  # (onehot - p) / T
+                    z[s:s + chunk].copy_(p)
+        ctx.save_for_backward(hc if need else None, wc if need else None, z if need else None)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        hc, wc, dz = ctx.saved_tensors
+        with torch.autocast(hc.device.type, enabled=False):
+            g = dz * grad_logp.to(dz.dtype)[:, None]  # (N, V) dL/d(W h) = g_i (onehot - p_i) / T
+            grad_h = (g @ wc).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None  # (N, C)
+            grad_w = (g.T @ hc).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None  # (V, C)
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_logprobs(h: Tensor, weight: Tensor, tokens: Tensor, temperature: float = 1.0,
+                    chunk: int = 128) -> tuple[Tensor, Tensor]:
+    """train_ppo.py --fused-logprobs: log-probs of `tokens` and entropies under
+    softmax(h @ weight.T / temperature) without the fp32 logits. h (N, C) hidden states before each
+    token, weight (V, C) the LM head, tokens (N,) -> (logp (N,) fp32 with a gradient, entropy (N,)
+    fp32 without). Equal to
+        z = h @ weight.T;  rl.logprobs_from_logits(z, tokens, T), rl.entropy_from_logits(z.float() / T)
+    (tests/algorithm/test_ppo.py checks the values and both gradients). Under autocast the matrix
+    products run in the autocast dtype (bf16), the softmax in fp32, as on the plain path."""
+    dt = h.device.type
+    dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else h.dtype
+    return _LinearLogprobs.apply(h, weight, tokens, float(temperature), chunk, dtype)
 
 
 class FusedSFTLoss(nn.Module):

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dtype", default="fast", choices=["fast", "float32", "bfloat16"],
                    help="weights of the evaluation stage: fast = bfloat16 on CUDA or on a CPU with bf16 matrix "
                         "instructions (avx512_bf16 / AMX; logits that rank options stay fp32), else float32")
+    p.add_argument("--precision", default="fast", choices=["fast", "float32"],
+                   help="fast (default): where bf16 matmuls are fast (CUDA, or a CPU with avx512_bf16 / AMX), "
+                        "training stages run bf16 autocast on fp32 master weights (--bf16), SL-CAI and the reward "
+                        "stage sample with bf16 weight copies (--gen-dtype / --dtype bfloat16) and PPO uses its "
+                        "fused log-probs (--fused-logprobs); float32: every stage in fp32 "
+                        "(docs/benchmarks.md, 'The whole pipeline')")
     p.add_argument("--eval-judge", default="none",
                    help="AI judge of the evaluation's win rates and Elo: 'none' (default: the judge-free yardstick, "
                         "plus the reward model's accuracy on labelled pairs), 'feedback' (the --feedback-model ensemble "
@@ -117,6 +123,15 @@ def eval_dtype(choice: str) -> str:
     if choice != "fast":
         return choice
     return "bfloat16" if bf16_is_fast() else "float32"
+
+
+def precision_flags(choice: str) -> dict[str, list[str]]:
+    """--precision: each training script's extra flags. fast resolves to bf16 where bf16 matmuls are
+    fast (as --eval-dtype fast), else to float32 (no flags)."""
+    if choice == "float32" or eval_dtype("fast") == "float32":
+        return {"sl": [], "rm": [], "ppo": [], "dpo": []}
+    return {"sl": ["--bf16", "--gen-dtype", "bfloat16"], "rm": ["--bf16", "--dtype", "bfloat16"],
+            "ppo": ["--bf16", "--fused-logprobs"], "dpo": ["--bf16"]}
 
 
 def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: bool) -> None:
@@ -145,9 +160,10 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
     critic = [] if args.critic_model == base else ["--critic-model", args.critic_model]
     feedback = [x for n in args.feedback_model for x in ("--feedback-model", n)]
     sl, rm, ppo = d / "sl", d / "rm", d / "ppo"
+    fast = precision_flags(args.precision)
     sl_flags = ["--model", base, "--constitution", args.constitution, "--n-prompts", str(args.sl_prompts),
                 "--rounds", str(args.sl_rounds), "--max-new-tokens", str(args.max_new_tokens),
-                "--epochs", str(args.sl_epochs)]
+                "--epochs", str(args.sl_epochs), *fast["sl"]]
     run_stage(f"{tag or 'round1'}/sl", ["train_sl.py", "--out", str(sl), *sl_flags, *critic, *common],
               sl / "sft_summary.json", log, out, dry)
     if args.baseline == "sft" and not tag:  # the same prompts and samples, trained on the initial responses
@@ -160,12 +176,12 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
                                           else []), "--constitution", args.constitution,
                                         "--n-prompts", str(args.rm_prompts), "--pair-val-fraction", str(args.pair_val_fraction),
                                         "--k", str(args.rm_k),
-                                        "--max-new-tokens", str(args.max_new_tokens), *common],
+                                        "--max-new-tokens", str(args.max_new_tokens), *fast["rm"], *common],
               rm / "summary.json", log, out, dry)
     run_stage(f"{tag or 'round1'}/ppo", ["train_ppo.py", "--out", str(ppo), "--policy", str(sl / "model"),
                                          "--reward-model", str(rm / "rm"), "--iterations", str(args.ppo_iterations),
                                          "--batch-size", str(args.ppo_batch),
-                                         "--max-new-tokens", str(args.max_new_tokens), *common],
+                                         "--max-new-tokens", str(args.max_new_tokens), *fast["ppo"], *common],
               ppo / "model" / "config.json", log, out, dry)
     return sl / "model", rm, ppo / "model"
 
@@ -266,7 +282,7 @@ def main(argv=None) -> int:
         dpo = out / "dpo"
         run_stage("dpo", ["train_dpo.py", "--out", str(dpo), "--preferences", str(rm / "preferences.jsonl"),
                           "--policy", str(sl), "--pair-val-fraction", str(args.pair_val_fraction),
-                          "--seed", str(args.seed), "--device", args.device],
+                          *precision_flags(args.precision)["dpo"], "--seed", str(args.seed), "--device", args.device],
                   dpo / "model" / "config.json", log, out, args.dry_run)
         policies["dpo"] = str(dpo / "model")
 

@@ -166,7 +166,7 @@ class ResponseOut:
 
 
 def response_forward(model: Transformer, seq: Tensor, attn_mask: Tensor, context_len: int, temperature: float,
-                     value_head: ScalarHead | None = None, entropy: bool = False) -> ResponseOut:
+                     value_head: ScalarHead | None = None, entropy: bool = False, fused: bool = False) -> ResponseOut:
     """One full forward of `model` over the padded (prompt + response) batch; returns the response
     tokens' log-probs under softmax(logits / temperature) and, with `value_head`, the values read
     from the same hidden states (a value head on the policy trunk, lm-human-preferences style).
@@ -174,13 +174,22 @@ def response_forward(model: Transformer, seq: Tensor, attn_mask: Tensor, context
     temperature must be the one the rollout sampled with, or the first PPO ratio is not 1 and the
     KL is measured against a different distribution (TRL https://github.com/huggingface/trl/issues/2358,
     OpenRLHF https://github.com/OpenRLHF/OpenRLHF/pull/853).
-    Only the response columns go through the LM head (the prompt's logits are never needed)."""
+    Only the response columns go through the LM head (the prompt's logits are never needed).
+    fused (train_ppo.py --fused-logprobs): the same numbers through infra.fast.linear_logprobs,
+    which never holds the (B, G, V) logits in fp32 (the entropy then comes at no extra cost)."""
     P = context_len
     hidden = model.padded_forward(seq, attn_mask, hidden=True)  # (B, P+G, C)
     h = hidden[:, P - 1:-1]  # (B, G, C): the state before each response token
+    values = value_head(h) if value_head is not None else None  # (B, G)
+    if fused:
+        from .fast import linear_logprobs
+
+        B, G, C = h.shape
+        logp, ent = linear_logprobs(h.reshape(B * G, C), model.head_weight, seq[:, P:].reshape(B * G),
+                                    temperature)  # (B*G,) each
+        return ResponseOut(logp.view(B, G), values, ent.view(B, G) if entropy else None)
     logits = model.logits(h)  # (B, G, V)
     logp = logprobs_from_logits(logits, seq[:, P:], temperature)  # (B, G)
-    values = value_head(h) if value_head is not None else None  # (B, G)
     ent = None
     if entropy:
         with torch.no_grad():
@@ -197,14 +206,16 @@ class PolicyValue(torch.nn.Module):
     (b, G), entropy (b, G)) of the response columns, as response_forward."""
 
     def __init__(self, policy: Transformer, value_head: ScalarHead | None = None,
-                 value_model: ScalarModel | None = None):
+                 value_model: ScalarModel | None = None, fused: bool = False):
         super().__init__()
         if value_head is not None and value_model is not None:
             raise ValueError("PolicyValue takes at most one of value_head and value_model")
         self.policy, self.value_head, self.value_model = policy, value_head, value_model
+        self.fused = fused  # --fused-logprobs
 
     def forward(self, seq: Tensor, attn_mask: Tensor, context_len: int, temperature: float):
-        out = response_forward(self.policy, seq, attn_mask, context_len, temperature, self.value_head, entropy=True)
+        out = response_forward(self.policy, seq, attn_mask, context_len, temperature, self.value_head, entropy=True,
+                               fused=self.fused)
         values = out.values if self.value_model is None else \
             response_values(self.value_model, seq, attn_mask, context_len)  # (b, G); None: no value function
         return out.logprobs, values, out.entropy

@@ -63,10 +63,12 @@ class Steps:
         a, self.d = args.models, distributed.Dist()
         self.m = train_ppo.load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model,
                                        torch.device("cpu"))
+        self.m.trained.fused = args.ppo.fused_logprobs  # as main
         prompts, _ = split([p for s in ["builtin-red-team", "builtin-helpful"] for p in load_prompts(s)], 0.2)
         self.prompts = [self.m.tok.render([{"role": "user", "content": p.text}], add_generation_prompt=True)[0]
                         for p in prompts]
-        self.opt = torch.optim.AdamW(self.m.trained.parameters(), lr=args.optim.lr, eps=1e-5, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.m.trained.parameters(), lr=args.optim.lr, eps=1e-5, weight_decay=0.0,
+                                     fused=True)  # as main
         self.beta = args.kl.beta
 
     def iteration(self, it: int) -> tuple[Rollout, list[dict]]:

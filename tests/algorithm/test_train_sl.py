@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from minicai.infra.constitution_files import load_constitution
 from minicai.infra.data import Prompt
@@ -338,3 +339,37 @@ def test_sft_baseline_trains_on_the_initial_responses_of_the_same_traces(tiny_gg
                   "--out", str(tmp_path / "b2"))
     with pytest.raises(InputError, match=r"empty.jsonl: no trace of 4 of the 4 selected prompts"):
         train_sl_main(bad)
+
+
+def test_gen_dtype_writes_the_traces_with_a_bf16_copy_and_trains_the_fp32_weights(tiny_gguf, tmp_path, monkeypatch):
+    import train_sl
+    from safetensors.torch import load_file
+    from minicai.infra.checkpoint import load_model
+
+    seen = {}
+    real = train_sl.generate_traces
+
+    def spy(args, model, *rest):
+        seen["writer"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real(args, model, *rest)
+
+    def spy_sft(args, model, *rest):
+        seen["trained"] = {v.dtype for v in model.state_dict().values()}
+        return real_sft(args, model, *rest)
+
+    real_sft = train_sl.run_sft
+    monkeypatch.setattr(train_sl, "generate_traces", spy)
+    monkeypatch.setattr(train_sl, "run_sft", spy_sft)
+    flags = ("--n-prompts", "4", "--epochs", "1", "--val-fraction", "0")
+    assert train_sl_main(sl_args(tiny_gguf, tmp_path, *flags, "--gen-dtype", "bfloat16")) == 0
+    # the writer holds the fp32 weights rounded to bf16, exactly as the loader rounds them
+    want = load_model(str(tiny_gguf), dtype=torch.bfloat16)[0].state_dict()
+    assert seen["writer"].keys() == want.keys()
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, want[k]) for k, v in seen["writer"].items())
+    assert seen["trained"] == {torch.float32}  # SFT trains the fp32 weights
+    weights = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    # and the sampler's weights do change the traces (the default writes with the fp32 weights)
+    assert train_sl_main(sl_args(tiny_gguf, tmp_path, *flags, "--skip-sft", "--out", str(tmp_path / "fp32"))) == 0
+    assert seen["writer"][next(iter(want))].dtype == torch.float32
+    assert (tmp_path / "run" / "traces.jsonl").read_text() != (tmp_path / "fp32" / "traces.jsonl").read_text()

@@ -80,3 +80,22 @@ def test_yardstick_quality_and_tax_cli(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r"empty: no eval\*/eval.json"):
         evaluate_main(["--tax", str(tmp_path / "empty")])
+
+
+def test_precision_flags_follow_the_machine(tmp_path, monkeypatch, capsys):
+    from minicai.infra import utils
+
+    def commands(*extra):
+        assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run", *extra]) == 0
+        return {line.split("]")[0][1:]: line for line in capsys.readouterr().out.splitlines() if "$ python" in line}
+
+    monkeypatch.setattr(utils, "bf16_is_fast", lambda: True)
+    fast = commands()
+    assert "--bf16 --gen-dtype bfloat16" in fast["round1/sl"]
+    assert "--bf16 --dtype bfloat16" in fast["round1/rm"]
+    assert "--bf16 --fused-logprobs" in fast["round1/ppo"] and "--bf16" in fast["dpo"]
+    assert "--dtype bfloat16" in fast["eval"]
+    fp32_flag = commands("--precision", "float32")
+    monkeypatch.setattr(utils, "bf16_is_fast", lambda: False)  # a machine without bf16 matrix units
+    for cmds in (fp32_flag, commands()):
+        assert not any(f in c for c in cmds.values() for f in ("--bf16", "--gen-dtype", "--fused-logprobs"))
