@@ -57,6 +57,8 @@ class ModelConfig:
 def linear(x: torch.Tensor, layer: nn.Linear | torch.Tensor) -> torch.Tensor:
     """F.linear, except that a single row (batch-1 decoding) goes through torch.mv: on CPU the
     bf16 matrix-vector kernel is about 2x faster than bf16 GEMM with one row (bench/)."""
+    if not isinstance(layer, (nn.Linear, torch.Tensor)):  # a load-time replacement (infra/quant.py)
+        return layer(x)
     w = layer if isinstance(layer, torch.Tensor) else layer.weight
     b = None if isinstance(layer, torch.Tensor) else layer.bias
     if x.shape[:-1].numel() == 1:
@@ -274,7 +276,7 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head: (B, T, C) -> (B, T, V)."""
-        return linear(h, self.head_weight)
+        return linear(h, self.head_weight if self.lm_head is None else self.lm_head)
 
     def forward(self, ids: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Training/scoring forward (what DDP and FSDP wrap): ids (B, T) -> logits (B, T, V);
