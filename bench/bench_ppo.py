@@ -17,8 +17,8 @@ for --iterations iterations and reads the per-phase times it logs in metrics.jso
 The first iteration is a warm-up (allocator, oneDNN kernel selection) and is reported apart; the
 figure is the mean of the others. Model loading is not counted.
 
-Without --trl-python the reference figure is QUOTED FROM THE ISSUE and not measured here: TRL 0.19
-PPOTrainer with HF transformers 4.53, fp32, on 2 cores, about 67 s per iteration in this setting.
+Without --trl-python only our own phases are timed (no ratio: a reference that is not measured in
+the same run is not printed).
 
 --trl-python PATH measures the reference in the same run. PATH is the python of a separate venv
 (the project never imports TRL):
@@ -66,7 +66,6 @@ from minicai.infra.checkpoint import load_model, save_hf  # noqa: E402
 from minicai.infra.data import BUILTIN_HELPFUL, BUILTIN_RED_TEAM  # noqa: E402
 from minicai.model import ScalarHead  # noqa: E402
 
-TRL_QUOTED_S = 67.0
 PHASES = [("rollout", "time/rollout"), ("score/ref/values", "time/score_ref_values"), ("update", "time/update"),
           ("iteration (total)", "time/iteration")]
 TRL_SCRIPT = Path(__file__).resolve().with_name("trl_ppo.py")
@@ -261,9 +260,7 @@ def main():
             for name, key in PHASES:
                 mean_ = sum(r[key] for r in timed) / len(timed)
                 print(f"  {name:<18} {mean_:7.2f} s   (warm-up {rows[0][key]:6.2f} s)")
-            it = sum(r["time/iteration"] for r in timed) / len(timed)
-            print(f"  quoted from the issue, NOT measured in this run: TRL 0.19 PPOTrainer, transformers 4.53, fp32, "
-                  f"2 cores: ~{TRL_QUOTED_S:.0f} s/iteration -> ratio {TRL_QUOTED_S / it:.2f}x")
+            print("  (for a ratio, measure TRL in the same run: --trl-python PATH)")
     return 0
 
 

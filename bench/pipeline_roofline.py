@@ -437,9 +437,10 @@ def rm_rows(name: str, folder: Path, cmd: list[str], device: str) -> list[Row]:
                                                         {"role": "assistant", "content": reply}])
                             tok_n, head_n = tok_n + len(full), head_n + max(1, sum(mask) - 1)
                         judge.forward(mi, tok_n, head_n)
-        judge.notes.append(f"A/B contexts: both orders x {cfg.get('principles_per_pair', 2)} principles per pair, the "
-                           f"tokens actually run after shared-prefix grouping (feedback.shared_prefix_groups; "
-                           f"{full_tokens} without it), head at 2 logits of one position (not counted); contrast: "
+        judge.notes.append(f"A/B contexts: both orders x {cfg.get('principles_per_pair', 2)} principles per pair, "
+                           f"{ab_run} tokens run after shared-prefix grouping (feedback.shared_prefix_groups; "
+                           f"{full_tokens} without it), head at 2 logits of one position (not counted); the prefill "
+                           f"column adds the contrast member's tokens; contrast: "
                            f"4 sequences per principle (deduplicated per batch), fp32 head on reply tokens; the "
                            f"labelling batches are re-cut from the file's prompt order (prefix sharing may differ "
                            f"slightly)")

@@ -13,8 +13,9 @@
 
 Each stage is its own script, run as a subprocess with the flags printed before it runs, so any
 stage can be rerun or changed by hand. Every stage resumes: rerunning the command skips finished
-stages and continues an interrupted one where it stopped. The defaults take about 46 minutes on
-2 CPU cores, most of it labelling with the 1.5B feedback model (docs/results.md has the stage times).
+stages and continues an interrupted one where it stopped. The defaults take about 31 minutes on
+2 CPU cores with bf16 units (--precision fast; a third of it labelling with the 1.5B feedback model;
+docs/benchmarks.md, 'The whole pipeline', has the stage times and rooflines).
 
 The standard-SFT baseline (--baseline sft): after stage 1, train_sl.py fine-tunes the base model on
 the initial responses of stage 1's own traces (the same prompts, samples, steps and optimizer; no
