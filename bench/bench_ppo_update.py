@@ -28,23 +28,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import gemm_peak  # noqa: E402  the best 2048^3 matmul, as every bench measures it
 
 from minicai.infra.checkpoint import load_model  # noqa: E402
 from minicai.infra.ppo import PolicyValue  # noqa: E402
 from minicai.model import ScalarHead, ScalarModel  # noqa: E402
 
 B, P, G = 8, 46, 64
-
-
-def gemm_peak(dtype, n: int = 2048, reps: int = 5) -> float:
-    """Best GFLOP/s of an n^3 matrix product in dtype."""
-    a = torch.randn(n, n, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def step_flops(cfg, value_model: str) -> float:
