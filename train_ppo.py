@@ -376,8 +376,8 @@ def main(argv=None) -> int:
     out, B, n_it = open_run(args, Args, d), args.optim.batch_size, args.rollout.iterations
     ckpt = out / "ckpt"
     a = args.models
-    m = load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model, device)
-    m.trained.fused = args.ppo.fused_logprobs
+    m = load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model, device,
+                    args.ppo.fused_logprobs)
     ddp = distributed.wrap(m.trained, d)  # [dist] DDP under torchrun; the module itself in one process
     prompt_ids = [m.tok.render([{"role": "user", "content": p.text}], add_generation_prompt=True)[0] for p in prompts]
     # summarize_from_feedback_details / OpenAI: Adam with eps 1e-5, one optimizer for policy and values;

@@ -39,6 +39,7 @@ from ..rl import (entropy_from_logits, explained_variance, logprobs_from_logits,
                   mean_var_from_moments)
 from ..sample import Generation, pad
 from .data import load_prompts, split
+from .fast import linear_logprobs
 from .files import read_jsonl
 from .train import load_train_state, save_train_state
 from .utils import InputError, atomic_write_json
@@ -182,8 +183,6 @@ def response_forward(model: Transformer, seq: Tensor, attn_mask: Tensor, context
     h = hidden[:, P - 1:-1]  # (B, G, C): the state before each response token
     values = value_head(h) if value_head is not None else None  # (B, G)
     if fused:
-        from .fast import linear_logprobs
-
         B, G, C = h.shape
         logp, ent = linear_logprobs(h.reshape(B * G, C), model.head_weight, seq[:, P:].reshape(B * G),
                                     temperature)  # (B*G,) each
@@ -256,7 +255,7 @@ class Models:
 
 
 def load_models(policy_path: str, ref_path: str | None, reward_model: str | None, reward_token: str | None,
-                value_model: str, device: torch.device) -> Models:
+                value_model: str, device: torch.device, fused_logprobs: bool = False) -> Models:
     """Load the policy, the reference (default: a frozen copy of the policy, the SL-CAI model in the
     paper), the reward (a reward model folder or one token's text) and make the value function;
     the reference and the reward model must read the policy's token ids (InputError otherwise).
@@ -267,7 +266,9 @@ def load_models(policy_path: str, ref_path: str | None, reward_model: str | None
     hidden states give logits and values at once (~35% less compute per iteration, docs/benchmarks.md).
     "separate": a trainable copy of the reward model, trunk and head, as in TRL and
     summarize_from_feedback_details (values start as the reward model's reading of each prefix).
-    "none": no value function (train_ppo.py --advantage rloo|grpo)."""
+    "none": no value function (train_ppo.py --advantage rloo|grpo).
+    fused_logprobs (train_ppo.py --fused-logprobs): the trained module's response log-probs go
+    through infra.fast.linear_logprobs (PolicyValue.fused)."""
     policy, tok, _ = load_model(policy_path, device=device)
     if ref_path is None or ref_path == policy_path:
         ref = copy.deepcopy(policy)
@@ -293,7 +294,7 @@ def load_models(policy_path: str, ref_path: str | None, reward_model: str | None
         vm.trunk.lm_head = None  # never used by a value model (DDP needs every parameter used)
     meta = {"stage": "ppo", "policy": policy_path, "ref": ref_path or policy_path, "reward_model": reward_model,
             "value_model": value_model}
-    return Models(policy, tok, ref, reward, head, vm, PolicyValue(policy, head, vm), device, meta)
+    return Models(policy, tok, ref, reward, head, vm, PolicyValue(policy, head, vm, fused_logprobs), device, meta)
 
 
 def save_checkpoint(folder: Path, m: Models, d: distributed.Dist, opt=None, iteration: int = 0,

@@ -62,8 +62,7 @@ class Steps:
             cli.parse(train_ppo.Args, argv(Path("unused"), policy, *extra, reward=reward)))
         a, self.d = args.models, distributed.Dist()
         self.m = train_ppo.load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model,
-                                       torch.device("cpu"))
-        self.m.trained.fused = args.ppo.fused_logprobs  # as main
+                                       torch.device("cpu"), args.ppo.fused_logprobs)
         prompts, _ = split([p for s in ["builtin-red-team", "builtin-helpful"] for p in load_prompts(s)], 0.2)
         self.prompts = [self.m.tok.render([{"role": "user", "content": p.text}], add_generation_prompt=True)[0]
                         for p in prompts]
