@@ -55,8 +55,9 @@ from minicai.infra import cli, distributed
 from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
 from minicai.infra.data import split_pairs
 from minicai.infra.files import read_preferences
-from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, length_buckets, lr_at,
-                                 open_run, run_cli, save_checkpoint, save_final, start, warmup_steps)
+from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, drop_checkpoint,
+                                 length_buckets, lr_at, open_run, run_cli, save_checkpoint, save_final, start,
+                                 warmup_steps)
 from minicai.infra.utils import InputError, atomic_write_bytes, atomic_write_json
 from minicai.losses import dpo_loss, dpo_statistics
 from minicai.rl import logprobs_from_logits
@@ -316,6 +317,7 @@ def main(argv=None) -> int:
         atomic_write_json(out / "dpo_summary.json", summary)
         print(json.dumps({k: summary[k] for k in ("steps", "train_pairs", "held_out_pairs", "held_out_accuracy")}
                          | {"train_margin": ev_train.get("rewards/margins")}))
+        drop_checkpoint(ckpt, args.run.keep_checkpoint)
     distributed.finish(d)  # [dist]
     return 0
 

@@ -73,7 +73,7 @@ from minicai.infra.ppo import (EOS_PENALTY_MODES, Models, Rollout, check_config,
                                missing_eos_penalty, prompt_batch, response_forward, response_values,
                                reward_model_input, save_checkpoint, show_samples, token_reward, train_prompts,
                                write_summary)
-from minicai.infra.train import MetricsLog, check_finite, open_run, run_cli
+from minicai.infra.train import MetricsLog, check_finite, drop_checkpoint, open_run, run_cli
 from minicai.model import last_token_scores
 from minicai.rl import (ADVANTAGES, REWARD_AT, KLController, gae, gae_mask, grpo_advantages, kl_loss, kl_per_token,
                         masked_mean, masked_whiten, per_token_rewards, policy_loss, rloo_advantages,
@@ -375,6 +375,11 @@ def main(argv=None) -> int:
     prompts = train_prompts(args.models.prompts, args.models.held_out_fraction)  # before the run folder
     out, B, n_it = open_run(args, Args, d), args.optim.batch_size, args.rollout.iterations
     ckpt = out / "ckpt"
+    if (out / "model" / "config.json").exists() and (out / "ppo_summary.json").exists():
+        if d.main:
+            print(f"PPO already done: {out / 'model'}")
+        distributed.finish(d)  # [dist]
+        return 0
     a = args.models
     m = load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model, device,
                     args.ppo.fused_logprobs)
@@ -432,6 +437,7 @@ def main(argv=None) -> int:
     save_checkpoint(out / "model", m, d, iteration=n_it)
     if d.main:
         write_summary(out, n_it, d)
+        drop_checkpoint(ckpt, args.run.keep_checkpoint)
         print(f"done: {out / 'model'} (policy + value head); metrics in {out / 'metrics.jsonl'}")
     del ddp  # [dist] DDP's reducer goes before the process group it holds, not at interpreter exit
     distributed.finish(d)  # [dist]

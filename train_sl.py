@@ -38,8 +38,9 @@ from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
 from minicai.infra.constitution_files import load_constitution
 from minicai.infra.data import Prompt, load_prompts, mix, split
 from minicai.infra.fast import FusedSFTLoss
-from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, length_buckets, lr_at,
-                                 open_run, run_cli, save_checkpoint, save_final, start, to_device, warmup_steps)
+from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, drop_checkpoint,
+                                 length_buckets, lr_at, open_run, run_cli, save_checkpoint, save_final, start,
+                                 to_device, warmup_steps)
 from minicai.infra.utils import InputError, atomic_write_json, atomic_write_text, resolve_device
 from minicai.losses import sft_loss
 from minicai.sample import pad
@@ -345,6 +346,7 @@ def main(argv=None) -> int:
     if d.main:
         atomic_write_json(out / "sft_summary.json", summary)
         print(json.dumps(summary))
+        drop_checkpoint(out / "ckpt", args.run.keep_checkpoint)
     distributed.finish(d)  # [dist]
     return 0
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..model import ModelConfig, ScalarHead, Transformer
 from .tokenizer import ChatTokenizer, tokenizer_config_json, tokenizer_from_gguf, tokenizer_from_hf
-from .utils import InputError, WriteError, atomic_write_json, atomic_write_text, first_line
+from .utils import InputError, WriteError, atomic_write_json, atomic_write_text, first_line, follow_umask
 
 # ---------------------------------------------------------------- the embedded default
 EMBEDDED_NAME = "smollm2-135m"
@@ -429,6 +429,7 @@ def save_hf(folder, model: Transformer, tok: ChatTokenizer, heads: dict[str, Sca
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
+        follow_umask(tmp, folder=True)
         dtype = model.embed_tokens.weight.dtype
         state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
                  for k, v in (state if state is not None else model.state_dict()).items()}

@@ -187,7 +187,12 @@ class RunArgs:
     save_every: int = field(default=20, metadata=IGNORE)
     """checkpoint every N optimizer steps (and at the end)"""
     overwrite: bool = field(default=False, metadata=NOT_CONFIG)
-    """delete OUT if it holds a run with another config"""
+    """start over when OUT holds a run with another configuration or changed input files: deletes only the
+    files minicai wrote there (a folder minicai did not create, or one holding any other file, is refused);
+    a run with the same configuration resumes"""
+    keep_checkpoint: bool = field(default=False, metadata=NOT_CONFIG)
+    """keep OUT/ckpt (weights and optimizer state) once the stage has finished; by default it is deleted
+    then, OUT/model being the result"""
 
 
 @dataclass

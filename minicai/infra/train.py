@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -224,12 +225,81 @@ def adamw_resumed(net, model, optim, ckpt: Path, resuming: bool, d, fsdp: bool =
     return opt, step
 
 
+def drop_checkpoint(ckpt: Path, keep: bool) -> None:
+    """The end of a finished stage: delete its resumable checkpoint OUT/ckpt (the weights again plus
+    the optimizer's two moments: 2.1 GB for the 135M model) unless --keep-checkpoint; OUT/model and
+    the stage's summary, written before this, are what the next stage and a rerun need."""
+    import shutil
+
+    if not keep and Path(ckpt).is_dir():
+        shutil.rmtree(ckpt)
+
+
 def save_final(save, model, ckpt: Path, out: Path, step: int) -> None:
     """The end of training: save(folder, step, with_state) to the resumable checkpoint (with the
     optimizer state) and to OUT/model (weights only)."""
     model.eval()
     save(ckpt, step, True)
     save(out / "model", step, False)
+
+
+MARKER = ".minicai-run"
+"""The file prepare_run_dir puts in a run folder it creates (or finds empty): the folder is minicai's.
+--overwrite deletes nothing in a folder without it."""
+OWN_OUTPUTS = ("config.json", MARKER, "model", "ckpt", "rm", "traces.jsonl", "traces.rank*.jsonl",
+               "preferences.jsonl", "preferences.rank*.jsonl", "*metrics.jsonl", "*summary.json",
+               "ref_logprobs.safetensors", ".*.tmp*", ".*.old")
+"""The names the training scripts (and the ablations' work folders) write at the top of a run folder
+(tests/plumbing/test_run_folder.py runs every script and checks that this list covers what it wrote):
+--overwrite deletes these and nothing else."""
+
+
+def input_digests(config: dict) -> dict[str, str]:
+    """{field: sha256 of the file} for every config value (or list item) naming an existing file: a
+    prompts, preferences or traces file edited between two runs of one folder is then refused on
+    resume instead of mixing old and new records. Folders (model checkpoints) are not hashed."""
+    import hashlib
+
+    out = {}
+    for k, v in sorted(config.items()):
+        for i, item in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(item, str) and item and Path(item).expanduser().is_file():
+                h = hashlib.sha256()
+                with open(Path(item).expanduser(), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                out[k if not isinstance(v, list) else f"{k}[{i}]"] = h.hexdigest()
+    return out
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Names at the top of `out` that minicai does not write there (OWN_OUTPUTS), sorted."""
+    from fnmatch import fnmatch
+
+    return sorted(p.name for p in out.iterdir() if not any(fnmatch(p.name, pat) for pat in OWN_OUTPUTS))
+
+
+def clear_own_outputs(out: Path) -> None:
+    """--overwrite: delete what minicai wrote in `out`, only if the folder carries minicai's MARKER and
+    holds nothing else (foreign_entries): a folder with any file minicai did not write, or one it did
+    not create, is refused in one line and left exactly as it is."""
+    import shutil
+
+    if not (out / MARKER).is_file():
+        raise InputError(f"{out}: --overwrite refused: this folder was not created by minicai (no {MARKER} file), "
+                         f"so nothing in it is deleted; use another --out, or delete it yourself")
+    foreign = foreign_entries(out)
+    if foreign:
+        raise InputError(f"{out}: --overwrite refused: '{foreign[0]}' was not written by minicai"
+                         f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; nothing was deleted; "
+                         f"move it away or use another --out")
+    for p in out.iterdir():
+        if p.name == MARKER:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_keys_ignored=("device", "dtype"),
@@ -239,32 +309,68 @@ def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_key
     run never mixes two configurations. Keys in resume_keys_ignored may differ between runs.
     defaults (cli.defaults(Args)): a field that the folder's config lacks (the run was started by a
     version without it) is accepted at its default value, which keeps the old behaviour; any other
-    value is a difference."""
-    import shutil
+    value is a difference.
 
+    The run is the folder, wherever it is and however it is named: 'out' itself is not compared
+    (an absolute path, a trailing slash, another working folder or a moved folder resume the same
+    run), but the content of every input file is (input_digests: a changed prompts file is refused,
+    naming it). overwrite deletes only a run with another configuration or other inputs, and only
+    what minicai wrote (clear_own_outputs); an identical run resumes. A non-empty folder that is not a
+    run of minicai's is refused: the run's files would land among the user's."""
     out = Path(out)
     path = out / "config.json"
-    if path.exists() and not overwrite:
+    config = {**config, "out": str(out.resolve())}
+    digests = input_digests(config)
+    if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
-            raise InputError(f"{path}: unreadable ({e}); pass --overwrite to start over") from None
-        if not isinstance(old, dict):
-            raise InputError(f"{path}: unreadable (not a JSON object); pass --overwrite to start over")
-        for k in sorted(set(old) | set(config)):
-            if k in resume_keys_ignored:
-                continue
-            if k not in old and defaults is not None and k in defaults and config.get(k) == defaults[k]:
-                continue  # a flag added since this run began, at its default
-            if old.get(k) != config.get(k):
-                raise InputError(f"{path}: field '{k}' was {old.get(k)!r} in the run in this folder, now "
-                                 f"{config.get(k)!r}; use another --out or pass --overwrite to start over")
-    elif path.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+            old, why = None, f"unreadable ({e})"
+        else:
+            why = None if isinstance(old, dict) else "unreadable (not a JSON object)"
+        if why is None:
+            old_digests = old.pop("input_sha256", {}) or {}
+            for k in sorted(set(old) | set(config)):
+                if k in resume_keys_ignored or k == "out":
+                    continue
+                if k not in old and defaults is not None and k in defaults and config.get(k) == defaults[k]:
+                    continue  # a flag added since this run began, at its default
+                if old.get(k) != config.get(k):
+                    why = (f"field '{k}' was {old.get(k)!r} in the run in this folder, now {config.get(k)!r}; "
+                           f"use another --out or pass --overwrite to start over")
+                    break
+            else:
+                for k in sorted(set(old_digests) & set(digests)):
+                    if old_digests[k] != digests[k]:
+                        why = (f"--{k.split('[')[0].replace('_', '-')} {config_item(config, k)}: the file changed "
+                               f"since the run in this folder began (its sha256 differs); restore it, use another "
+                               f"--out, or pass --overwrite to start over")
+                        break
+        if why is not None and not overwrite:
+            raise InputError(f"{path}: {why}")
+        if why is not None:
+            clear_own_outputs(out)
+        elif overwrite:
+            print(f"{out}: the run in this folder has the same configuration and inputs: resuming it "
+                  f"(--overwrite deletes only a run with another configuration)")
+    elif out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InputError(f"{out}: not empty and not a minicai run folder ('{sorted(os.listdir(out))[0]}' is there); "
+                         f"use a new or empty --out")
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / MARKER, {"written_by": "minicai", "note": "this folder and the files minicai "
+                                         "wrote in it may be deleted by --overwrite; nothing else is"})
     recover_checkpoints(out)
-    atomic_write_json(path, config)
+    atomic_write_json(path, {**config, "input_sha256": digests})
     return out
+
+
+def config_item(config: dict, key: str):
+    """input_digests' key ('prompts[1]' or 'traces') -> the value it names."""
+    if "[" in key:
+        name, i = key[:-1].split("[")
+        return config[name][int(i)]
+    return config[key]
 
 
 def recover_checkpoints(out: Path) -> None:
@@ -292,13 +398,17 @@ def recover_checkpoints(out: Path) -> None:
 
 def run_cli(main, argv=None) -> int:
     """Run a script's main(argv); an InputError becomes 'error: <one line>' on stderr and exit 2,
-    and so does an OSError (a full disk, a read-only folder) instead of a traceback."""
+    and so does an OSError (a full disk, a read-only folder) instead of a traceback; Ctrl-C is one line
+    and exit 130 (128 + SIGINT, the shell's convention)."""
     import sys
 
     from tqdm import tqdm
 
     try:
         return main(argv) or 0
+    except KeyboardInterrupt:  # Ctrl-C: every stage resumes, so one line instead of a traceback
+        tqdm.write("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except InputError as e:
         msg = str(e)
     except OSError as e:

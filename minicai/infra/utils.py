@@ -21,6 +21,23 @@ class WriteError(InputError):
         super().__init__(f"{path}: cannot write ({reason})" + ("; the previous version is kept" if kept else ""))
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+"""The process's umask when minicai was imported: what it writes gets the modes that open() and mkdir()
+would give (tempfile's files and folders are 0600 / 0700 whatever the umask, and a report written that
+way could not be shared without chmod)."""
+
+
+def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a file or folder made by tempfile the mode a plain open() / mkdir() would have given it."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~UMASK)
+
+
 def _reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
@@ -34,6 +51,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        follow_umask(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
