@@ -325,9 +325,9 @@ def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_key
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
-            old, why = None, f"unreadable ({e})"
+            old, why = None, f"unreadable ({e}); pass --overwrite to start over"
         else:
-            why = None if isinstance(old, dict) else "unreadable (not a JSON object)"
+            why = None if isinstance(old, dict) else "unreadable (not a JSON object); pass --overwrite to start over"
         if why is None:
             old_digests = old.pop("input_sha256", {}) or {}
             for k in sorted(set(old) | set(config)):

@@ -788,7 +788,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(where, tiny_ggu
     killed between its two renames, is put back by the next run's prepare_run_dir), no temporary
     folder is left, and the resumed run ends where an uninterrupted one does."""
     env = Env(tmp_path, tiny_gguf)
-    argv = _dpo_with_checkpoint(env)
+    argv = _dpo_with_checkpoint(env) + ["--keep-checkpoint"]  # the finished run's ckpt is compared below
     ckpt = env.out / "ckpt"
     before = snapshot(ckpt)
     real_replace, real_atomic = os.replace, utils.atomic_write_bytes
