@@ -489,6 +489,9 @@ def judge_free_table_html(res: dict) -> str:
         out.append(f"<tr><th>{esc(title)}</th>" + "".join(
             f"<td class='num'>{esc(show(get(pol[n]['judge_free'])))}</td>" for n in names) + "</tr>")
     out.append("</table>")
+    skipped = (res.get("judge_free") or {}).get("skipped")
+    if isinstance(skipped, str) and skipped:  # what the run left out (opt-in BIG-bench) and how to add it
+        out.append(f"<p class='note skipped'>{esc(skipped)}</p>")
     return "".join(out)
 
 

@@ -143,3 +143,15 @@ def test_experiment_files_are_rendered_with_charts_legend_and_table(run_dir):
     assert "---" not in section.split("<table>")[1].split("</table>")[0]  # the separator row is not a row
     assert "nothing: no numeric points" in section
     assert "broken.experiment.json" in page  # an unreadable file is a note, not a crash
+
+
+def test_report_says_what_the_evaluation_skipped(tmp_path):
+    """A default run has no BIG-bench: the report says so, in the judge-free section, with the way to add it."""
+    from minicai.infra.report import judge_free_table_html
+
+    note = "Not measured: BIG-bench TruthfulQA-MC <opt in with --bigbench PATH>."
+    res = {"policies": {"base": {"judge_free": {"harmful": {}}}}, "judge_free": {"skipped": note}}
+    html = judge_free_table_html(res)
+    assert "<p class='note skipped'>Not measured: BIG-bench TruthfulQA-MC &lt;opt in with --bigbench PATH&gt;.</p>" in html
+    del res["judge_free"]["skipped"]
+    assert "skipped" not in judge_free_table_html(res)
