@@ -591,6 +591,34 @@ def _(env):
     return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path, env.out])
 
 
+@case("overwrite-not-a-minicai-folder")
+def _(env):
+    """The measured case: --overwrite rmtree'd a folder with someone's src/thesis.txt and a config.json."""
+    env.write("run/src/thesis.txt", "three years of work\n")
+    env.write("run/config.json", '{"lr": 1}\n')
+    return Run(train_sl.main, env.sl("--skip-sft", "--overwrite"), protect=[env.out])
+
+
+@case("overwrite-foreign-file-in-run")
+def _(env):
+    assert run_cli(train_sl.main, env.sl("--skip-sft", "--n-prompts", "2")) == 0
+    env.write("run/notes.md", "my notes\n")
+    return Run(train_sl.main, env.sl("--skip-sft", "--n-prompts", "3", "--overwrite"), protect=[env.out])
+
+
+@case("out-not-empty")
+def _(env):
+    env.write("run/photo.jpg", b"\xff\xd8 a photo")
+    return Run(train_sl.main, env.sl("--skip-sft"), protect=[env.out])
+
+
+@case("resume-prompts-file-changed")
+def _(env):
+    assert run_cli(train_sl.main, env.sl("--skip-sft", "--n-prompts", "2")) == 0
+    env.write("prompts.txt", "\n".join(f"a different risky request {i}" for i in range(12)))
+    return Run(train_sl.main, env.sl("--skip-sft", "--n-prompts", "2"), protect=[env.out])
+
+
 # ---------------------------------------------------------------- evaluation data
 
 def _bigbench_archive(env: Env, harmless_examples: list) -> Path:
