@@ -349,10 +349,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli() -> int:
+def command() -> int:
     """The installed command (pyproject.toml's [project.scripts]): main with one-line errors."""
     return run_cli(main)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(command())

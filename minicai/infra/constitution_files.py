@@ -37,11 +37,10 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
         tomllib = None
 
 
-def builtin_dir() -> Path:
-    """The folder of the built-in constitutions: minicai/constitutions/ in an installed wheel, else the
-    checkout's top-level constitutions/ (the wheel's copy first: next to site-packages/minicai there
-    may be an unrelated constitutions/ folder)."""
-    package = Path(__file__).resolve().parents[1]
+def builtin_dir(package: Path = Path(__file__).resolve().parents[1]) -> Path:
+    """The folder of the built-in constitutions for the minicai package folder `package`:
+    minicai/constitutions/ in an installed wheel, else the checkout's top-level constitutions/ (the
+    wheel's copy first: next to site-packages/minicai there may be an unrelated constitutions/)."""
     wheel = package / "constitutions"
     return wheel if wheel.is_dir() else package.parent / "constitutions"
 
