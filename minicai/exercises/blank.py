@@ -292,6 +292,8 @@ def make_copy(src: Path, out: Path, only: list[str] | None = None, overwrite: bo
                          f"or installed package (no minicai/tests, minicai/constitutions, train_*.py)")
     check_out(src, out, overwrite)
     chosen = resolve(only, src)
+    if chosen is None and not markers(src):  # before writing anything: a copy would be left behind
+        raise InputError(f"{src}: nothing to blank: no '{MARKER}' marker in minicai/*.py")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -188,6 +188,11 @@ def test_overwrite_replaces_only_a_student_copy(tmp_path, capsys):
             make_copy(src, copy, overwrite=True)
         assert files(copy) == snap
         shutil.rmtree(copy / "runs") if extra.startswith("runs") else (copy / extra).unlink()
+    # a source with no marker at all: refused before anything is written
+    (src / "minicai" / "model.py").write_text("def f(x):\n    return x\n")
+    with pytest.raises(InputError, match="nothing to blank"):
+        make_copy(src, tmp_path / "new")
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.*"))
     # ... nor a copy whose manifest lists no files (made before manifests did)
     (copy / MANIFEST).write_text(json.dumps({"source": str(src), "blank": []}))
     snap = files(copy)
