@@ -336,5 +336,10 @@ def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir:
     return result
 
 
+def command() -> int:
+    """The installed command (pyproject.toml's [project.scripts]): main with one-line errors."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(command())

@@ -351,5 +351,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def command() -> int:
+    """The installed command (pyproject.toml's [project.scripts]): main with one-line errors."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(command())

@@ -1,9 +1,11 @@
 """python -m minicai.exercises list | make --out DIR [--only NAME ...] | check
 
   list    the exercises in handout order: name, file, function, paper source, graded test
-  make    write a student copy of this repository into DIR with the marked bodies blanked
+  make    write a student copy of this repository (or of the installed package: its minicai/,
+          train_*.py, constitutions and graded tests) into DIR with the marked bodies blanked
           (all of them, or the exercises named with --only); grade it with
-          `cd DIR && python -m pytest tests/exercises`
+          `cd DIR && python -m pytest tests/exercises`. --overwrite replaces only an earlier
+          student copy holding nothing but what minicai wrote there
   check   verify that the '# exercise' markers in minicai/*.py and the catalogue agree
 
 docs/exercises.md is the handout and the instructor's guide.
@@ -14,11 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..infra.utils import InputError
 from . import EXERCISES, PARTS
 from .blank import MANIFEST, make_copy, markers
 
-REPO = Path(__file__).resolve().parents[2]
+HOME = Path(__file__).resolve().parents[2]
+"""The folder holding the minicai package: the checkout, or an installed wheel's site-packages."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--out", required=True, help="folder of the student copy (outside this repository)")
     mk.add_argument("--only", nargs="+", metavar="NAME",
                     help="blank only these exercises (short names from `list`); default: all")
-    mk.add_argument("--source", default=str(REPO),
-                    help="the repository to copy (default: the checkout this package lives in)")
-    mk.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    mk.add_argument("--source", default=str(HOME),
+                    help="the repository to copy (default: the checkout this package lives in, or the "
+                         "installed package's own files)")
+    mk.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier student copy (refused if --out holds anything minicai did not write)")
     sub.add_parser("check", help="verify that the markers in minicai/*.py and the catalogue agree")
     return p
 
@@ -49,7 +53,7 @@ def check(root: Path) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "list":
-        marked = set(markers(REPO))
+        marked = set(markers(HOME))
         part = None
         for i, e in enumerate(EXERCISES, 1):
             if e.part != part:
@@ -60,14 +64,12 @@ def main(argv=None) -> int:
                   f"      {e.source}\n      pytest {e.test} -k {e.name}")
         return 0
     if args.command == "check":
-        problems = check(REPO)
+        problems = check(HOME)
         for line in problems:
             print(line, file=sys.stderr)
-        print(f"{len(EXERCISES)} exercises, {len(markers(REPO))} markers" + ("" if not problems else ": MISMATCH"))
+        print(f"{len(EXERCISES)} exercises, {len(markers(HOME))} markers" + ("" if not problems else ": MISMATCH"))
         return 1 if problems else 0
     blanked = make_copy(Path(args.source), Path(args.out), args.only, args.overwrite)
-    if not blanked:
-        raise InputError("nothing was blanked: no '# exercise' marker in minicai/*.py")
     print(f"wrote a student copy to {args.out} with {len(blanked)} blank exercise(s) "
           f"({', '.join(b['name'] for b in blanked)}); {MANIFEST} lists them.\n"
           f"Grade it: cd {args.out} && python -m pytest tests/exercises")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ast
 import io
+import json
+import os
 import re
 import shutil
 import tempfile
@@ -27,10 +29,13 @@ from . import EXERCISES, Exercise, find
 
 MARKER = "# exercise"
 MANIFEST = ".student-copy.json"
-"""Written at the root of a student copy: which exercises are blank (tests/exercises reads it)."""
-COPY_IGNORE = (".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis", "runs", "build",
-               ".whl", MANIFEST)
+"""Written at the root of a student copy: which exercises are blank (tests/exercises reads it) and every
+path minicai wrote there (what `make --overwrite` may delete)."""
+CACHES = ("__pycache__", ".pytest_cache", ".hypothesis")
+"""Written by Python and pytest running a copy, not by its owner: `make --overwrite` may delete them."""
+COPY_IGNORE = (".git", ".venv", *CACHES, "*.egg-info", "runs", "build", ".whl", MANIFEST)
 """Not copied into a student copy: version control, environments, caches, run folders."""
+SCRIPTS = ("train_sl.py", "train_rm.py", "train_ppo.py", "train_dpo.py")
 
 
 @dataclass(frozen=True)
@@ -207,23 +212,92 @@ def resolve(names: list[str] | None, root: Path) -> set[tuple[str, str]] | None:
     return out
 
 
-def make_copy(src: Path, out: Path, only: list[str] | None = None, overwrite: bool = False) -> list[dict]:
-    """Write a student copy of the repository at `src` into `out`: everything but COPY_IGNORE, with
-    the marked bodies blanked (all, or the exercises named in `only`), and MANIFEST listing them.
-    The copy is built in a temporary folder next to `out` and renamed into place. Returns the
-    manifest's list of blanked exercises."""
-    src, out = Path(src).resolve(), Path(out).resolve()
-    if not (src / "pyproject.toml").is_file() or not (src / "minicai").is_dir():
-        raise InputError(f"{src}: not a minicai source checkout (no pyproject.toml / minicai/)")
+def is_checkout(root: Path) -> bool:
+    return (root / "pyproject.toml").is_file() and (root / "minicai").is_dir()
+
+
+def is_installed(root: Path) -> bool:
+    """A wheel's layout (site-packages): minicai/ with the graded tests and constitutions inside it
+    (pyproject.toml's package-dir), the train_*.py modules beside it."""
+    return ((root / "minicai" / "tests" / "exercises").is_dir() and (root / "minicai" / "constitutions").is_dir()
+            and all((root / s).is_file() for s in SCRIPTS))
+
+
+def copy_source(src: Path, dest: Path) -> None:
+    """Copy the source at `src` into the existing folder `dest` with a checkout's layout: a checkout
+    as it is (but COPY_IGNORE); an installed wheel's minicai/, train_*.py, and its
+    minicai/constitutions and minicai/tests moved back to the top level, where a checkout has them."""
+    ignore = shutil.ignore_patterns(*COPY_IGNORE)
+    if is_checkout(src):
+        shutil.copytree(src, dest, ignore=ignore, dirs_exist_ok=True, symlinks=True)
+        return
+    pkg = src / "minicai"
+    shutil.copytree(pkg, dest / "minicai", symlinks=True, ignore=lambda d, names: [
+        *ignore(d, names), *(n for n in names if Path(d) == pkg and n in ("constitutions", "tests"))])
+    for part in ("constitutions", "tests"):
+        shutil.copytree(pkg / part, dest / part, ignore=ignore, symlinks=True)
+    for script in SCRIPTS:
+        shutil.copy2(src / script, dest / script)
+
+
+def entries(root: Path) -> list[str]:
+    """Every path under root (files, folders, links; links not followed), relative, in POSIX form."""
+    out = []
+    for d, dirs, files in os.walk(root):
+        out += [(Path(d) / n).relative_to(root).as_posix() for n in dirs + files]
+    return sorted(out)
+
+
+def check_out(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is, lies inside or contains the source, or that is not empty, unless it is
+    a student copy (its MANIFEST lists what minicai wrote) holding nothing but those paths and caches
+    and --overwrite was given: only then may make_copy delete it."""
+    what = "the repository" if is_checkout(src) else "the installed package's folder"
     if out == src or src in out.parents:
-        raise InputError(f"--out {out}: must be outside the repository {src}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+        raise InputError(f"--out {out}: must be outside {what} {src}")
+    if out in src.parents:
+        raise InputError(f"--out {out}: contains {what} {src}; choose a folder outside it")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a folder")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise InputError(f"--out {out}: exists and is not empty (pass --overwrite to replace a student copy)")
+    try:
+        written = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        written = None
+    if not isinstance(written, list):
+        raise InputError(f"--out {out}: not a student copy written by this minicai (no list of its files in "
+                         f"{MANIFEST}), so --overwrite will not delete it; choose a new or empty folder")
+    ours = {MANIFEST, *written}
+    foreign = [e for e in entries(out) if e not in ours and not set(e.split("/")) & set(CACHES)]
+    if foreign:
+        raise InputError(f"--out {out}: holds {foreign[0]}" + (f" and {len(foreign) - 1} more path(s)" if len(foreign) > 1
+                         else "") + " that minicai did not write; --overwrite replaces only a student copy holding "
+                         "nothing else: move them or choose another folder")
+
+
+def make_copy(src: Path, out: Path, only: list[str] | None = None, overwrite: bool = False) -> list[dict]:
+    """Write a student copy of the source at `src` (a checkout, or an installed wheel's site-packages)
+    into `out`: everything but COPY_IGNORE, with the marked bodies blanked (all, or the exercises named
+    in `only`), and MANIFEST listing them and every path written. The copy is built in a temporary
+    folder next to `out` and renamed into place; an existing `out` is deleted only as check_out allows.
+    Returns the manifest's list of blanked exercises."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if not is_checkout(src) and not is_installed(src):
+        raise InputError(f"{src}: not a minicai source checkout (no pyproject.toml / minicai/) "
+                         f"or installed package (no minicai/tests, minicai/constitutions, train_*.py)")
+    check_out(src, out, overwrite)
     chosen = resolve(only, src)
+    if chosen is None and not markers(src):  # before writing anything: a copy would be left behind
+        raise InputError(f"{src}: nothing to blank: no '{MARKER}' marker in minicai/*.py")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*COPY_IGNORE), dirs_exist_ok=True, symlinks=True)
+        copy_source(src, tmp)
         blanked = []
         for p in reading_path(src):
             rel = p.relative_to(src).as_posix()
@@ -237,8 +311,9 @@ def make_copy(src: Path, out: Path, only: list[str] | None = None, overwrite: bo
                 ex = next((e for e in EXERCISES if e.file == rel and e.qualname == q), None)
                 blanked.append({"name": ex.name if ex else q, "file": rel, "function": q,
                                 "test": ex.test if ex else None})
-        atomic_write_json(tmp / MANIFEST, {"source": str(src), "blank": blanked})
+        atomic_write_json(tmp / MANIFEST, {"source": str(src), "blank": blanked, "files": entries(tmp)})
         if out.exists():
+            check_out(src, out, overwrite)  # again, just before deleting: the copy took a while
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:

@@ -13,8 +13,8 @@ Files we read (see constitutions/README.md):
   not read: a constitution loaded that way has no few-shot examples.
 
 `load_constitution("default")` and `load_constitution("hhh")` read the files in the repository's
-constitutions/ folder, found relative to this package; minicai is meant to be used from a
-checkout (pip install -e .), which is where that folder lives.
+constitutions/ folder: in a checkout (or an editable install) the folder next to minicai/; in an
+installed wheel the same files, shipped as minicai/constitutions/ (pyproject.toml's package-dir).
 
 Every problem in a file raises InputError with one line naming the file and the key.
 """
@@ -37,7 +37,15 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
         tomllib = None
 
 
-CONSTITUTIONS_DIR = Path(__file__).resolve().parents[2] / "constitutions"
+def builtin_dir(package: Path = Path(__file__).resolve().parents[1]) -> Path:
+    """The folder of the built-in constitutions for the minicai package folder `package`:
+    minicai/constitutions/ in an installed wheel, else the checkout's top-level constitutions/ (the
+    wheel's copy first: next to site-packages/minicai there may be an unrelated constitutions/)."""
+    wheel = package / "constitutions"
+    return wheel if wheel.is_dir() else package.parent / "constitutions"
+
+
+CONSTITUTIONS_DIR = builtin_dir()
 PRINCIPLE_FIELDS = ("name", "critique", "revision", "comparison")
 CONTRAST_FIELDS = ("follow", "violate")
 """Optional fields of a principle, both or neither."""
@@ -77,7 +85,7 @@ def resolve_constitution_path(path_or_name) -> Path:
         if not path.is_file():
             names = sorted(p.stem for p in CONSTITUTIONS_DIR.glob("*.toml"))
             raise InputError(f"constitution {path_or_name!r}: no {path}; built-in names: "
-                             f"{', '.join(names) or 'none (is this a checkout?)'}")
+                             f"{', '.join(names) or 'none (a checkout or wheel without constitutions/?)'}")
         return path
     path = Path(path_or_name)
     if not path.is_file():

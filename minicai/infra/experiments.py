@@ -41,7 +41,7 @@ def rl_commands(args, out: Path) -> dict[str, list[str]]:
               "--seed", str(args.seed), "--device", args.device, "--save-every", str(args.iterations)]
     if args.bf16:
         common.append("--bf16")
-    return {m: ["train_ppo.py", "--out", str(out / m), "--advantage", m, *common,
+    return {m: ["-m", "train_ppo", "--out", str(out / m), "--advantage", m, *common,
                 *(["--k", str(args.k)] if m != "gae" else [])] for m in args.methods}
 
 

@@ -3,18 +3,26 @@ script, as recorded in the README ("How big it is"; tests/plumbing/test_layout.p
 numbers are these):
 
     python -m minicai.infra.lines            # a markdown table
+
+It counts the files this minicai runs: a checkout's, or an installed wheel's (site-packages holds
+minicai/ and the train_*.py modules side by side, as a checkout does).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from .utils import InputError
+
 ROOT = Path(__file__).resolve().parents[2]
+"""The folder that holds minicai/ and the train_*.py scripts: the checkout, or site-packages."""
 SCRIPTS = ("train_sl.py", "train_rm.py", "train_ppo.py", "train_dpo.py")
 
 
 def count(path: Path) -> int:
     """Lines of a file, blank lines and comments included (what `wc -l` says)."""
+    if not path.is_file():
+        raise InputError(f"{path}: not found (python -m minicai.infra.lines counts a checkout or an installed wheel)")
     return len(path.read_text(encoding="utf-8").splitlines())
 
 
@@ -33,10 +41,12 @@ def table(root: Path = ROOT) -> str:
     return "\n".join(["| file | lines |", "| --- | ---: |"] + [f"| {n} | {c} |" for n, c in counts(root)]) + "\n"
 
 
-def main() -> int:
+def main(argv=None) -> int:
     sys.stdout.write(table())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .train import run_cli
+
+    sys.exit(run_cli(main))

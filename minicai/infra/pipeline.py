@@ -11,7 +11,8 @@
                                     tax) and the AI judge's win rates beside its own accuracy -> OUT/eval/eval.md
     6. report     minicai.infra.report    one static HTML file                              -> OUT/report.html
 
-Each stage is its own script, run as a subprocess with the flags printed before it runs, so any
+Each stage is its own script, run as a subprocess (`python -m train_sl ...`, in the working folder
+of this command, on the same minicai as this command) with the flags printed before it runs, so any
 stage can be rerun or changed by hand. Every stage resumes: rerunning the command skips finished
 stages and continues an interrupted one where it stopped. The defaults take about 31 minutes on
 2 CPU cores with bf16 units (--precision fast; a third of it labelling with the 1.5B feedback model;
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import site
 import subprocess
 import sys
 import time
@@ -45,7 +47,8 @@ from .labelling import DEFAULT as FEEDBACK_DEFAULT
 from .labelling import member_spec
 from .utils import InputError, atomic_write_json
 
-ROOT = Path(__file__).resolve().parents[2]
+HOME = Path(__file__).resolve().parents[2]
+"""The folder that holds the minicai package and the train_*.py modules: the checkout, or site-packages."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,8 +138,18 @@ def precision_flags(choice: str) -> dict[str, list[str]]:
             "ppo": ["--bf16", "--fused-logprobs"], "dpo": ["--bf16"]}
 
 
+def stage_env() -> dict[str, str]:
+    """The environment of a stage: this one, with HOME first on PYTHONPATH unless it is a site-packages
+    folder (a wheel, found anyway), so that `python -m train_sl` runs the same code as this process
+    from any working folder (a checkout run from elsewhere, or an editable install of another one)."""
+    if HOME in {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}:
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HOME), os.environ.get("PYTHONPATH")]))}
+
+
 def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: bool) -> None:
-    """Run one stage unless its `done` file exists; record its wall time in OUT/pipeline.json."""
+    """Run one stage (cmd: `python`'s arguments, e.g. ["-m", "train_sl", ...]) unless its `done` file
+    exists; record its wall time in OUT/pipeline.json."""
     shown = " ".join(cmd)
     if done.exists():
         print(f"[{name}] done already ({done}); skipping")
@@ -145,8 +158,7 @@ def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: 
     if dry:
         return
     t = time.time()
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env)
+    r = subprocess.run([sys.executable, *cmd], env=stage_env())
     if r.returncode != 0:
         raise InputError(f"stage '{name}' failed (exit {r.returncode}); fix the error above and rerun the same "
                          f"command to resume")
@@ -165,13 +177,13 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
     sl_flags = ["--model", base, "--constitution", args.constitution, "--n-prompts", str(args.sl_prompts),
                 "--rounds", str(args.sl_rounds), "--max-new-tokens", str(args.max_new_tokens),
                 "--epochs", str(args.sl_epochs), *fast["sl"]]
-    run_stage(f"{tag or 'round1'}/sl", ["train_sl.py", "--out", str(sl), *sl_flags, *critic, *common],
+    run_stage(f"{tag or 'round1'}/sl", ["-m", "train_sl", "--out", str(sl), *sl_flags, *critic, *common],
               sl / "sft_summary.json", log, out, dry)
     if args.baseline == "sft" and not tag:  # the same prompts and samples, trained on the initial responses
-        run_stage("baseline", ["train_sl.py", "--out", str(out / "baseline"), *sl_flags, "--target", "initial",
+        run_stage("baseline", ["-m", "train_sl", "--out", str(out / "baseline"), *sl_flags, "--target", "initial",
                                "--traces", str(sl / "traces.jsonl"), *common],
                   out / "baseline" / "sft_summary.json", log, out, dry)
-    run_stage(f"{tag or 'round1'}/rm", ["train_rm.py", "--out", str(rm), "--policy", str(sl / "model"),
+    run_stage(f"{tag or 'round1'}/rm", ["-m", "train_rm", "--out", str(rm), "--policy", str(sl / "model"),
                                         *feedback, "--labeller", args.labeller,
                                         *(["--sl-traces", str(sl / "traces.jsonl")] if args.labeller == "revision"
                                           else []), "--constitution", args.constitution,
@@ -179,7 +191,7 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
                                         "--k", str(args.rm_k),
                                         "--max-new-tokens", str(args.max_new_tokens), *fast["rm"], *common],
               rm / "summary.json", log, out, dry)
-    run_stage(f"{tag or 'round1'}/ppo", ["train_ppo.py", "--out", str(ppo), "--policy", str(sl / "model"),
+    run_stage(f"{tag or 'round1'}/ppo", ["-m", "train_ppo", "--out", str(ppo), "--policy", str(sl / "model"),
                                          "--reward-model", str(rm / "rm"), "--iterations", str(args.ppo_iterations),
                                          "--batch-size", str(args.ppo_batch),
                                          "--max-new-tokens", str(args.max_new_tokens), *fast["ppo"], *common],
@@ -281,7 +293,7 @@ def main(argv=None) -> int:
                 "sl": str(sl), "rl": str(ppo)}
     if not args.no_dpo:
         dpo = out / "dpo"
-        run_stage("dpo", ["train_dpo.py", "--out", str(dpo), "--preferences", str(rm / "preferences.jsonl"),
+        run_stage("dpo", ["-m", "train_dpo", "--out", str(dpo), "--preferences", str(rm / "preferences.jsonl"),
                           "--policy", str(sl), "--pair-val-fraction", str(args.pair_val_fraction),
                           *precision_flags(args.precision)["dpo"], "--seed", str(args.seed), "--device", args.device],
                   dpo / "model" / "config.json", log, out, args.dry_run)
@@ -319,7 +331,7 @@ def main(argv=None) -> int:
     evaluate(args, out, "eval", policies, rm, log, args.dry_run)
     if not args.dry_run:
         # the report is cheap and reflects whatever is in the run folder: always rebuilt
-        subprocess.run([sys.executable, "-m", "minicai.infra.report", str(out)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "minicai.infra.report", str(out)], env=stage_env(), check=True)
         log["wall_seconds_last_invocation"] = round(time.time() - t0, 1)
         atomic_write_json(log_path, log)
         print((out / "eval" / "eval.md").read_text())

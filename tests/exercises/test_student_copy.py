@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -124,6 +125,80 @@ def test_make_refuses_bad_input(tmp_path, capsys):
     assert exercises_main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(e.name in out for e in EXERCISES) and "[no marker]" not in out
+
+
+def minimal_checkout(root: Path) -> Path:
+    """A source checkout small enough to copy in a blink: pyproject.toml and one marked function."""
+    (root / "minicai").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("[project]\nname = 'minicai'\n")
+    (root / "minicai" / "model.py").write_text('# exercise\ndef f(x):\n    """Doc."""\n    return x\n')
+    return root
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_a_student_copy(tmp_path, capsys):
+    """Issue 24: `make --source REPO --out PARENT --overwrite` with PARENT holding REPO deleted the
+    checkout and a sibling file. Every dangerous layout is refused and every foreign file survives;
+    only an earlier student copy (what its manifest lists, and caches) is replaced."""
+    from minicai.infra.train import run_cli
+
+    src = minimal_checkout(tmp_path / "parent" / "repo")
+    (tmp_path / "parent" / "sibling.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("mine")
+    mine = tmp_path / "mine"  # a folder of the user's, with a config.json of its own
+    (mine / "src").mkdir(parents=True)
+    (mine / "src" / "thesis.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")
+    before = files(tmp_path)
+    for out, msg in ((tmp_path / "parent", "contains the repository"), (tmp_path, "contains the repository"),
+                     (src, "must be outside the repository"), (src / "minicai", "must be outside the repository"),
+                     (tmp_path / "a-file", "is a file, not a folder"),
+                     (mine, "not a student copy written by this minicai")):
+        with pytest.raises(InputError, match=msg):
+            make_copy(src, out, overwrite=True)
+    with pytest.raises(InputError, match="exists and is not empty"):
+        make_copy(src, mine)
+    # the issue's command, through the command line: one line, exit 2
+    assert run_cli(exercises_main, ["make", "--source", str(src), "--out", str(tmp_path / "parent"),
+                                    "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'parent'}: contains the repository {src}; "
+                                       f"choose a folder outside it\n")
+    assert files(tmp_path) == before
+
+    # an earlier student copy, edited and graded (caches): replaced
+    copy = tmp_path / "copy"
+    make_copy(src, copy)
+    assert json.loads((copy / MANIFEST).read_text())["files"] == ["minicai", "minicai/model.py", "pyproject.toml"]
+    (copy / "minicai" / "model.py").write_text("the student's solution")
+    (copy / "minicai" / "__pycache__").mkdir()
+    (copy / "minicai" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"cache")
+    make_copy(src, copy, overwrite=True)
+    assert "raise NotImplementedError" in (copy / "minicai" / "model.py").read_text()
+    assert not (copy / "minicai" / "__pycache__").exists()
+    # ... but not when it holds anything minicai did not write: a file, or a folder of files
+    for extra, msg in (("notes.txt", "holds notes.txt that minicai did not write"),
+                       ("runs/a/log.txt", "holds runs and 2 more path")):
+        (copy / extra).parent.mkdir(parents=True, exist_ok=True)
+        (copy / extra).write_text("mine")
+        snap = files(copy)
+        with pytest.raises(InputError, match=msg):
+            make_copy(src, copy, overwrite=True)
+        assert files(copy) == snap
+        shutil.rmtree(copy / "runs") if extra.startswith("runs") else (copy / extra).unlink()
+    # a source with no marker at all: refused before anything is written
+    (src / "minicai" / "model.py").write_text("def f(x):\n    return x\n")
+    with pytest.raises(InputError, match="nothing to blank"):
+        make_copy(src, tmp_path / "new")
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.*"))
+    # ... nor a copy whose manifest lists no files (made before manifests did)
+    (copy / MANIFEST).write_text(json.dumps({"source": str(src), "blank": []}))
+    snap = files(copy)
+    with pytest.raises(InputError, match="not a student copy written by this minicai"):
+        make_copy(src, copy, overwrite=True)
+    assert files(copy) == snap
 
 
 def grade(copy: Path, tmp: Path, tag: str) -> dict[str, tuple[str, str]]:

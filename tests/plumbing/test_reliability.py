@@ -727,6 +727,49 @@ def _(env):
                protect=[env.out], patch=_no_package("garak"))
 
 
+# ---------------------------------------------------------------- student copies: exercises make --overwrite
+# (issue 24) --overwrite replaces only an earlier student copy holding nothing minicai did not write.
+
+def _minimal_checkout(env: Env) -> Path:
+    """A source checkout of two files under $TMP/parent/repo, and a file of the user's beside it."""
+    repo = env.tmp / "parent" / "repo"
+    env.write("parent/repo/pyproject.toml", "[project]\nname = 'minicai'\n")
+    env.write("parent/repo/minicai/model.py", '# exercise\ndef f(x):\n    """Doc."""\n    return x\n')
+    env.write("parent/sibling.txt", "mine")
+    return repo
+
+
+@case("exercises-out-contains-source")
+def _(env):
+    from minicai.exercises.__main__ import main
+
+    repo = _minimal_checkout(env)
+    return Run(main, ["make", "--source", str(repo), "--out", str(repo.parent), "--overwrite"],
+               protect=[repo.parent])
+
+
+@case("exercises-out-not-a-copy")
+def _(env):
+    from minicai.exercises.__main__ import main
+
+    repo = _minimal_checkout(env)
+    env.write("mine/config.json", "{}")
+    env.write("mine/src/thesis.txt", "mine")
+    return Run(main, ["make", "--source", str(repo), "--out", str(env.tmp / "mine"), "--overwrite"],
+               protect=[env.tmp / "mine"])
+
+
+@case("exercises-out-foreign-file")
+def _(env):
+    from minicai.exercises.__main__ import main
+
+    repo = _minimal_checkout(env)
+    argv = ["make", "--source", str(repo), "--out", str(env.tmp / "copy"), "--overwrite"]
+    assert run_cli(main, argv) == 0
+    env.write("copy/notes.txt", "mine")
+    return Run(main, argv, protect=[env.tmp / "copy"])
+
+
 # ---------------------------------------------------------------- the table in the doc
 
 def doc_rows() -> dict[str, str]:
