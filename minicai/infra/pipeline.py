@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed passed to every stage")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto, passed to every stage")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again every finished stage whose flags changed (and every stage after it), passing "
+                        "--overwrite to its script, which deletes only the files minicai wrote in its folder; "
+                        "without it such a stage is refused (default: off)")
     return p
 
 
@@ -149,12 +153,26 @@ def stage_env() -> dict[str, str]:
 
 def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: bool) -> None:
     """Run one stage (cmd: `python`'s arguments, e.g. ["-m", "train_sl", ...]) unless its `done` file
-    exists; record its wall time in OUT/pipeline.json."""
+    exists and OUT/pipeline.json records that it ran with the same command; record its wall time and
+    command there. A finished stage whose flags changed, and every stage after one that ran again, is
+    stale: refused with the first differing flag, or with --overwrite (log["overwrite"]) rerun with
+    --overwrite, which deletes only the files that stage wrote (train.clear_own_outputs)."""
     shown = " ".join(cmd)
-    if done.exists():
+    key = shown.replace(str(out), "OUT")  # a moved run folder is the same run
+    before = (log.get("stages", {}).get(name) or {}).get("key")
+    stale = log.get("rerun", False) or (before is not None and before != key)
+    was_done = done.exists()
+    if was_done and not stale:
         print(f"[{name}] done already ({done}); skipping")
         return
-    print(f"[{name}] $ python {shown}", flush=True)
+    if was_done and not log.get("overwrite"):
+        why = (f"its flags changed ({first_difference(before, key)})" if before not in (None, key)
+               else "an earlier stage ran again")
+        raise InputError(f"{out / 'pipeline.json'}: stage '{name}' finished with other inputs: {why}; use another "
+                         f"--out, or pass --overwrite to run it again (only the files minicai wrote are deleted)")
+    if log.get("overwrite") and cmd[1].startswith("train_"):
+        cmd = [*cmd, "--overwrite"]  # a train_*.py stage whose folder holds another run starts over
+    print(f"[{name}] $ python {' '.join(cmd)}", flush=True)
     if dry:
         return
     t = time.time()
@@ -162,8 +180,30 @@ def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: 
     if r.returncode != 0:
         raise InputError(f"stage '{name}' failed (exit {r.returncode}); fix the error above and rerun the same "
                          f"command to resume")
-    log.setdefault("stages", {})[name] = {"seconds": round(time.time() - t, 1), "command": "python " + shown}
-    atomic_write_json(out / "pipeline.json", log)
+    log["rerun"] = log.get("rerun", False) or was_done  # every stage after one that ran again is stale too
+    log.setdefault("stages", {})[name] = {"seconds": round(time.time() - t, 1), "command": "python " + shown,
+                                          "key": key}
+    write_log(out, log)
+
+
+def write_log(out: Path, log: dict) -> None:
+    """OUT/pipeline.json: the stage log, without this invocation's own state (rerun, overwrite)."""
+    atomic_write_json(out / "pipeline.json", {k: v for k, v in log.items() if k not in ("rerun", "overwrite")})
+
+
+def first_difference(before: str, now: str) -> str:
+    """The first flag whose value differs between two recorded stage commands: '--n-prompts 32 -> 16'."""
+    def flags(cmd: str) -> dict[str, str]:
+        words, out = cmd.split(), {}
+        for i, w in enumerate(words):
+            if w.startswith("--"):
+                out[w] = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else "(on)"
+        return out
+    a, b = flags(before), flags(now)
+    for k in [*a, *(k for k in b if k not in a)]:
+        if a.get(k) != b.get(k):
+            return f"{k} {a.get(k, '(not given)')} -> {b.get(k, '(not given)')}"
+    return "the command differs"
 
 
 def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tuple[Path, Path, Path]:
@@ -287,6 +327,7 @@ def main(argv=None) -> int:
     log_path = out / "pipeline.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     log["config"] = vars(args)
+    log["overwrite"], log["rerun"] = args.overwrite, False  # run_stage's state, never written to pipeline.json
     t0 = time.time()
     sl, rm, ppo = rl_round(args, out, args.model, "", log, args.dry_run)
     policies = {"base": args.model, **({"sft": str(out / "baseline" / "model")} if args.baseline == "sft" else {}),
@@ -318,7 +359,7 @@ def main(argv=None) -> int:
         stop = stop_self_improvement(q, best_q, args.stop_drop)
         rounds[-1]["stopped"] = stop
         log["self_improve"] = rounds
-        atomic_write_json(log_path, log)
+        write_log(out, log)
         write_self_improve(out, rounds, args, sum(s["seconds"] for s in log["stages"].values()))
         print(f"[self-improve] round {k}: yardstick quality {q:+.3f} (best so far {best_q:+.3f}); "
               f"judged quality {rounds[-1]['judged_quality']}")
@@ -333,7 +374,7 @@ def main(argv=None) -> int:
         # the report is cheap and reflects whatever is in the run folder: always rebuilt
         subprocess.run([sys.executable, "-m", "minicai.infra.report", str(out)], env=stage_env(), check=True)
         log["wall_seconds_last_invocation"] = round(time.time() - t0, 1)
-        atomic_write_json(log_path, log)
+        write_log(out, log)
         print((out / "eval" / "eval.md").read_text())
         print(f"report: {out / 'report.html'}")
     return 0

@@ -2,6 +2,8 @@
 folder, and a rerun skips everything."""
 import json
 
+import pytest
+
 from minicai.infra.pipeline import main as pipeline_main
 
 TINY = ["--sl-prompts", "4", "--sl-rounds", "1", "--rm-prompts", "8", "--ppo-iterations", "2", "--ppo-batch", "4",
@@ -99,3 +101,45 @@ def test_precision_flags_follow_the_machine(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(utils, "bf16_is_fast", lambda: False)  # a machine without bf16 matrix units
     for cmds in (fp32_flag, commands()):
         assert not any(f in c for c in cmds.values() for f in ("--bf16", "--gen-dtype", "--fused-logprobs"))
+
+
+def test_a_finished_stage_with_changed_flags_is_refused_or_run_again(tmp_path, capsys):
+    """run_stage skips a finished stage only when pipeline.json recorded the same command (the run
+    folder's own path aside); changed flags are refused naming the flag, or with --overwrite run again,
+    and so is every stage after it."""
+    import json
+
+    from minicai.infra.pipeline import run_stage
+    from minicai.infra.utils import InputError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    touch = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[3])"
+
+    def stage(name, n, log, folder=out):
+        done = folder / f"{name}.done"
+        run_stage(name, ["-c", touch, str(done), "--n", str(n)], done, log, folder, dry=False)
+        return done.read_text()
+
+    log = {"overwrite": False, "rerun": False}
+    assert stage("a", 1, log) == "1" and stage("b", 1, log) == "1"
+    assert "rerun" not in json.loads((out / "pipeline.json").read_text())
+    log = {**json.loads((out / "pipeline.json").read_text()), "overwrite": False, "rerun": False}
+    (out / "a.done").write_text("kept")
+    assert stage("a", 1, log) == "kept"  # same command: skipped
+    assert "[a] done already" in capsys.readouterr().out
+    with pytest.raises(InputError) as e:
+        stage("a", 2, log)
+    assert str(e.value) == (f"{out / 'pipeline.json'}: stage 'a' finished with other inputs: its flags changed "
+                            f"(--n 1 -> 2); use another --out, or pass --overwrite to run it again (only the files "
+                            f"minicai wrote are deleted)")
+    assert (out / "a.done").read_text() == "kept"
+    log["overwrite"] = True
+    assert stage("a", 2, log) == "2"
+    (out / "b.done").write_text("old")
+    assert stage("b", 1, log) == "1"  # unchanged flags, but after a stage that ran again
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    log = {**json.loads((moved / "pipeline.json").read_text()), "overwrite": False, "rerun": False}
+    (moved / "a.done").write_text("kept")
+    assert stage("a", 2, log, moved) == "kept"  # the same run, moved
