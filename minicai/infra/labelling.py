@@ -178,17 +178,19 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
     return {**preference_stats(path), "seconds_this_run": seconds}
 
 
-def preference_stats(path: Path) -> dict:
+def preference_stats(path: Path, recs: list[dict] | None = None) -> dict:
     """Counts over a preferences file and its .dropped file. first_order_picks_a: share of pairs
     where the labeller prefers response_a when it is shown as (A); swapped_order_picks_a: the same
-    when it is shown as (B). A labeller that always answers (A) has 1 and 0."""
-    recs = read_jsonl(path)
+    when it is shown as (B). A labeller that always answers (A) has 1 and 0. recs: the file's
+    records as files.read_preferences gives them (in the internal shape, TRL's layout included);
+    default: the file as labelling writes it."""
+    recs = read_jsonl(path, "drop") if recs is None else recs
     n = len(recs)
     full = n and all("orders_agree" in r for r in recs)  # only the ab labeller has order statistics
 
     def share(f):
         return sum(f(r) for r in recs) / n if full else None
-    return {"pairs": n, "dropped_identical": len(read_jsonl(dropped_path(path))),
+    return {"pairs": n, "dropped_identical": len(read_jsonl(dropped_path(path), "drop")),
             "order_agreement": share(lambda r: bool(r["orders_agree"])),
             "first_order_picks_a": share(lambda r: r["p_a_first_order"] > 0.5),
             "swapped_order_picks_a": share(lambda r: r["p_a_swapped_order"] > 0.5),

@@ -74,6 +74,9 @@ class Run:
     """Extra checks once the command has failed."""
     patch: Callable | None = None
     """patch(monkeypatch): fault injection (a NaN loss, a full disk) before the run."""
+    status: int = 2
+    """The exit status. 0: input that is accepted; the row's message is then its one "warning: "
+    line, or (none) for no warning and no error line at all."""
 
 
 class Env:
@@ -699,6 +702,107 @@ def _(env):
                protect=[env.out], patch=_no_package("garak"))
 
 
+# ---------------------------------------------------------------- fresh-machine issue: formats and models
+
+def _trl_preferences(env: Env, n: int = 12) -> Path:
+    """n pairs in TRL's three chosen/rejected layouts (strings beside a prompt; [user, assistant]
+    lists; [assistant] lists beside a [user] prompt), the 'zebra' side chosen, as Env.preferences."""
+    rows = []
+    for i in range(n):
+        q, c, r = f"question {i}: what about the cat?", f"zebra {i} and the mat", f"the old red barn {i}"
+        user = [{"role": "user", "content": q}]
+        rows.append([{"prompt": q, "chosen": c, "rejected": r},
+                     {"chosen": user + [{"role": "assistant", "content": c}],
+                      "rejected": user + [{"role": "assistant", "content": r}]},
+                     {"prompt": user, "chosen": [{"role": "assistant", "content": c}],
+                      "rejected": [{"role": "assistant", "content": r}]}][i % 3])
+    return env.write("trl.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _summary_has(path: Path, keys: tuple, value):
+    def check():
+        doc = json.loads(path.read_text())
+        for k in keys:
+            doc = doc[k]
+        assert doc == value, (path, keys, doc)
+    return check
+
+
+@case("preferences-trl-layout-rm")
+def _(env):
+    path = _trl_preferences(env)
+    return Run(train_rm.main, env.rm("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "summary.json", ("feedback", "pairs"), 12))
+
+
+@case("preferences-trl-layout-dpo")
+def _(env):
+    path = _trl_preferences(env)
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path], status=0,
+               after=lambda: _all_pairs_used(env.out / "dpo_summary.json", 12))
+
+
+def _all_pairs_used(path: Path, n: int):
+    doc = json.loads(path.read_text())
+    assert doc["train_pairs"] + doc["held_out_pairs"] + doc["skipped_too_long"] == n, doc
+
+
+def _torn(env: Env) -> Path:
+    """Env.preferences with a 13th line cut off mid-record (no newline after it)."""
+    return env.write("torn.jsonl", env.preferences().read_text() + '{"prompt": "question 12", "response_a": "ze')
+
+
+@case("preferences-torn-last-line-rm")
+def _(env):
+    path = _torn(env)
+    return Run(train_rm.main, env.rm("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "summary.json", ("feedback", "pairs"), 12))
+
+
+@case("preferences-torn-last-line-dpo")
+def _(env):
+    path = _torn(env)
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "dpo_summary.json", ("torn_last_line_dropped",), 13))
+
+
+@case("preferences-bad-last-line-rm")
+def _(env):
+    path = env.write("badlast.jsonl", _torn(env).read_text() + "\n")  # a newline after it: not a torn write
+    return Run(train_rm.main, env.rm("--preferences", str(path)), protect=[path, env.out])
+
+
+@case("preferences-bad-last-line-dpo")
+def _(env):
+    path = env.write("badlast.jsonl", _torn(env).read_text() + "\n")
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path, env.out])
+
+
+def _with_identical(env: Env) -> Path:
+    same = [{"prompt": f"same {i}", "response_a": "the cat", "response_b": "the cat", "p_a": 0.5} for i in range(2)]
+    return env.write("same.jsonl", env.preferences().read_text() + "".join(json.dumps(r) + "\n" for r in same))
+
+
+@case("preferences-identical-pairs-rm")
+def _(env):
+    path = _with_identical(env)
+    return Run(train_rm.main, env.rm("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "summary.json", ("feedback", "dropped_identical"), 2))
+
+
+@case("preferences-identical-pairs-dpo")
+def _(env):
+    path = _with_identical(env)
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "dpo_summary.json", ("dropped_identical",), 2))
+
+
+@case("preferences-all-identical")
+def _(env):
+    path = env.write("same.jsonl", '{"prompt": "q", "chosen": "the cat", "rejected": "the cat"}\n')
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path, env.out])
+
+
 # ---------------------------------------------------------------- the table in the doc
 
 def doc_rows() -> dict[str, str]:
@@ -714,14 +818,15 @@ def doc_rows() -> dict[str, str]:
         cid = cells[0].strip("`")
         msg = cells[-1]
         m = re.fullmatch(r"(`+) ?(.*?) ?\1", msg)
-        assert m, f"{DOC}: row {cid}: the last cell must be the message in backticks, got {msg!r}"
+        assert m or msg == "(none)", f"{DOC}: row {cid}: the last cell must be the message in backticks, got {msg!r}"
         assert cid not in rows, f"{DOC}: duplicate row {cid}"
-        rows[cid] = m.group(2)
+        rows[cid] = m.group(2) if m else None
     return rows
 
 
-def run_case(cid: str, env: Env, monkeypatch, capsys) -> tuple[int, str]:
-    """Run the case; returns (exit status, the error line with the temporary folder as $TMP)."""
+def run_case(cid: str, env: Env, monkeypatch, capsys) -> tuple[int, str | None, int]:
+    """Run the case; returns (exit status, the error line (or, for an accepted input, the warning
+    line or None) with the temporary folder as $TMP, the expected exit status)."""
     run = CASES[cid](env)
     before = {p: snapshot(p) for p in run.protect}
     capsys.readouterr()
@@ -733,13 +838,14 @@ def run_case(cid: str, env: Env, monkeypatch, capsys) -> tuple[int, str]:
         monkeypatch.undo()
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
-    lines = [seg for ln in err.split("\n") for seg in ln.split("\r") if seg.startswith("error: ")]
-    assert len(lines) == 1, err
+    segs = [seg for ln in err.split("\n") for seg in ln.split("\r")]
+    lines = [seg for seg in segs if seg.startswith("error: " if run.status else "warning: ")]
+    assert len(lines) == 1 if run.status else len(lines) <= 1 and not any(x.startswith("error: ") for x in segs), err
     for p, snap in before.items():
         assert snapshot(p) == snap, f"{p} changed"
     if run.after:
         run.after()
-    return rc, lines[0].replace(str(env.tmp), "$TMP")
+    return rc, lines[0].replace(str(env.tmp), "$TMP") if lines else None, run.status
 
 
 def snapshot(p: Path):
@@ -763,8 +869,8 @@ def test_the_doc_table_and_the_cases_match():
 @pytest.mark.parametrize("cid", [_param(c) for c in CASES])
 def test_bad_input_row(cid, tiny_gguf, tmp_path, monkeypatch, capsys):
     env = Env(tmp_path, tiny_gguf)
-    rc, line = run_case(cid, env, monkeypatch, capsys)
-    assert rc == 2
+    rc, line, status = run_case(cid, env, monkeypatch, capsys)
+    assert rc == status
     assert line == doc_rows().get(cid), f"update the row {cid} of {DOC}:\n{line}"
 
 
@@ -1168,8 +1274,8 @@ if __name__ == "__main__":
             real = sys.stderr
             sys.stderr = io.StringIO()
             try:
-                rc, line = run_case(cid, Env(tmp, src), _MP(), _Cap())
-                out = f"{rc} `{line}`"
+                rc, line, _ = run_case(cid, Env(tmp, src), _MP(), _Cap())
+                out = f"{rc} `{line}`" if line is not None else f"{rc} (none)"
             except BaseException as e:  # noqa: BLE001
                 out = f"FAILED {type(e).__name__}: {str(e)[:300]}"
             finally:
