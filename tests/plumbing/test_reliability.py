@@ -803,6 +803,26 @@ def _(env):
     return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path, env.out])
 
 
+@case("eval-bigbench-nan-score")
+def _(env):
+    from minicai.infra import labelling
+
+    arch = _bigbench_archive(env, [{"input": "q", "target_scores": {"a": 1, "b": 0}},
+                                   {"input": "q2", "target_scores": {"a": 0, "b": float("nan")}}])
+    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
+               protect=[arch, env.out])
+
+
+@case("eval-bigbench-not-a-checkout")
+def _(env):
+    from minicai.infra import labelling
+
+    folder = env.tmp / "BIG-bench"
+    (folder / "bigbench").mkdir(parents=True)  # a clone that was cut off, or another repository
+    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(folder), "--model", str(env.gguf)],
+               protect=[folder, env.out])
+
+
 # ---------------------------------------------------------------- the table in the doc
 
 def doc_rows() -> dict[str, str]:
