@@ -92,7 +92,7 @@ class LabelArgs:
     held_out_fraction: float = 0.2
     """share of prompts kept for the project's evaluation, never used here (data.split)"""
     preferences: str | None = field(default=None, metadata={"metavar": "FILE"})
-    """train on this preferences JSONL (prompt, response_a, response_b, p_a) and skip stage 1"""
+    """train on this preferences JSONL (prompt, response_a, response_b, p_a; or TRL chosen/rejected) and skip stage 1"""
     k: int = 2
     """responses per prompt (every pair of them is labelled)"""
     temperature: float = 1.0
