@@ -54,7 +54,7 @@ from tqdm import tqdm
 from minicai.infra import cli, distributed
 from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
 from minicai.infra.data import split_pairs
-from minicai.infra.files import read_preferences
+from minicai.infra.files import read_preferences, warn
 from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, drop_checkpoint,
                                  length_buckets, lr_at, open_run, run_cli, save_checkpoint, save_final, start,
                                  warmup_steps)
@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     if not 0.0 <= args.label_smoothing < 0.5:
         raise InputError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     device, dtype, d = start(args.run, "float32" if args.dtype == "auto" else args.dtype)  # [dist] process group
-    records = read_preferences(Path(args.preferences))  # bad input fails before anything is written
+    notes = {}  # bad input fails before anything is written
+    records = read_preferences(Path(args.preferences), notes, warn if d.main else None)
     out = open_run(args, Args, d)
     autocast = bf16_autocast(device, args.run.bf16)
     torch.manual_seed(args.run.seed)
@@ -311,6 +312,7 @@ def main(argv=None) -> int:
     ev_train = evaluate(model, train, args.eval_batch_size, args.beta, device, autocast, d)
     ev_val = evaluate(model, val, args.eval_batch_size, args.beta, device, autocast, d)
     summary = {"steps": steps, "train_pairs": len(train), "held_out_pairs": len(val), "skipped_too_long": skipped,
+               "dropped_identical": notes["identical_dropped"], "torn_last_line_dropped": notes["torn_last_line"],
                "train": ev_train, "held_out": ev_val, "held_out_accuracy": ev_val.get("rewards/accuracies"),
                "world_size": d.world, "wall_seconds_this_run": time.time() - t_start}
     if d.main:

@@ -67,7 +67,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from minicai.infra import cli, distributed, train
-from minicai.infra.checkpoint import EMBEDDED_NAME
+from minicai.infra.checkpoint import EMBEDDED_NAME, load_tokenizer
+from minicai.infra.data import check_prompt_lengths
 from minicai.infra.ppo import (EOS_PENALTY_MODES, Models, Rollout, check_config, end_of_turn_id, gather_generation,
                                global_whiten_stats, iteration_metrics, load_checkpoint, load_models,
                                missing_eos_penalty, prompt_batch, response_forward, response_values,
@@ -373,6 +374,7 @@ def main(argv=None) -> int:
     device, _, d = train.start(args.run)  # [dist] the process group: a single process unless started by torchrun
     check_config(cli.config(args), d.world)
     prompts = train_prompts(args.models.prompts, args.models.held_out_fraction)  # before the run folder
+    check_prompt_lengths(prompts, *load_tokenizer(args.models.policy))  # a too-long one: its file and line
     out, B, n_it = open_run(args, Args, d), args.optim.batch_size, args.rollout.iterations
     ckpt = out / "ckpt"
     if (out / "model" / "config.json").exists() and (out / "ppo_summary.json").exists():

@@ -53,7 +53,7 @@ from minicai.infra.labelling import label_pairs, preference_stats
 from minicai.infra.rm import check_args, reward_model, select_prompts, write_summary
 from minicai.infra.checkpoint import EMBEDDED_NAME
 from minicai.infra.data import split_pairs
-from minicai.infra.files import read_preferences
+from minicai.infra.files import read_preferences, warn
 from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, length_buckets, lr_at,
                                  open_run, run_cli, save_checkpoint, start, warmup_steps)
 from minicai.infra.utils import InputError
@@ -92,7 +92,7 @@ class LabelArgs:
     held_out_fraction: float = 0.2
     """share of prompts kept for the project's evaluation, never used here (data.split)"""
     preferences: str | None = field(default=None, metadata={"metavar": "FILE"})
-    """train on this preferences JSONL (prompt, response_a, response_b, p_a) and skip stage 1"""
+    """train on this preferences JSONL (prompt, response_a, response_b, p_a; or TRL chosen/rejected) and skip stage 1"""
     k: int = 2
     """responses per prompt (every pair of them is labelled)"""
     temperature: float = 1.0
@@ -240,15 +240,18 @@ def main(argv=None) -> int:
     device, dtype, d = start(run, a.dtype)  # [dist] process group
     # bad input fails before anything is written (else the corrected command would meet a run
     # folder made with the bad file's name in its config)
+    notes, log = {}, warn if d.main else None
     if a.preferences:
-        read_preferences(Path(a.preferences))
+        records = read_preferences(Path(a.preferences), notes, log)
     else:
         principles, prompts = load_constitution(a.constitution, a.comparisons).principles, select_prompts(a, run.seed)
     out, times = open_run(args, Args, d), {}
     t0, pref_path = time.time(), Path(a.preferences or out / "preferences.jsonl")
     if not a.preferences:  # stage 1
         times.update(label_pairs(a, run.seed, pref_path, prompts, principles, d, device, dtype))
-    records, stats = read_preferences(pref_path), preference_stats(pref_path)  # an empty file is an error here
+        records = read_preferences(pref_path, notes, log)  # an empty file is an error here
+    stats = preference_stats(pref_path, records)
+    stats["dropped_identical"] += notes["identical_dropped"]  # the labeller's and those in the file read
     if d.main and not a.preferences:
         print(f"feedback: {stats['pairs']} labelled pairs, {stats['dropped_identical']} identical pairs dropped, "
               f"orders agree on {stats['order_agreement']} -> {pref_path}")

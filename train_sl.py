@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from minicai.infra import cli, distributed
-from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
+from minicai.infra.checkpoint import EMBEDDED_NAME, load_model, load_tokenizer
 from minicai.infra.constitution_files import load_constitution
-from minicai.infra.data import Prompt, load_prompts, mix, split
+from minicai.infra.data import Prompt, check_prompt_lengths, load_prompts, mix, split
 from minicai.infra.fast import FusedSFTLoss
 from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, drop_checkpoint,
                                  length_buckets, lr_at, open_run, run_cli, save_checkpoint, save_final, start,
@@ -120,7 +120,9 @@ def select_prompts(args: Args) -> list:
         red = red[:args.n_prompts]
     if not red:
         raise InputError("--prompts: no red-team prompts left for training after the held-out split")
-    return mix(red, helpful, args.helpful_fraction, random.Random(args.run.seed)) if args.helpful_fraction else red
+    prompts = mix(red, helpful, args.helpful_fraction, random.Random(args.run.seed)) if args.helpful_fraction else red
+    check_prompt_lengths(prompts, *load_tokenizer(args.model))  # a too-long one: its file and line, before any run
+    return prompts
 
 
 def generate_traces(args: Args, model, tok, critic, prompts: list, constitution, out: Path,

@@ -1,20 +1,27 @@
-"""BIG-bench tasks read in place from the bigbench 1.0.0 source archive (evaluation only).
+"""BIG-bench tasks read in place (evaluation only), from a checkout of github.com/google/BIG-bench
+or from the bigbench 1.0.0 source archive:
 
-    pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai     # a 358 MB sdist; never install it
+    git clone --depth 1 https://github.com/google/BIG-bench ~/.cache/minicai/BIG-bench
+    # then --bigbench ~/.cache/minicai/BIG-bench (or --bigbench auto, which looks there)
 
-The archive is opened with tarfile and only the task JSON files named below are read, in one pass.
-Every BIG-bench task carries a canary string: its items must never be trained on, pasted into code
-or docs, or used to tune prompts, thresholds or principles. minicai uses them only to score:
+(PyPI no longer serves bigbench 1.0.0, only 0.0.1; an archive downloaded earlier,
+~/.cache/minicai/bigbench-1.0.0.tar.gz, still works.) Only the task JSON files named below are
+read: from a folder directly, from the archive with tarfile in one pass. Nothing is installed or
+imported. Every BIG-bench task carries a canary string: its items must never be trained on,
+pasted into code or docs, or used to tune prompts, thresholds or principles. minicai uses them
+only to score:
 - hhh_alignment (Askell et al. 2021): 221 two-choice items in 4 subtasks (harmless, helpful,
   honest, other), to measure the AI labeller (feedback.py --hhh bigbench; the paper's Fig. 4);
 - truthful_qa (task_mc.json) and strategyqa: cloze-scored multiple choice for the alignment tax.
 
 A task JSON has "examples": [{"input": str, "target_scores": {option: score}}, ...]; the correct
-option is the one with the highest score (exactly one is highest in these tasks).
+option is the one with the highest score (exactly one is highest in these tasks; scores must be
+finite numbers).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tarfile
 import zlib
@@ -23,39 +30,74 @@ from pathlib import Path
 from .utils import InputError, first_line
 
 BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"
+BIGBENCH_DIR = "BIG-bench"
 BIGBENCH_CACHE = Path(os.environ.get("MINICAI_CACHE", Path.home() / ".cache" / "minicai"))
-BIGBENCH_INSTALL = "pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai"
-ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+BIGBENCH_INSTALL = ("git clone --depth 1 https://github.com/google/BIG-bench ~/.cache/minicai/BIG-bench "
+                    "(then --bigbench ~/.cache/minicai/BIG-bench)")
+TASKS = "bigbench/benchmark_tasks/"
+"""Where the tasks are inside a checkout (and inside the archive's top folder)."""
+ROOT = "bigbench-1.0.0/" + TASKS
+"""The tasks' prefix inside the archive."""
 HHH_SUBTASKS = ("harmless", "helpful", "honest", "other")
 TASK_MEMBERS = {f"hhh_alignment/{s}": f"hhh_alignment/{s}/task.json" for s in HHH_SUBTASKS} | {
     "truthfulqa_mc": "truthful_qa/task_mc.json", "strategyqa": "strategyqa/task.json"}
-"""Our task names -> the member (under ROOT) that holds them."""
+"""Our task names -> the file (under TASKS) that holds them."""
 
 
 def default_archive() -> Path:
-    """Where the archive is looked for: $MINICAI_CACHE (default ~/.cache/minicai)/bigbench-1.0.0.tar.gz."""
-    return BIGBENCH_CACHE / BIGBENCH_FILE
+    """The BIG-bench source at the default place ($MINICAI_CACHE, default ~/.cache/minicai): the
+    archive bigbench-1.0.0.tar.gz if it is there, else the checkout folder BIG-bench (whether or
+    not that exists: see .exists())."""
+    archive = BIGBENCH_CACHE / BIGBENCH_FILE
+    return archive if archive.is_file() else BIGBENCH_CACHE / BIGBENCH_DIR
 
 
 def find_archive(path: str | Path | None = None) -> Path:
-    """The archive at `path` (or the default place); a missing file is a one-line InputError with
-    the pip command."""
+    """The BIG-bench source at `path` (a checkout folder, an extracted sdist folder or the archive;
+    default: default_archive()); a missing one is a one-line InputError with the command to get it."""
     p = Path(path).expanduser() if path else default_archive()
-    if not p.is_file():
-        raise InputError(f"{p}: BIG-bench source archive not found; get it with: {BIGBENCH_INSTALL}")
+    if not p.exists():
+        raise InputError(f"{p}: no BIG-bench checkout or archive here; get it with: {BIGBENCH_INSTALL}")
     return p
 
 
 def read_tasks(archive: str | Path, names: list[str]) -> dict[str, list[dict]]:
-    """{task name: items} for task names of TASK_MEMBERS, read from the archive in one pass. Each
-    item is {input, options, answer (index of the highest target score), category (the subtask)}.
-    A malformed member is a one-line InputError naming the member and the field."""
+    """{task name: items} for task names of TASK_MEMBERS, read from a BIG-bench folder (a checkout
+    of github.com/google/BIG-bench or an extracted sdist: TASKS under it) or from the archive in
+    one pass. Each item is {input, options, answer (index of the highest target score), category
+    (the subtask)}. A malformed file is a one-line InputError naming it and the field."""
     unknown = [n for n in names if n not in TASK_MEMBERS]
     if unknown:
         raise InputError(f"BIG-bench: unknown task {unknown[0]!r}; known: {', '.join(TASK_MEMBERS)}")
+    archive = Path(archive)
+    found = (read_folder if archive.is_dir() else read_archive)(archive, names)
+    return {n: found[n] for n in names}
+
+
+def _category(name: str) -> str:
+    return name.split("/")[-1] if name.startswith("hhh_alignment/") else name
+
+
+def read_folder(folder: Path, names: list[str]) -> dict[str, list[dict]]:
+    """read_tasks from a folder: FOLDER/bigbench/benchmark_tasks/<task file>."""
+    found = {}
+    for n in names:
+        f = folder / TASKS / TASK_MEMBERS[n]
+        if not f.is_file():
+            raise InputError(f"{folder}: not a BIG-bench checkout (no {TASKS}{TASK_MEMBERS[n]}); "
+                             f"get it with: {BIGBENCH_INSTALL}")
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise InputError(f"{f}: cannot read ({first_line(e)})") from None
+        found[n] = parse_task(data, str(f), _category(n))
+    return found
+
+
+def read_archive(archive: Path, names: list[str]) -> dict[str, list[dict]]:
+    """read_tasks from the bigbench-1.0.0 source archive, in one pass."""
     wanted = {ROOT + TASK_MEMBERS[n]: n for n in names}
     found: dict[str, list[dict]] = {}
-    archive = Path(archive)
     try:
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
@@ -63,18 +105,17 @@ def read_tasks(archive: str | Path, names: list[str]) -> dict[str, list[dict]]:
                 if name is None or not member.isfile():
                     continue
                 f = tar.extractfile(member)
-                found[name] = parse_task(f.read() if f else b"", f"{archive}:{member.name}",
-                                         name.split("/")[-1] if name.startswith("hhh_alignment/") else name)
+                found[name] = parse_task(f.read() if f else b"", f"{archive}:{member.name}", _category(name))
                 if len(found) == len(wanted):
                     break
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise InputError(f"{archive}: not a readable BIG-bench archive ({type(e).__name__}: {first_line(e)}); "
-                         f"get it again with: {BIGBENCH_INSTALL}") from None
+                         f"get the tasks with: {BIGBENCH_INSTALL}") from None
     missing = [m for m, n in wanted.items() if n not in found]
     if missing:
         raise InputError(f"{archive}: member {missing[0]} not found; is this bigbench-1.0.0.tar.gz? "
-                         f"{BIGBENCH_INSTALL}")
-    return {n: found[n] for n in names}
+                         f"Get the tasks with: {BIGBENCH_INSTALL}")
+    return found
 
 
 def parse_task(data: bytes, where: str, category: str) -> list[dict]:
@@ -96,6 +137,10 @@ def parse_task(data: bytes, where: str, category: str) -> list[dict]:
         if (not isinstance(ts, dict) or len(ts) < 2 or not all(isinstance(k, str) and k.strip() for k in ts)
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ts.values())):
             raise InputError(f"{where}: field {field}.target_scores must map at least 2 options to numbers")
+        bad = next((k for k, v in ts.items() if not math.isfinite(v)), None)
+        if bad is not None:
+            raise InputError(f"{where}: field {field}.target_scores[{json.dumps(bad)[:60]}] is {ts[bad]}, "
+                             f"not a finite number")
         options, scores = list(ts), list(ts.values())
         best = max(scores)
         if scores.count(best) != 1:

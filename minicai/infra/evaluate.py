@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from . import yardstick
 from ..constitution import Principle
-from .data import Prompt, load_prompts, split
+from .data import Prompt, check_prompt_lengths, load_prompts, split
 from ..feedback import draw, ensemble_labels, reward_input, scorers_of
 from .. import metrics
 from ..metrics import bradley_terry_elo, win_rates
@@ -736,11 +736,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reply length limit for the harmful prompts")
     g.add_argument("--benign-max-new-tokens", type=int, default=32,
                    help="reply length limit for the benign edgy prompts (over-refusal is read at the opening)")
-    g.add_argument("--bigbench", default="none", metavar="ARCHIVE|auto|none",
-                   help="opt in to BIG-bench, read in place from the bigbench-1.0.0.tar.gz source archive: "
-                        "TruthfulQA-MC and StrategyQA for the alignment tax, hhh_alignment for the judge's accuracy "
-                        "(evaluation only). ARCHIVE = its path; auto = ~/.cache/minicai/bigbench-1.0.0.tar.gz when "
-                        "it is there (pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai); none = skip")
+    g.add_argument("--bigbench", default="none", metavar="FOLDER|ARCHIVE|auto|none",
+                   help="opt in to BIG-bench, read in place from a checkout of github.com/google/BIG-bench (or the "
+                        "bigbench-1.0.0.tar.gz source archive): TruthfulQA-MC and StrategyQA for the alignment tax, "
+                        "hhh_alignment for the judge's accuracy (evaluation only). FOLDER/ARCHIVE = its path; auto = "
+                        "~/.cache/minicai/bigbench-1.0.0.tar.gz or ~/.cache/minicai/BIG-bench when there (git clone "
+                        "--depth 1 https://github.com/google/BIG-bench ~/.cache/minicai/BIG-bench); none = skip")
     g.add_argument("--bigbench-max-items", type=int, default=200,
                    help="first N items of each BIG-bench multiple-choice task (0 = all)")
     g.add_argument("--judge-check", action="append", default=None, choices=["builtin", "bigbench", "none"],
@@ -781,12 +782,12 @@ def resolve_bigbench(spec: str) -> str | None:
     if spec == "none":
         return None
     if spec == "auto":
-        return str(default_archive()) if default_archive().is_file() else None
+        return str(default_archive()) if default_archive().exists() else None  # the archive or the checkout
     return str(find_archive(spec))
 
 
 def main(argv=None) -> int:
-    from .checkpoint import EMBEDDED_NAME
+    from .checkpoint import EMBEDDED_NAME, load_tokenizer
     from .constitution_files import load_constitution
     from .utils import resolve_device
 
@@ -799,12 +800,15 @@ def main(argv=None) -> int:
     comparisons = None if args.no_judge else load_constitution(args.constitution, args.comparisons).principles
     prompts = held_out_prompts(args.red_team or ["builtin-red-team"], args.helpful or ["builtin-helpful"],
                                args.held_out_fraction, args.n_red_team, args.n_helpful)
+    for spec in policies.values():  # a too-long prompt: its file and line, before any policy generates
+        check_prompt_lengths(prompts, *load_tokenizer(spec))
     device, dtype = resolve_device(args.device, args.dtype)
     bigbench = resolve_bigbench(args.bigbench)
     if "bigbench" in (args.judge_check or []) and not bigbench:
-        raise InputError("--judge-check bigbench needs the BIG-bench archive, but --bigbench is 'none' or the archive "
-                         "is not at the default place; get it with: pip download --no-deps bigbench==1.0.0 -d "
-                         "~/.cache/minicai")
+        from .bigbench import BIGBENCH_INSTALL
+
+        raise InputError("--judge-check bigbench needs BIG-bench, but --bigbench is 'none' or BIG-bench is not at the "
+                         f"default place; get it with: {BIGBENCH_INSTALL}")
     ys = None if args.no_yardstick else yardstick_sets(
         args.n_harmful, args.harmful_source or HARMFUL_SOURCES, args.benign_source or BENIGN_SOURCES, args.n_benign,
         args.held_out_fraction, bigbench, bigbench_max_items=args.bigbench_max_items,
@@ -813,7 +817,7 @@ def main(argv=None) -> int:
         from .bigbench import BIGBENCH_INSTALL, default_archive
 
         ys.skipped = (f"Not measured: BIG-bench TruthfulQA-MC / StrategyQA and the judge's HHH accuracy ("
-                      f"{'no archive at ' + str(default_archive()) if args.bigbench == 'auto' else 'opt in with --bigbench'}"
+                      f"{'nothing at ' + str(default_archive()) if args.bigbench == 'auto' else 'opt in with --bigbench'}"
                       f"; {BIGBENCH_INSTALL}).")
         print(f"evaluate: {ys.skipped}", flush=True)
     checks = {}

@@ -3,13 +3,21 @@ one reader of preference pairs (ours, or TRL's chosen/rejected layout)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from .utils import InputError, append_text, atomic_write_text
 
 
+def warn(line: str) -> None:
+    """A warning line on stderr, on a line of its own even while a progress bar is open."""
+    tqdm.write(line, file=sys.stderr)
+
+
 def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: bool = False,
-               skipped: list | None = None) -> list:
+               skipped: list | None = None, torn: list | None = None) -> list:
     """The object of every non-blank line of a UTF-8 JSON-lines file ((line number, object) pairs
     with numbered=True); [] if the file does not exist. torn_tail says what happens to a last line that is not valid JSON and has no
     newline after it, i.e. a write cut off by a crash, a full disk or a power cut:
@@ -20,7 +28,9 @@ def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: b
     Any other bad line, or a line that is not a JSON object, is one InputError naming the file and
     the line, with `hint` (say, '; delete the file to regenerate') at the end; or, with a list
     `skipped` (the report, which shows whatever a run folder holds), its line number goes there,
-    the line is left out, and bytes that are not UTF-8 are replaced."""
+    the line is left out, and bytes that are not UTF-8 are replaced. A list `torn` receives the
+    number of a torn last line that was left out (a cut in the middle of a UTF-8 character
+    included)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -31,8 +41,10 @@ def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: b
         lines = data.decode("utf-8", errors="strict" if skipped is None else "replace").split("\n")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}: line {line}: not valid UTF-8 (byte {e.start}){hint}") from None
-    rows, torn = [], False
+        if torn_tail == "error" or e.start <= data.rfind(b"\n"):  # not inside a last line without newline
+            raise InputError(f"{path}: line {line}: not valid UTF-8 (byte {e.start}){hint}") from None
+        lines = data[:data.rfind(b"\n") + 1].decode("utf-8").split("\n")[:-1] + ["\0torn"]  # fails to parse
+    rows, cut = [], None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -40,7 +52,7 @@ def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: b
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:
             if n == len(lines) and torn_tail != "error":  # no newline after it: a torn write
-                torn = True
+                cut = n
                 break
             if skipped is not None:
                 skipped.append(n)
@@ -53,8 +65,10 @@ def read_jsonl(path: Path, torn_tail: str = "error", hint: str = "", numbered: b
         if not isinstance(row, dict):
             raise InputError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}{hint}")
         rows.append((n, row))
-    if torn and torn_tail == "repair":
+    if cut and torn_tail == "repair":
         write_jsonl(path, [r for _, r in rows])  # a crash here keeps the old file
+    if cut and torn is not None:
+        torn.append(cut)
     return rows if numbered else [r for _, r in rows]
 
 
@@ -69,50 +83,92 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
     append_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), fsync=True)
 
 
+def _messages(v, key: str, where: str) -> list[tuple[str, str]]:
+    """(role, content) of a TRL message list; anything else is one line naming the field."""
+    if not isinstance(v, list) or not v or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                  and isinstance(m.get("content"), str) for m in v):
+        raise InputError(f"{where}: field {key!r} must be a string or a list of {{role, content}} messages")
+    return [(m["role"], m["content"]) for m in v]
+
+
 def _trl_side(r: dict, key: str, where: str) -> tuple[str, str]:
-    """(prompt, response) of one side of a TRL record: a string with r["prompt"], or a message list."""
-    v = r[key]
-    if isinstance(v, str):
-        if not isinstance(r.get("prompt"), str):
-            raise InputError(f"{where}: field 'prompt' must be a string when {key!r} is a string")
-        return r["prompt"], v
-    if isinstance(v, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v):
-        user = next((m["content"] for m in v if m.get("role") == "user"), None)
-        reply = next((m["content"] for m in reversed(v) if m.get("role") == "assistant"), None)
-        if user is not None and reply is not None:
-            return user, reply
-    raise InputError(f"{where}: field {key!r} must be a string or a [user, assistant] message list")
+    """(prompt, response) of one side of a TRL record. TRL's layouts: chosen a string beside a
+    string prompt; chosen a [user, assistant] message list (the prompt inside it, "implicit
+    prompt"); or chosen an [assistant] list beside a prompt that is a [user] list. The prompt is
+    the first user turn, the response the last assistant turn."""
+    side, prompt = r[key], r.get("prompt")
+    if isinstance(side, str):
+        if isinstance(prompt, list):
+            prompt = next((c for role, c in _messages(prompt, "prompt", where) if role == "user"), None)
+        if not isinstance(prompt, str):
+            raise InputError(f"{where}: field 'prompt' must be a string (or a message list) when {key!r} is a string")
+        return prompt, side
+    msgs = (_messages(prompt, "prompt", where) if isinstance(prompt, list) else []) + _messages(side, key, where)
+    user = next((c for role, c in msgs if role == "user"), None)
+    if user is None and isinstance(prompt, str):
+        user = prompt
+    reply = next((c for role, c in reversed(msgs) if role == "assistant"), None)
+    if user is None or reply is None:
+        raise InputError(f"{where}: field {key!r} needs a user turn (or a 'prompt') and an assistant turn")
+    return user, reply
 
 
-def read_preferences(path: Path) -> list[dict]:
-    """Preference pairs, for the reward model and DPO: records with prompt, response_a,
-    response_b (strings) and p_a (a number in [0, 1], the probability that A is the better
-    response), any other fields kept; or TRL's layout (chosen / rejected, strings beside a
-    prompt or [user, assistant] message lists), read as response_a = chosen, p_a = 1. Bad
-    records are one-line errors naming the file and the line; an empty file is an error."""
+def preference_record(r: dict, where: str) -> dict:
+    """One record of a preferences file in the internal shape {prompt, response_a, response_b, p_a,
+    other fields kept}: ours is checked as it is; TRL's chosen/rejected becomes response_a = chosen,
+    response_b = rejected, p_a = 1.0 (P(a is preferred)), its other fields (not chosen/rejected) kept."""
+    ours = any(k in r for k in ("response_a", "response_b", "p_a"))
+    if not ours and not ("chosen" in r and "rejected" in r):
+        raise InputError(f"{where}: needs fields response_a/response_b/p_a or chosen/rejected")
+    if not ours:
+        prompt, chosen = _trl_side(r, "chosen", where)
+        prompt_r, rejected = _trl_side(r, "rejected", where)
+        if prompt != prompt_r:
+            raise InputError(f"{where}: fields 'chosen' and 'rejected' have different prompts")
+        rest = {k: v for k, v in r.items() if k not in ("chosen", "rejected", "prompt")}
+        return {**rest, "prompt": prompt, "response_a": chosen, "response_b": rejected, "p_a": 1.0}
+    for key in ("prompt", "response_a", "response_b"):
+        if not isinstance(r.get(key), str):
+            raise InputError(f"{where}: field {key!r} is missing or not a string")
+    p = r.get("p_a")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise InputError(f"{where}: field 'p_a' must be a number in [0, 1], got {p!r}")
+    return r
+
+
+def read_preferences(path: Path, notes: dict | None = None, log=warn) -> list[dict]:
+    """Preference pairs, for the reward model and DPO (the one reader of preference files), in the
+    internal shape of preference_record: ours (prompt, response_a, response_b and p_a, a number in
+    [0, 1], the probability that A is the better response, any other fields kept) or TRL's
+    chosen/rejected layout. The rules, the same for every caller:
+    - a last line without a newline after it that is not valid JSON is a write cut off by a crash
+      (ours: labelling appends batch by batch): it is left out, with one warning line;
+    - any other bad line is a one-line InputError naming the file and the line;
+    - a pair whose two responses are the same text carries no preference (its loss is ln 2 whatever
+      the model does): it is left out and counted, with one warning line;
+    - no pair left is an error.
+    `log` gets the warning lines (None: silent, e.g. on torchrun's other ranks); `notes`, a dict,
+    gets torn_last_line (its number, or None) and identical_dropped (the count)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: preferences file not found")
-    recs = []
-    for n, r in read_jsonl(path, torn_tail="drop", numbered=True):
-        where = f"{path}: line {n}"
-        ours = any(k in r for k in ("response_a", "response_b", "p_a"))
-        if not ours and not ("chosen" in r and "rejected" in r):
-            raise InputError(f"{where}: needs fields response_a/response_b/p_a or chosen/rejected")
-        if ours:
-            for key in ("prompt", "response_a", "response_b"):
-                if not isinstance(r.get(key), str):
-                    raise InputError(f"{where}: field {key!r} is missing or not a string")
-            p = r.get("p_a")
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-                raise InputError(f"{where}: field 'p_a' must be a number in [0, 1], got {p!r}")
-            recs.append(r)
-        else:
-            prompt, chosen = _trl_side(r, "chosen", where)
-            prompt_r, rejected = _trl_side(r, "rejected", where)
-            recs.append({"prompt": prompt or prompt_r, "response_a": chosen, "response_b": rejected, "p_a": 1.0})
+    torn, recs, identical = [], [], 0
+    for n, r in read_jsonl(path, torn_tail="drop", numbered=True, torn=torn):
+        rec = preference_record(r, f"{path}: line {n}")
+        if rec["response_a"] == rec["response_b"]:
+            identical += 1
+            continue
+        recs.append(rec)
+    if log and torn:
+        log(f"warning: {path}: line {torn[0]}: left out, a last line without a newline that is not valid JSON "
+            f"(a write cut off)")
+    if log and identical:
+        log(f"warning: {path}: left out {identical} pair(s) whose two responses are the same text")
+    if notes is not None:
+        notes.update(torn_last_line=torn[0] if torn else None, identical_dropped=identical)
     if not recs:
-        raise InputError(f"{path}: no preference pairs (the file is empty); run the feedback stage first")
+        raise InputError(f"{path}: no preference pairs (the file is empty{' or every pair is identical' if identical else ''})"
+                         f"; run the feedback stage first")
     return recs
 
 

@@ -14,8 +14,8 @@ from whichever key it looks at first, so give TRL only those two columns (e.g.
 datasets' .select_columns(["chosen", "rejected"])); the plain-text "prompt" would confuse it.
 
 Labeller accuracy (the paper's Fig. 4 number): evaluate_hhh() / `--hhh bigbench` scores the
-labeller on BIG-bench's hhh_alignment (221 items, 4 categories, read in place from the bigbench
-source archive; evaluation only), `--hhh builtin` on our 48 hand-labelled pairs, `--hhh FILE` on
+labeller on BIG-bench's hhh_alignment (221 items, 4 categories, read in place from a BIG-bench
+checkout or the bigbench source archive; evaluation only), `--hhh builtin` on our 48 hand-labelled pairs, `--hhh FILE` on
 any JSONL of {"conversation" or "prompt", "chosen" or "better", "rejected" or "worse"}; each item in
 both orders; accuracy per category and overall with Wilson 95% intervals.
 """
@@ -178,17 +178,19 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
     return {**preference_stats(path), "seconds_this_run": seconds}
 
 
-def preference_stats(path: Path) -> dict:
+def preference_stats(path: Path, recs: list[dict] | None = None) -> dict:
     """Counts over a preferences file and its .dropped file. first_order_picks_a: share of pairs
     where the labeller prefers response_a when it is shown as (A); swapped_order_picks_a: the same
-    when it is shown as (B). A labeller that always answers (A) has 1 and 0."""
-    recs = read_jsonl(path)
+    when it is shown as (B). A labeller that always answers (A) has 1 and 0. recs: the file's
+    records as files.read_preferences gives them (in the internal shape, TRL's layout included);
+    default: the file as labelling writes it."""
+    recs = read_jsonl(path, "drop") if recs is None else recs
     n = len(recs)
     full = n and all("orders_agree" in r for r in recs)  # only the ab labeller has order statistics
 
     def share(f):
         return sum(f(r) for r in recs) / n if full else None
-    return {"pairs": n, "dropped_identical": len(read_jsonl(dropped_path(path))),
+    return {"pairs": n, "dropped_identical": len(read_jsonl(dropped_path(path), "drop")),
             "order_agreement": share(lambda r: bool(r["orders_agree"])),
             "first_order_picks_a": share(lambda r: r["p_a_first_order"] > 0.5),
             "swapped_order_picks_a": share(lambda r: r["p_a_swapped_order"] > 0.5),
@@ -447,9 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "rejected|worse[, category]}")
     p.add_argument("--category", action="append", default=None,
                    help="keep only the items of this category (repeatable; BIG-bench: harmless, helpful, honest, other)")
-    p.add_argument("--bigbench", default=None, metavar="ARCHIVE",
-                   help="the bigbench-1.0.0.tar.gz source archive (default ~/.cache/minicai/; get it with "
-                        "pip download --no-deps bigbench==1.0.0 -d ~/.cache/minicai)")
+    p.add_argument("--bigbench", default=None, metavar="FOLDER|ARCHIVE",
+                   help="a checkout of github.com/google/BIG-bench or the bigbench-1.0.0.tar.gz source archive "
+                        "(default: either, in ~/.cache/minicai/; get it with git clone --depth 1 "
+                        "https://github.com/google/BIG-bench ~/.cache/minicai/BIG-bench)")
     p.add_argument("--feedback-model", "--model", dest="feedback_model", action="append", default=None,
                    help=f"feedback model, repeatable (an ensemble: soft labels averaged): a .gguf file, an HF folder, "
                         f"'{EMBEDDED_NAME}' or {', '.join(repr(k) for k in PARTED_MODELS)}; default: the pipeline's "

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ..model import ScalarHead, ScalarModel
-from .checkpoint import load_model, load_scalar_model
-from .data import Prompt, load_prompts, split
+from .checkpoint import load_model, load_scalar_model, load_tokenizer
+from .data import Prompt, check_prompt_lengths, load_prompts, split
 from .utils import InputError, atomic_write_json
 
 
@@ -40,6 +40,7 @@ def select_prompts(a, seed: int) -> list[Prompt]:
     train = train[:a.n_prompts] if a.n_prompts else train
     if not train:
         raise InputError("--prompts: no prompts left after removing the held-out ones")
+    check_prompt_lengths(train, *load_tokenizer(a.policy))  # a too-long one: its file and line, before any run
     return train
 
 

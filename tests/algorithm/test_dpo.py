@@ -104,11 +104,43 @@ def test_read_preferences_accepts_our_layout_and_trl_chosen_rejected(tmp_path):
                                    {"prompt": "q3", "response_a": "c3", "response_b": "r3", "p_a": 1.0}]
 
 
+def test_read_preferences_trl_explicit_prompt_torn_tail_and_identical_pairs(tmp_path):
+    """TRL's conversational layout with an explicit prompt ([user] beside [assistant] lists) and a
+    string prompt beside message lists; a torn last line (no newline, cut in a UTF-8 character)
+    is left out with one warning naming the line; identical pairs are left out and counted."""
+    f = tmp_path / "p.jsonl"
+    user = [{"role": "user", "content": "q1"}]
+    rows = [{"prompt": user, "chosen": [{"role": "assistant", "content": "c1"}],
+             "rejected": [{"role": "assistant", "content": "r1"}], "source": "x"},
+            {"prompt": "q2", "chosen": [{"role": "assistant", "content": "c2"}], "rejected": "r2"},
+            {"prompt": "q3", "chosen": "same", "rejected": "same"},
+            {"prompt": "q4", "response_a": "same", "response_b": "same", "p_a": 0.5}]
+    f.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode() + '{"prompt": "caf\u00e9'.encode()[:-1])
+    logged, notes = [], {}
+    got = read_preferences(f, notes, logged.append)
+    assert got == [{"source": "x", "prompt": "q1", "response_a": "c1", "response_b": "r1", "p_a": 1.0},
+                   {"prompt": "q2", "response_a": "c2", "response_b": "r2", "p_a": 1.0}]
+    assert notes == {"torn_last_line": 5, "identical_dropped": 2}
+    assert logged == [f"warning: {f}: line 5: left out, a last line without a newline that is not valid JSON "
+                      f"(a write cut off)", f"warning: {f}: left out 2 pair(s) whose two responses are the same text"]
+    # the same bad last line followed by a newline is not a torn write: an error naming it
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + '{"prompt": "q5",\n')
+    with pytest.raises(InputError, match=r"p.jsonl: line 3: not valid JSON"):
+        read_preferences(f, log=None)
+    f.write_text(json.dumps(rows[2]) + "\n")
+    with pytest.raises(InputError, match=r"no preference pairs \(the file is empty or every pair is identical\)"):
+        read_preferences(f, log=None)
+
+
 @pytest.mark.parametrize("row, msg", [
     ({"prompt": "q", "response_a": "a", "response_b": "b", "p_a": 1.5}, r"line 1: field 'p_a' must be a number"),
     ({"prompt": "q", "response_a": "a", "p_a": 0.5}, r"line 1: field 'response_b' is missing"),
     ({"prompt": "q", "text": "x"}, r"line 1: needs fields"),
-    ({"chosen": [{"role": "user", "content": "q"}], "rejected": "r"}, r"line 1: field 'chosen' must be"),
+    ({"chosen": [{"role": "user", "content": "q"}], "rejected": "r"}, r"line 1: field 'chosen' needs a user turn"),
+    ({"chosen": "c", "rejected": 3, "prompt": "q"}, r"line 1: field 'rejected' must be a string or a list"),
+    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c"}],
+      "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "r"}]},
+     r"line 1: fields 'chosen' and 'rejected' have different prompts"),
 ])
 def test_bad_preference_records_are_one_line_errors(tmp_path, row, msg):
     f = tmp_path / "bad.jsonl"

@@ -217,7 +217,7 @@ def test_hhh_check_on_bigbench_and_builtin_pairs(tiny_gguf, tmp_path, capsys):
     assert res["labeller"] == "contrast" and res["items"] == 8 and "order_agreement" not in res
     items, cats = load_hhh("builtin")
     assert len(items) == 48 and cats.count("harmless") == 32 and cats.count("helpful") == 16
-    with pytest.raises(InputError, match="pip download --no-deps bigbench==1.0.0"):
+    with pytest.raises(InputError, match="git clone --depth 1 https://github.com/google/BIG-bench"):
         load_hhh("bigbench", str(tmp_path / "missing.tar.gz"))
 
 

