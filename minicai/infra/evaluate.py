@@ -814,12 +814,16 @@ def main(argv=None) -> int:
         args.held_out_fraction, bigbench, bigbench_max_items=args.bigbench_max_items,
         max_new_tokens=args.yardstick_max_new_tokens, benign_max_new_tokens=args.benign_max_new_tokens)
     if ys is not None and not bigbench:
-        from .bigbench import BIGBENCH_INSTALL, default_archive
+        from .bigbench import BIGBENCH_CACHE, BIGBENCH_DIR, BIGBENCH_FILE, BIGBENCH_INSTALL
 
-        ys.skipped = (f"Not measured: BIG-bench TruthfulQA-MC / StrategyQA and the judge's HHH accuracy ("
-                      f"{'nothing at ' + str(default_archive()) if args.bigbench == 'auto' else 'opt in with --bigbench'}"
-                      f"; {BIGBENCH_INSTALL}).")
-        print(f"evaluate: {ys.skipped}", flush=True)
+        # one line in eval.json, eval.md and the report (which links nothing outside itself: no URL); the
+        # log line adds the command that gets it
+        ys.skipped = ("Not measured: BIG-bench TruthfulQA-MC / StrategyQA and the judge's HHH accuracy (BIG-bench "
+                      "is opt-in and evaluation only: a checkout of github.com/google/BIG-bench, then --bigbench "
+                      "FOLDER; docs/data.md).")
+        where = f"nothing at {BIGBENCH_CACHE / BIGBENCH_FILE} or {BIGBENCH_CACHE / BIGBENCH_DIR}" \
+            if args.bigbench == "auto" else "--bigbench none"
+        print(f"evaluate: {ys.skipped[:-1]}; {where}; get it with: {BIGBENCH_INSTALL}", flush=True)
     checks = {}
     for c in args.judge_check or ["builtin"] + (["bigbench"] if bigbench else []):
         if c != "none" and (not args.no_judge or args.reward_model):
