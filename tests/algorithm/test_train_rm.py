@@ -249,7 +249,7 @@ def test_train_step_accumulates_to_the_whole_batch_step(tiny_gguf, tmp_path):
 def test_bad_flags_are_one_line_errors(tiny_gguf, tmp_path):
     prefs = synthetic_preferences(tmp_path / "prefs.jsonl", 4)
     base = ["--out", str(tmp_path / "run"), "--policy", str(tiny_gguf), "--preferences", str(prefs)]
-    for extra, match in ((["--fsdp"], "--fsdp"), (["--grad-accum", "0"], "--grad-accum"), (["--k", "1"], "--k 1")):
+    for extra, match in ((["--fsdp"], "--fsdp"), (["--grad-accum", "0"], "--grad-accum"), (["--k", "1"], r"--k: 1 is not allowed \(must be >= 2\)")):
         with pytest.raises(InputError, match=match):
             train_rm_main(base + extra)
     assert not (tmp_path / "run").exists()
