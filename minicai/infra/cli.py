@@ -22,7 +22,7 @@ Field metadata (dataclasses.field(metadata=...)):
     model="lm"           a model spec, checked cheaply (no weights are read): "lm" = the embedded name,
                          a parted model's name, a .gguf file or an HF folder (checkpoint.resolve_model);
                          "reward" = a reward-model folder (train_rm.py's OUT/rm); "feedback" =
-                         MODEL[:METHOD] (labelling.member_spec) or 'policy'
+                         MODEL[:METHOD] (labelling.member_spec), MODEL also 'policy'
 parse checks every value against these (validate) before the script writes anything: a bad one
 is one line, `--batch-size: 0 is not allowed (must be >= 1)`.
 A script's Args may set a class attribute HELP = {field: text} to say what a shared field means
@@ -235,6 +235,15 @@ def check_range(flag: str, v: float, spec: str) -> None:
         raise InputError(f"{flag}: {_show(v)} is not allowed (must be {describe_range(spec)})")
 
 
+def check_ranges(ns, ranges: dict[str, str]) -> None:
+    """check_range on the argparse Namespace ns of a command without an Args dataclass (evaluate,
+    the pipeline): ranges = {dest: interval}; the flag is --dest-with-dashes."""
+    for dest, spec in ranges.items():
+        v = getattr(ns, dest)
+        if v is not None:
+            check_range("--" + dest.replace("_", "-"), v, spec)
+
+
 def _show(v) -> str:
     """A number as the user most likely typed it: 1.0 -> '1', 2e-05 -> '2e-05', nan -> 'nan'."""
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e16:
@@ -247,11 +256,11 @@ FEEDBACK_METHODS = ("ab", "contrast", "ab+contrast")
 """the ':METHOD' suffixes of a feedback-model spec (labelling.member_spec)."""
 
 
-def check_model(spec: str, kind: str = "lm", flag: str = "--model", aliases: tuple[str, ...] = ()) -> None:
+def check_model(spec: str, kind: str = "lm", flag: str = "--model", aliases: tuple[str, ...] = ("policy",)) -> None:
     """A model spec resolves, checked cheaply before anything is written (load_model reads and checks
     the weights later). kind: 'lm' (checkpoint.resolve_model's specs: the embedded name, a parted
     model's name, a .gguf file or an HF folder), 'reward' (a reward-model folder) or 'feedback'
-    (MODEL[:METHOD], MODEL an lm spec or one of `aliases`; 'policy' is always one). InputError
+    (MODEL[:METHOD], MODEL an lm spec or one of `aliases`: train_rm.py's 'policy'). InputError
     `--flag: <what is wrong>` otherwise."""
     from .checkpoint import EMBEDDED_NAME, MODEL_CACHE, PARTED_MODELS, embedded_model_path, installed_parts
 
@@ -265,7 +274,7 @@ def check_model(spec: str, kind: str = "lm", flag: str = "--model", aliases: tup
         elif sep and not Path(name).exists():
             raise InputError(f"{flag}: {spec}: no such model file or folder, and {tail!r} is not a method "
                              f"(MODEL:ab, MODEL:contrast or MODEL:ab+contrast)")
-        if name in ("policy", *aliases):
+        if name in aliases:
             return
     try:
         if name in ("", EMBEDDED_NAME):
