@@ -300,7 +300,8 @@ def _check_model_path(p: Path, kind: str) -> None:
                          f"{', '.join(repr(k) for k in PARTED_MODELS)})")
     what = "a reward-model folder (train_rm.py's OUT/rm)" if kind == "reward" else "an HF model folder"
     if p.is_dir():
-        weights = "model.safetensors.index.json" if (p / "model.safetensors.index.json").exists() else "model.safetensors"
+        index = "model.safetensors.index.json"  # sharded weights (load_hf reads the index)
+        weights = index if (p / index).exists() else "model.safetensors"
         need = ["reward_head.safetensors"] if kind == "reward" else []
         for name in need + ["config.json", weights, "tokenizer.json"]:
             if not (p / name).is_file():

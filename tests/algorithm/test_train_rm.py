@@ -140,9 +140,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_gguf, t
 def test_infinite_lr_never_overwrites_the_checkpoint(tiny_gguf, tmp_path):
     prefs = synthetic_preferences(tmp_path / "prefs.jsonl", 40)
     out = tmp_path / "run"
-    with pytest.raises(InputError, match="became"):
+    with pytest.raises(InputError, match="became"):  # 1e39: inf in float32 (--lr inf itself is refused by its range)
         train_rm_main(["--out", str(out), "--policy", str(tiny_gguf), "--preferences", str(prefs),
-                       "--batch-size", "8", "--save-every", "1", "--lr", "1e39", "--warmup", "0"])  # 1e39: inf in float32 (--lr inf is refused by its range)
+                       "--batch-size", "8", "--save-every", "1", "--lr", "1e39", "--warmup", "0"])
     assert not (out / "rm").exists()  # the first step already broke the weights: nothing was saved
 
 

@@ -186,7 +186,8 @@ def test_model_specs_that_do_not_resolve(tiny_gguf, tmp_path):
     assert model_error("foo:ab", "feedback", "--feedback-model") == \
         f"--feedback-model: foo: no such model file or folder {USE}"
     # 'policy' is train_rm.py's alias only: evaluate's --judge has none
-    assert model_error("policy", "feedback", "--judge", aliases=()) == f"--judge: policy: no such model file or folder {USE}"
+    assert model_error("policy", "feedback", "--judge", aliases=()) == \
+        f"--judge: policy: no such model file or folder {USE}"
 
 
 def test_a_parted_model_needs_its_parts_or_the_assembled_file(tmp_path, monkeypatch):
@@ -220,5 +221,6 @@ def test_parse_checks_the_model_fields_of_the_scripts(tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({}))
     assert error(["--out", str(tmp_path / "r"), "--reward-token", "x", "--reward-model", str(tmp_path / "cfg")],
-                 train_ppo.Args).endswith("not a reward-model folder (train_rm.py's OUT/rm): no reward_head.safetensors")
+                 train_ppo.Args) == \
+        f"--reward-model: {tmp_path / 'cfg'}: not a reward-model folder (train_rm.py's OUT/rm): no reward_head.safetensors"
     assert not (tmp_path / "r").exists()
