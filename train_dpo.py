@@ -70,27 +70,27 @@ class Args:
     optim: cli.OptimArgs = field(default_factory=lambda: cli.OptimArgs(lr=5e-6, warmup=0.1, batch_size=4, grad_accum=2))
     preferences: str = field(default=None, metadata={"required": True, "metavar": "FILE"})
     """preferences JSONL (train_rm.py's OUT/preferences.jsonl, or TRL chosen/rejected)"""
-    policy: str = EMBEDDED_NAME
+    policy: str = field(default=EMBEDDED_NAME, metadata={"model": "lm"})
     """starting policy (the SL-CAI model): HF folder, .gguf or 'smollm2-135m' (the embedded one)"""
-    ref: str = None
+    ref: str = field(default=None, metadata={"model": "lm"})
     """frozen reference policy (default: --policy, as in the DPO paper)"""
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), **cli.IGNORE})
     """weight dtype; auto = float32 (training keeps fp32 weights; --bf16 autocasts the compute)"""
     labels: str = field(default="soft", metadata={"choices": ("soft", "hard")})
     """soft: the expected loss under p_a (cDPO); hard: p_a > 1/2 -> 1, < 1/2 -> 0, ties dropped"""
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(default=0.0, metadata={"range": "[0, 0.5)"})
     """eps: p <- p (1 - eps) + (1 - p) eps (TRL label_smoothing, cDPO); 0 = none"""
-    pair_val_fraction: float = 0.2
+    pair_val_fraction: float = field(default=0.2, metadata=cli.SHARE)
     """share of prompts whose pairs are held out (data.split_pairs: train_rm.py's split, with its --pair-val-fraction)"""
-    max_len: int = 1024
+    max_len: int = field(default=1024, metadata=cli.AT_LEAST_1)
     """pairs with a longer sequence are skipped"""
-    beta: float = 0.1
+    beta: float = field(default=0.1, metadata=cli.POSITIVE)
     """DPO beta: strength of the implicit KL to the reference"""
-    epochs: int = 2
+    epochs: int = field(default=2, metadata=cli.AT_LEAST_1)
     """passes over the training pairs"""
-    eval_every: int = field(default=10, metadata=cli.IGNORE)
+    eval_every: int = field(default=10, metadata={**cli.IGNORE, **cli.AT_LEAST_1})
     """held-out statistics every N optimizer steps"""
-    eval_batch_size: int = field(default=8, metadata=cli.IGNORE)
+    eval_batch_size: int = field(default=8, metadata={**cli.IGNORE, **cli.AT_LEAST_1})
     """pairs per forward and process for the reference and held-out passes"""
 
 
@@ -280,13 +280,7 @@ def run_dpo(args: Args, model, tok, train: list, val: list, out: Path, resuming:
 
 def main(argv=None) -> int:
     args = cli.parse(Args, argv, description=__doc__)
-    t_start = time.time()
-    if args.optim.batch_size < 1 or args.optim.grad_accum < 1 or args.epochs < 1:
-        raise InputError("--batch-size, --grad-accum and --epochs must be at least 1")
-    if args.beta <= 0:
-        raise InputError(f"--beta must be > 0, got {args.beta}")
-    if not 0.0 <= args.label_smoothing < 0.5:
-        raise InputError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    t_start = time.time()  # every flag's range and the model specs were checked by cli.parse
     device, dtype, d = start(args.run, "float32" if args.dtype == "auto" else args.dtype)  # [dist] process group
     notes = {}  # bad input fails before anything is written
     records = read_preferences(Path(args.preferences), notes, warn if d.main else None)

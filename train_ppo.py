@@ -85,11 +85,11 @@ from minicai.sample import generate, stable_seed
 @dataclass
 class ModelArgs:
     """models and data"""
-    policy: str = EMBEDDED_NAME
+    policy: str = field(default=EMBEDDED_NAME, metadata={"model": "lm"})
     """initial policy: an SL-CAI checkpoint (HF folder), a .gguf, or the embedded model's name"""
-    ref: str | None = None
+    ref: str | None = field(default=None, metadata={"model": "lm"})
     """frozen reference for the KL penalty (default: --policy)"""
-    reward_model: str | None = None
+    reward_model: str | None = field(default=None, metadata={"model": "reward"})
     """reward model folder (train_rm.py output: an HF folder with reward_head.safetensors)"""
     reward_token: str | None = None
     """instead of a reward model, a synthetic reward for tests and teaching: +1 when the response contains
@@ -97,18 +97,18 @@ class ModelArgs:
     prompts: list[str] | None = field(default=None, metadata={"repeat": True})
     """prompt source (repeatable): .jsonl/.csv/.txt, do-not-answer, harmbench, builtin-red-team,
     builtin-helpful (default: the two builtin sets)"""
-    held_out_fraction: float = 0.2
+    held_out_fraction: float = field(default=0.2, metadata=cli.SHARE)
     """share of prompts kept for evaluation and never trained on (data.split, by hash)"""
 
 
 @dataclass
 class RolloutArgs:
     """1. rollout (--batch-size prompts = episodes per iteration, all ranks together under torchrun)"""
-    iterations: int = 20
+    iterations: int = field(default=20, metadata=cli.AT_LEAST_1)
     """PPO iterations (one batch of rollouts each)"""
-    max_new_tokens: int = 48
+    max_new_tokens: int = field(default=48, metadata=cli.AT_LEAST_1)
     """response length cap"""
-    temperature: float = 0.7
+    temperature: float = field(default=0.7, metadata=cli.POSITIVE)
     """sampling temperature; log-probs, KL and entropy use the same one (TRL, OpenAI: 0.7)"""
 
 
@@ -123,18 +123,18 @@ class ScoreArgs:
     score_truncated: str = field(default="close", metadata={"choices": ("close", "as_is")})
     """how the reward model reads a response without a stop token: close = append the end-of-turn marker
     to its input, as train_rm.py scored its training responses; as_is = read at the last generated token (TRL)"""
-    score_clip: float | None = None
+    score_clip: float | None = field(default=None, metadata=cli.POSITIVE)
     """clamp scores to [-c, c] (DeepSpeed-Chat 5, OpenRLHF 10; default: off, as TRL)"""
 
 
 @dataclass
 class KLArgs:
     """4. rewards and KL"""
-    beta: float = 0.05
+    beta: float = field(default=0.05, metadata=cli.AT_LEAST_0)
     """KL coefficient (initial value if --kl-target)"""
-    kl_target: float | None = None
+    kl_target: float | None = field(default=None, metadata=cli.POSITIVE)
     """adaptive KL controller target (OpenAI: 6 nats); default: fixed beta (TRL)"""
-    kl_horizon: int = 10000
+    kl_horizon: int = field(default=10000, metadata=cli.AT_LEAST_1)
     """adaptive KL controller horizon (episodes)"""
     kl_estimator: str = field(default="k1", metadata={"choices": ("k1", "k3")})
     """per-token KL in the reward"""
@@ -153,11 +153,11 @@ class AdvantageArgs:
     advantage: str = field(default="gae", metadata={"choices": ADVANTAGES})
     """gae: PPO with a learned value (GAE); rloo: leave-one-out baseline over k samples per prompt
     (Ahmadian et al. 2024); grpo: group mean/std normalised rewards (Shao et al. 2024)"""
-    k: int | None = None
+    k: int | None = field(default=None, metadata=cli.AT_LEAST_1)
     """samples per prompt (rloo, grpo; default 4); --batch-size / k prompts per iteration"""
-    gamma: float = 1.0
+    gamma: float = field(default=1.0, metadata={"range": "[0, 1]"})
     """discount"""
-    lam: float = 0.95
+    lam: float = field(default=0.95, metadata={"range": "[0, 1]"})
     """GAE lambda"""
     whiten_advantages: str | None = field(default=None, metadata={"choices": ("batch", "minibatch", "none")})
     """whiten advantages once per batch (TRL) or per minibatch (OpenAI); default: batch for gae, none for
@@ -169,17 +169,17 @@ class AdvantageArgs:
 @dataclass
 class UpdateArgs:
     """6. PPO update (and --lr, --max-grad-norm under optimizer)"""
-    ppo_epochs: int = 4
+    ppo_epochs: int = field(default=4, metadata=cli.AT_LEAST_1)
     """passes over each batch"""
-    num_minibatches: int = 1
+    num_minibatches: int = field(default=1, metadata=cli.AT_LEAST_1)
     """minibatches per epoch"""
     lr_anneal: bool = False
     """decay the learning rate linearly to 0"""
-    clip: float = 0.2
+    clip: float = field(default=0.2, metadata=cli.POSITIVE)
     """policy ratio clip epsilon"""
-    clip_v: float = 0.2
+    clip_v: float = field(default=0.2, metadata=cli.POSITIVE)
     """value clip epsilon"""
-    vf_coef: float = 0.1
+    vf_coef: float = field(default=0.1, metadata=cli.AT_LEAST_0)
     """weight of the value loss"""
     fused_logprobs: bool = False
     """steps 3 and 6: the response tokens' log-probs and entropies through infra.fast.linear_logprobs
@@ -201,7 +201,7 @@ class Args:
     ppo: UpdateArgs = field(default_factory=UpdateArgs)
     run: cli.RunArgs = field(default_factory=lambda: cli.RunArgs(save_every=5))
     optim: cli.OptimArgs = field(default_factory=lambda: cli.OptimArgs(lr=1e-5, warmup=0, batch_size=8))
-    sample_every: int = field(default=5, metadata=cli.IGNORE)
+    sample_every: int = field(default=5, metadata={**cli.IGNORE, **cli.AT_LEAST_1})
     """7. log: print a few samples every N iterations"""
     HELP = {"batch_size": "prompts (= episodes) per iteration, all ranks together under torchrun",
             "lr": "Adam(W) learning rate (OpenAI 1e-5; TRL 3e-6)",
@@ -375,6 +375,9 @@ def main(argv=None) -> int:
     check_config(cli.config(args), d.world)
     prompts = train_prompts(args.models.prompts, args.models.held_out_fraction)  # before the run folder
     check_prompt_lengths(prompts, *load_tokenizer(args.models.policy))  # a too-long one: its file and line
+    a = args.models  # the models too: a reward token of two tokens or another tokenizer writes no folder
+    m = load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model, device,
+                    args.ppo.fused_logprobs)
     out, B, n_it = open_run(args, Args, d), args.optim.batch_size, args.rollout.iterations
     ckpt = out / "ckpt"
     if (out / "model" / "config.json").exists() and (out / "ppo_summary.json").exists():
@@ -382,9 +385,6 @@ def main(argv=None) -> int:
             print(f"PPO already done: {out / 'model'}")
         distributed.finish(d)  # [dist]
         return 0
-    a = args.models
-    m = load_models(a.policy, a.ref, a.reward_model, a.reward_token, args.ppo.value_model, device,
-                    args.ppo.fused_logprobs)
     ddp = distributed.wrap(m.trained, d)  # [dist] DDP under torchrun; the module itself in one process
     prompt_ids = [m.tok.render([{"role": "user", "content": p.text}], add_generation_prompt=True)[0] for p in prompts]
     # summarize_from_feedback_details / OpenAI: Adam with eps 1e-5, one optimizer for policy and values;

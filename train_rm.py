@@ -65,9 +65,9 @@ from minicai.sample import pad
 @dataclass
 class LabelArgs:
     """stage 1: prompts, responses and AI feedback"""
-    policy: str = EMBEDDED_NAME
+    policy: str = field(default=EMBEDDED_NAME, metadata={"model": "lm"})
     """model that writes the responses (the SL-CAI model): .gguf, HF folder or the embedded model's name"""
-    feedback_model: list[str] | None = field(default=None, metadata={"repeat": True})
+    feedback_model: list[str] | None = field(default=None, metadata={"repeat": True, "model": "feedback"})
     """model that labels the pairs, repeatable (an ensemble: soft labels averaged, the vote share recorded): .gguf,
     HF folder, an embedded name, or 'policy' (= --policy); a ':ab' or ':contrast' suffix fixes its method;
     default: the pipeline's (infra.labelling.DEFAULT)"""
@@ -87,46 +87,46 @@ class LabelArgs:
     prompts: list[str] | None = field(default=None, metadata={"repeat": True})
     """prompt source (repeatable): a .jsonl/.csv/.txt file, do-not-answer, harmbench, builtin-red-team,
     builtin-helpful (default: the two built-in sets)"""
-    n_prompts: int = 64
+    n_prompts: int = field(default=64, metadata=cli.AT_LEAST_0)
     """prompts to use, after removing the held-out ones and shuffling by --seed; 0 = all"""
-    held_out_fraction: float = 0.2
+    held_out_fraction: float = field(default=0.2, metadata=cli.SHARE)
     """share of prompts kept for the project's evaluation, never used here (data.split)"""
     preferences: str | None = field(default=None, metadata={"metavar": "FILE"})
     """train on this preferences JSONL (prompt, response_a, response_b, p_a; or TRL chosen/rejected) and skip stage 1"""
-    k: int = 2
+    k: int = field(default=2, metadata={"range": "[2, inf)"})
     """responses per prompt (every pair of them is labelled)"""
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata=cli.POSITIVE)
     """sampling temperature of the responses"""
-    max_new_tokens: int = 64
+    max_new_tokens: int = field(default=64, metadata=cli.AT_LEAST_1)
     """length limit of a response"""
-    principles_per_pair: int = FEEDBACK_DEFAULT["principles_per_pair"]
+    principles_per_pair: int = field(default=FEEDBACK_DEFAULT["principles_per_pair"], metadata=cli.AT_LEAST_1)
     """comparison principles drawn per pair (without replacement); the labels are averaged"""
     cot: bool = False
     """chain-of-thought labels: reason first, then answer; probabilities clamped to 40-60%%"""
-    cot_max_new_tokens: int = 64
+    cot_max_new_tokens: int = field(default=64, metadata=cli.AT_LEAST_1)
     """reasoning length limit with --cot"""
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), **cli.IGNORE})
     """weights of the policy (and of feedback models that are the policy); auto = bfloat16 on CUDA, float32 on CPU"""
     feedback_dtype: str = field(default="fast", metadata={"choices": ("fast", "float32", "bfloat16")})
     """weights of the other feedback models: fast = bfloat16 on CUDA or a CPU with bf16 matrix instructions"""
-    gen_batch_size: int = field(default=8, metadata=cli.IGNORE)
+    gen_batch_size: int = field(default=8, metadata={**cli.IGNORE, **cli.AT_LEAST_1})
     """prompts sampled together (k rows each)"""
-    judge_batch_size: int = field(default=8, metadata=cli.IGNORE)
+    judge_batch_size: int = field(default=8, metadata={**cli.IGNORE, **cli.AT_LEAST_1})
     """feedback prompts per forward pass"""
 
 
 @dataclass
 class RewardArgs:
     """stage 2: reward model"""
-    rm_init: str | None = None
+    rm_init: str | None = field(default=None, metadata={"model": "lm"})
     """initial weights of the reward model's trunk; default: --policy"""
-    epochs: int = 2
+    epochs: int = field(default=2, metadata=cli.AT_LEAST_1)
     """passes over the training pairs"""
-    max_len: int = 1024
+    max_len: int = field(default=1024, metadata=cli.AT_LEAST_1)
     """pairs with a longer sequence are skipped"""
-    pair_val_fraction: float = 0.2
+    pair_val_fraction: float = field(default=0.2, metadata=cli.SHARE)
     """share of the labelled pairs' prompts held out to measure the reward model's accuracy (data.split_pairs)"""
-    score_batch_size: int = field(default=16, metadata=cli.IGNORE)
+    score_batch_size: int = field(default=16, metadata={**cli.IGNORE, **cli.AT_LEAST_1})
     """sequences per forward when evaluating/normalising"""
 
 
@@ -138,6 +138,7 @@ class Args:
     rm: RewardArgs = field(default_factory=RewardArgs)
     HELP = {"save_every": "checkpoint every N optimizer steps; 0 = at the end of each epoch",
             "batch_size": "pairs per micro-batch, all ranks together under torchrun"}
+    RANGES = {"save_every": "[0, inf)"}
 
 
 def tokenize_pairs(records: list[dict], tok, max_len: int) -> tuple[list[dict], int]:
@@ -233,6 +234,18 @@ def normalise(rm, pairs, batch_size, pad_id, device, autocast, d: distributed.Di
     return {"reward_mean_before_normalising": mean, "reward_std_before_normalising": std, "normalised_on": len(seqs)}
 
 
+def check_labelling(a: LabelArgs, principles: list) -> None:
+    """Stage 1's inputs that one flag alone cannot check (cli.parse checked each flag), before the
+    run folder is made: --principles-per-pair against the constitution, and the default feedback
+    models (infra.labelling.DEFAULT) when no --feedback-model is given."""
+    if a.labeller != "revision" and a.principles_per_pair > len(principles):
+        raise InputError(f"--principles-per-pair: {a.principles_per_pair} is not allowed (must be <= "
+                         f"{len(principles)}, the comparison principles of --constitution {a.constitution})")
+    judged = a.rescore if a.labeller in ("rlcd", "revision") else a.labeller
+    for spec in [] if a.feedback_model or not judged else FEEDBACK_DEFAULT["feedback_models"]:
+        cli.check_model(spec, "feedback", "--feedback-model")
+
+
 def main(argv=None) -> int:
     args = cli.parse(Args, argv, description=__doc__)
     t_start, run, a = time.time(), args.run, args.label
@@ -245,6 +258,7 @@ def main(argv=None) -> int:
         records = read_preferences(Path(a.preferences), notes, log)
     else:
         principles, prompts = load_constitution(a.constitution, a.comparisons).principles, select_prompts(a, run.seed)
+        check_labelling(a, principles)
     out, times = open_run(args, Args, d), {}
     t0, pref_path = time.time(), Path(a.preferences or out / "preferences.jsonl")
     if not a.preferences:  # stage 1

@@ -51,7 +51,7 @@ from minicai.infra.traces import load_done, run_slcai
 class Args:
     run: cli.RunArgs = field(default_factory=cli.RunArgs)
     optim: cli.OptimArgs = field(default_factory=lambda: cli.OptimArgs(lr=2e-5, warmup=5, batch_size=4, grad_accum=2))
-    model: str = EMBEDDED_NAME
+    model: str = field(default=EMBEDDED_NAME, metadata={"model": "lm"})
     """base model: .gguf, HF folder or 'smollm2-135m' (the embedded one)"""
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), **cli.IGNORE})
     """weight dtype; auto = float32 (training keeps fp32 weights; --bf16 autocasts the compute)"""
@@ -63,19 +63,19 @@ class Args:
     """red-team prompt source (repeatable): a .jsonl/.csv/.txt file, do-not-answer, harmbench, builtin-red-team (default)"""
     helpful: list[str] = field(default=None, metadata={"repeat": True})
     """helpfulness prompt source (repeatable; default builtin-helpful)"""
-    helpful_fraction: float = 0.25
+    helpful_fraction: float = field(default=0.25, metadata=cli.SHARE)
     """share of helpfulness prompts in the SL mix (answered once, not revised)"""
-    n_prompts: int = 32
+    n_prompts: int = field(default=32, metadata=cli.AT_LEAST_0)
     """red-team prompts to use (after the held-out split); 0 = all"""
-    held_out_fraction: float = 0.2
+    held_out_fraction: float = field(default=0.2, metadata=cli.SHARE)
     """share of prompts kept for evaluation, never trained on (split by hash)"""
-    rounds: int = 4
+    rounds: int = field(default=4, metadata=cli.AT_LEAST_1)
     """critique/revision rounds per prompt (paper: 4)"""
     format: str = field(default="chat", metadata={"choices": ("chat", "paper")})
     """chat: requests as user turns in the model's chat format; paper: raw Human/Assistant transcript"""
     few_shot: bool = False
     """put the constitution's few-shot examples in front"""
-    critic_model: str = None
+    critic_model: str = field(default=None, metadata={"model": "lm"})
     """model that writes the critiques and revisions (a distilled SL-CAI: e.g. qwen2.5-coder-1.5b); default: --model itself, as in the paper"""
     critic_dtype: str = field(default="fast", metadata={"choices": ("fast", "float32", "bfloat16")})
     """weights of --critic-model: fast = bfloat16 on CUDA or a CPU with bf16 matrix instructions"""
@@ -83,19 +83,19 @@ class Args:
     """weights of --model while it writes the traces: float32 = the weights being trained; bfloat16 = a
     bf16 copy of them (about 2x faster sampling on a CPU with bf16 matrix units, bench/bench_generate.py);
     fast = bfloat16 on CUDA or such a CPU, else float32. SFT always trains the --dtype weights"""
-    gen_batch_size: int = 8
+    gen_batch_size: int = field(default=8, metadata=cli.AT_LEAST_1)
     """prompts generated together"""
-    max_new_tokens: int = 96
+    max_new_tokens: int = field(default=96, metadata=cli.AT_LEAST_1)
     """tokens per response, critique or revision"""
-    temperature: float = 0.7
-    """sampling temperature of the generations"""
-    epochs: float = 2.0
+    temperature: float = field(default=0.7, metadata=cli.AT_LEAST_0)
+    """sampling temperature of the generations (0 = greedy)"""
+    epochs: float = field(default=2.0, metadata=cli.POSITIVE)
     """passes over the revisions"""
-    max_len: int = 512
+    max_len: int = field(default=512, metadata=cli.AT_LEAST_1)
     """truncate training sequences to this many tokens"""
-    val_fraction: float = 0.1
+    val_fraction: float = field(default=0.1, metadata=cli.SHARE)
     """share of revisions held out for the SFT loss (not the held-out prompts of --held-out-fraction)"""
-    eval_every: int = field(default=10, metadata=cli.IGNORE)
+    eval_every: int = field(default=10, metadata={**cli.IGNORE, **cli.AT_LEAST_1})
     """held-out loss every N optimizer steps"""
     fused_ce: bool = field(default=False, metadata=cli.IGNORE)
     """the SFT loss through infra/fast.FusedSFTLoss (LM head fused with the cross-entropy, no (B, T, V) logits): the same loss and gradients as the plain losses.sft_loss, less memory"""
@@ -314,19 +314,19 @@ def main(argv=None) -> int:
     device, dtype, d = start(args.run, "float32" if args.dtype == "auto" else args.dtype)  # [dist] process group
     torch.manual_seed(args.run.seed)
     t0 = time.time()
-    constitution = load_constitution(args.constitution, args.comparisons)  # bad input fails before
-    prompts = select_prompts(args)  # anything is written
-    out = open_run(args, Args, d)
+    # bad input fails before anything is written (flags and model specs: cli.parse)
+    constitution = load_constitution(args.constitution, args.comparisons)
+    prompts = select_prompts(args)
+    records = read_traces(Path(args.traces), prompts) if args.traces else None  # another run's (the SFT baseline)
     model, tok, _ = load_model(args.model, dtype=dtype, device=device)
+    out = open_run(args, Args, d)
     sft_done = (out / "model" / "config.json").exists() and (out / "sft_summary.json").exists()
     critic = None
     if args.critic_model and args.critic_model != args.model and not sft_done and not args.traces:
         critic = load_model(args.critic_model, dtype=resolve_device(args.run.device, args.critic_dtype)[1],
                             device=device)[:2]
 
-    if args.traces:  # another run's traces (the SFT baseline reads SL-CAI's)
-        records = read_traces(Path(args.traces), prompts)
-    else:
+    if records is None:
         gen_dtype = resolve_device(args.run.device, args.gen_dtype)[1]
         writer = model if gen_dtype == model.embed_tokens.weight.dtype or sft_done else \
             copy.deepcopy(model).to(gen_dtype)  # --gen-dtype: a copy; the trained weights stay as loaded

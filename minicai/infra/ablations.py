@@ -130,35 +130,35 @@ class Common:
     """flags of every ablation"""
     out: str = field(default=None, metadata={"required": True})
     """folder for <name>.experiment.json, <name>.md and the traces (<name>/); rerun to resume"""
-    model: str = EMBEDDED_NAME
+    model: str = field(default=EMBEDDED_NAME, metadata={"model": "lm"})
     """policy that answers, critiques and revises: .gguf, HF folder or 'smollm2-135m' (the embedded one)"""
-    reward_model: str = field(default=None, metadata={"required": True})
+    reward_model: str = field(default=None, metadata={"required": True, "model": "reward"})
     """reward-model folder (train_rm.py's OUT/rm) that scores the responses"""
     constitution: str = "default"
     """'default', 'hhh', or a .toml/.json file"""
     prompts: list[str] = field(default=None, metadata={"repeat": True})
     """red-team prompt source (repeatable; default builtin-red-team); only its training side is used"""
-    n_prompts: int = 16
+    n_prompts: int = field(default=16, metadata=cli.AT_LEAST_0)
     """red-team prompts (the first n of the training side of the held-out split); 0 = all"""
-    held_out_fraction: float = 0.2
+    held_out_fraction: float = field(default=0.2, metadata=cli.SHARE)
     """share of prompts kept for evaluation and never used here (data.split, as train_sl.py)"""
     format: str = field(default="chat", metadata={"choices": ("chat", "paper")})
     """chat: requests as user turns in the model's chat format; paper: raw Human/Assistant transcript"""
     few_shot: bool = False
     """put the constitution's few-shot examples in front of every transcript"""
-    max_new_tokens: int = 64
+    max_new_tokens: int = field(default=64, metadata=cli.AT_LEAST_1)
     """tokens per response, critique or revision"""
-    temperature: float = 0.7
-    """sampling temperature of every generation"""
-    batch_size: int = 16
+    temperature: float = field(default=0.7, metadata=cli.AT_LEAST_0)
+    """sampling temperature of every generation (0 = greedy)"""
+    batch_size: int = field(default=16, metadata=cli.AT_LEAST_1)
     """prompts generated together"""
-    rm_batch_size: int = 16
+    rm_batch_size: int = field(default=16, metadata=cli.AT_LEAST_1)
     """responses scored together by the reward model"""
     seed: int = 0
     """seed of the sampling and of the principle draws (each prompt's own seed derives from it)"""
     device: str = field(default="auto", metadata=cli.IGNORE)
     """cpu, cuda, cuda:N, or auto (cuda if available)"""
-    threads: int = field(default=None, metadata=cli.IGNORE)
+    threads: int = field(default=None, metadata={**cli.IGNORE, **cli.AT_LEAST_1})
     """CPU threads for torch (default: torch's choice)"""
     overwrite: bool = field(default=False, metadata=cli.NOT_CONFIG)
     """delete OUT/<name>/ if it holds traces of another configuration"""
@@ -166,25 +166,25 @@ class Common:
 
 @dataclass
 class RevisionsArgs(Common):
-    rounds: int = 4
+    rounds: int = field(default=4, metadata=cli.AT_LEAST_1)
     """critique -> revision rounds; the response after 0..rounds revisions is measured (paper: 4)"""
 
 
 @dataclass
 class CritiqueArgs(Common):
-    rounds: int = 4
+    rounds: int = field(default=4, metadata=cli.AT_LEAST_1)
     """revision rounds of each arm (critiqued and direct)"""
 
 
 @dataclass
 class PrinciplesArgs(Common):
-    counts: list[int] = field(default=None, metadata={"repeat": True})
+    counts: list[int] = field(default=None, metadata={"repeat": True, **cli.AT_LEAST_0})
     """number of principles the rounds draw from (repeatable; 0 = all; default 1, 2, 4, 0)"""
-    samples: int = 4
+    samples: int = field(default=4, metadata={"range": "[2, inf)"})
     """SL-CAI traces per prompt and count (sample j uses seed --seed + j); diversity is across them"""
-    rounds: int = 1
+    rounds: int = field(default=1, metadata=cli.AT_LEAST_1)
     """critique -> revision rounds per trace; the final revision is measured"""
-    distinct: int = 2
+    distinct: int = field(default=2, metadata=cli.AT_LEAST_1)
     """n of distinct-n, the diversity measure (word n-grams)"""
 
 
@@ -205,25 +205,9 @@ def training_prompts(args: Common) -> list[Prompt]:
 
 
 def check_args(args: Common) -> None:
-    """Bad flags as one-line errors, before any model is loaded."""
-    if args.rounds < 1:
-        raise InputError(f"--rounds must be >= 1, got {args.rounds}")
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise InputError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.batch_size < 1 or args.rm_batch_size < 1:
-        raise InputError("--batch-size and --rm-batch-size must be >= 1")
-    head = Path(args.reward_model) / "reward_head.safetensors"
-    if not head.is_file():
-        raise InputError(f"--reward-model {args.reward_model}: not a reward-model folder (no {head.name})")
-    if isinstance(args, PrinciplesArgs):
-        if args.samples < 2:
-            raise InputError(f"--samples must be >= 2 (diversity is measured across samples), got {args.samples}")
-        if args.distinct < 1:
-            raise InputError(f"--distinct must be >= 1, got {args.distinct}")
-        if any(c < 0 for c in args.counts or ()):
-            raise InputError(f"--counts must be >= 0 (0 = all), got {args.counts}")
+    """Bad flags as one-line errors, before any model is loaded: each flag's range and the model
+    specs (--reward-model: a folder with reward_head.safetensors), as cli.parse checks them."""
+    cli.validate(args)
 
 
 def gen_kwargs(args: Common) -> dict:

@@ -16,8 +16,18 @@ Field metadata (dataclasses.field(metadata=...)):
     resume="ignore"      may differ when a run folder is resumed (device, threads, how often to save)
     config=False         not part of the run's identity at all (--overwrite)
     flag="--name"        the flag's name when it is not the field's name with '-' for '_'
+    range="[1, inf)"     allowed numbers, an interval: '[' / ']' include the bound, '(' / ')' exclude it,
+                         'inf' / '-inf' for no bound; "(0, 1)" is 0 < x < 1, "[0, 1)" is 0 <= x < 1.
+                         A float field must be finite unless its range includes inf ("[0, inf]").
+    model="lm"           a model spec, checked cheaply (no weights are read): "lm" = the embedded name,
+                         a parted model's name, a .gguf file or an HF folder (checkpoint.resolve_model);
+                         "reward" = a reward-model folder (train_rm.py's OUT/rm); "feedback" =
+                         MODEL[:METHOD] (labelling.member_spec), MODEL also 'policy'
+parse checks every value against these (validate) before the script writes anything: a bad one
+is one line, `--batch-size: 0 is not allowed (must be >= 1)`.
 A script's Args may set a class attribute HELP = {field: text} to say what a shared field means
-there (PPO's --batch-size counts prompts, not sequences).
+there (PPO's --batch-size counts prompts, not sequences), and RANGES = {field: interval} to give a
+shared field another range= there (train_rm.py's --save-every 0 = at each epoch's end).
 """
 from __future__ import annotations
 
@@ -25,14 +35,27 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from .utils import InputError
 
 IGNORE = {"resume": "ignore"}
 """metadata of a field that may change between the runs of one folder."""
 NOT_CONFIG = {"config": False}
 """metadata of a field that is not recorded in config.json."""
+AT_LEAST_1 = {"range": "[1, inf)"}
+"""metadata of a count or size: 1 or more."""
+AT_LEAST_0 = {"range": "[0, inf)"}
+"""metadata of a count where 0 means 'all' or 'none', or of a float that may be 0."""
+POSITIVE = {"range": "(0, inf)"}
+"""metadata of a float that must be above 0 (a learning rate, a temperature)."""
+SHARE = {"range": "[0, 1)"}
+"""metadata of a share that may be 0 but must leave something on the other side."""
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -106,7 +129,7 @@ def build_parser(cls, description: str | None = None, prog: str | None = None) -
                 add(p.add_argument_group(title), tp, default)
                 continue
             md = f.metadata
-            flag = md.get("flag", "--" + f.name.replace("_", "-"))
+            flag = flag_name(f)
             kw = dict(dest=f.name, help=docs.get(f.name, "") + ("" if md.get("required") else
                                                                   f" (default: {default})" if default is not None and default is not False else ""))
             base = _base_type(tp)
@@ -138,9 +161,158 @@ def from_namespace(cls, ns: argparse.Namespace):
     return cls(**kw)
 
 
+def flag_name(f: dataclasses.Field) -> str:
+    """The command-line flag of a field: metadata flag=, else --name-with-dashes."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
 def parse(cls, argv=None, description: str | None = None, prog: str | None = None):
-    """argv (None = sys.argv[1:]) -> a cls instance."""
-    return from_namespace(cls, build_parser(cls, description, prog).parse_args(argv))
+    """argv (None = sys.argv[1:]) -> a cls instance, every value checked (validate)."""
+    args = from_namespace(cls, build_parser(cls, description, prog).parse_args(argv))
+    validate(args)
+    return args
+
+
+# ---------------------------------------------------------------- checks of single values
+def validate(args, ranges: dict[str, str] | None = None) -> None:
+    """Every leaf value of args (a config dataclass instance) against its field's metadata: range=
+    (and finiteness of floats), model=. The first bad one is an InputError naming the flag.
+    ranges: {field: interval} replacing a shared field's range (default: the class attribute
+    RANGES of args' class, as HELP: train_rm.py's --save-every 0 means 'each epoch')."""
+    ranges = getattr(type(args), "RANGES", {}) if ranges is None else ranges
+    hints = _hints(type(args))
+    for f in fields(args):
+        v, tp = getattr(args, f.name), hints[f.name]
+        if is_dataclass(tp):
+            validate(v, ranges)
+            continue
+        md = {**f.metadata, "range": ranges[f.name]} if f.name in ranges else f.metadata
+        for x in v if isinstance(v, list) else [v]:
+            check_value(flag_name(f), x, md, _base_type(tp))
+
+
+def check_value(flag: str, v, md: dict, tp: type = float) -> None:
+    """One value of `flag` against metadata md (range=, model=); None (not given) passes."""
+    if v is None:
+        return
+    if tp in (int, float) and not isinstance(v, bool):
+        if "range" in md:
+            check_range(flag, v, md["range"])
+        elif tp is float and not math.isfinite(v):
+            raise InputError(f"{flag}: {_show(v)} is not allowed (must be a finite number)")
+    if "model" in md:
+        check_model(v, md["model"], flag)
+
+
+def _interval(spec: str) -> tuple[str, str, str, str]:
+    """'[1, inf)' -> ('[', '1', 'inf', ')')."""
+    m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*", spec)
+    if not m:
+        raise TypeError(f"range {spec!r} is not an interval like '[1, inf)' or '(0, 1]'")
+    return m.groups()
+
+
+def in_range(v: float, spec: str) -> bool:
+    """v inside the interval spec (see the module docstring); NaN is inside none."""
+    left, lo, hi, right = _interval(spec)
+    lo_v, hi_v = float(lo), float(hi)
+    return (lo_v <= v if left == "[" else lo_v < v) and (v <= hi_v if right == "]" else v < hi_v)
+
+
+def describe_range(spec: str) -> str:
+    """'[1, inf)' -> '>= 1', '(0, inf)' -> '> 0', '(-inf, 1]' -> '<= 1', '[0, 1)' -> 'in [0, 1)'."""
+    left, lo, hi, right = _interval(spec)
+    if hi == "inf" and right == ")":
+        return (">= " if left == "[" else "> ") + lo
+    if lo == "-inf" and left == "(":
+        return ("<= " if right == "]" else "< ") + hi
+    return f"in {left}{lo}, {hi}{right}"
+
+
+def check_range(flag: str, v: float, spec: str) -> None:
+    """InputError `--flag: V is not allowed (must be ...)` unless v is in the interval spec."""
+    if not in_range(v, spec):
+        raise InputError(f"{flag}: {_show(v)} is not allowed (must be {describe_range(spec)})")
+
+
+def check_ranges(ns, ranges: dict[str, str]) -> None:
+    """check_range on the argparse Namespace ns of a command without an Args dataclass (evaluate,
+    the pipeline): ranges = {dest: interval}; the flag is --dest-with-dashes."""
+    for dest, spec in ranges.items():
+        v = getattr(ns, dest)
+        if v is not None:
+            check_range("--" + dest.replace("_", "-"), v, spec)
+
+
+def _show(v) -> str:
+    """A number as the user most likely typed it: 1.0 -> '1', 2e-05 -> '2e-05', nan -> 'nan'."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e16:
+        return str(int(v))
+    return str(v)
+
+
+# ---------------------------------------------------------------- model specs
+FEEDBACK_METHODS = ("ab", "contrast", "ab+contrast")
+"""the ':METHOD' suffixes of a feedback-model spec (labelling.member_spec)."""
+
+
+def check_model(spec: str, kind: str = "lm", flag: str = "--model", aliases: tuple[str, ...] = ("policy",)) -> None:
+    """A model spec resolves, checked cheaply before anything is written (load_model reads and checks
+    the weights later). kind: 'lm' (checkpoint.resolve_model's specs: the embedded name, a parted
+    model's name, a .gguf file or an HF folder), 'reward' (a reward-model folder) or 'feedback'
+    (MODEL[:METHOD], MODEL an lm spec or one of `aliases`: train_rm.py's 'policy'). InputError
+    `--flag: <what is wrong>` otherwise."""
+    from .checkpoint import EMBEDDED_NAME, MODEL_CACHE, PARTED_MODELS, embedded_model_path, installed_parts
+
+    if kind not in ("lm", "reward", "feedback"):
+        raise TypeError(f"model kind {kind!r}: use lm, reward or feedback")
+    name = str(spec)
+    if kind == "feedback":
+        head, sep, tail = name.rpartition(":")
+        if sep and tail in FEEDBACK_METHODS:
+            name = head
+        elif sep and not Path(name).exists():
+            raise InputError(f"{flag}: {spec}: no such model file or folder, and {tail!r} is not a method "
+                             f"(MODEL:ab, MODEL:contrast or MODEL:ab+contrast)")
+        if name in aliases:
+            return
+    try:
+        if name in ("", EMBEDDED_NAME):
+            embedded_model_path(check_sha=False)  # installed; load_model checks its sha256
+            return
+        if name in PARTED_MODELS:
+            m = PARTED_MODELS[name]
+            if not (MODEL_CACHE / m.file).is_file():  # assembled already, or assembled from its parts on first use
+                installed_parts(m)
+            return
+        _check_model_path(Path(name), kind)
+    except InputError as e:
+        raise InputError(f"{flag}: {e}") from None
+
+
+def _check_model_path(p: Path, kind: str) -> None:
+    """The files load_model / load_scalar_model open first: a GGUF's magic; an HF folder's
+    config.json, weights and tokenizer.json; a reward model's reward_head.safetensors."""
+    from .checkpoint import EMBEDDED_NAME, PARTED_MODELS
+
+    if not p.exists():
+        raise InputError(f"{p}: no such model file or folder (use a .gguf file, an HF folder, '{EMBEDDED_NAME}' or "
+                         f"{', '.join(repr(k) for k in PARTED_MODELS)})")
+    what = "a reward-model folder (train_rm.py's OUT/rm)" if kind == "reward" else "an HF model folder"
+    if p.is_dir():
+        index = "model.safetensors.index.json"  # sharded weights (load_hf reads the index)
+        weights = index if (p / index).exists() else "model.safetensors"
+        need = ["reward_head.safetensors"] if kind == "reward" else []
+        for name in need + ["config.json", weights, "tokenizer.json"]:
+            if not (p / name).is_file():
+                raise InputError(f"{p}: not {what}: no {name}")
+        return
+    if kind == "reward":
+        raise InputError(f"{p}: not {what}")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InputError(f"{p}: not a GGUF file (magic {magic!r}) and not an HF model folder")
 
 
 def config(args) -> dict:
@@ -178,13 +350,13 @@ class RunArgs:
     """seed of everything random in the run (per-row and per-prompt seeds are derived from it)"""
     device: str = field(default="auto", metadata=IGNORE)
     """cpu, cuda, cuda:N, or auto (cuda if available)"""
-    threads: int = field(default=None, metadata=IGNORE)
+    threads: int = field(default=None, metadata={**IGNORE, **AT_LEAST_1})
     """CPU threads for torch (default: torch's choice); 1 is much faster when another job holds a core"""
     bf16: bool = False
     """bf16 autocast for forward and backward (weights stay fp32)"""
     fsdp: bool = False
     """under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard) instead of DDP"""
-    save_every: int = field(default=20, metadata=IGNORE)
+    save_every: int = field(default=20, metadata={**IGNORE, **AT_LEAST_1})
     """checkpoint every N optimizer steps (and at the end)"""
     overwrite: bool = field(default=False, metadata=NOT_CONFIG)
     """start over when OUT holds a run with another configuration or changed input files: deletes only the
@@ -198,15 +370,15 @@ class RunArgs:
 @dataclass
 class OptimArgs:
     """optimizer"""
-    lr: float = 2e-5
+    lr: float = field(default=2e-5, metadata=POSITIVE)
     """peak learning rate"""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=AT_LEAST_0)
     """AdamW weight decay"""
-    warmup: float = 5
+    warmup: float = field(default=5, metadata=AT_LEAST_0)
     """linear warmup before the cosine decay: a share of all steps if below 1, else a number of steps"""
-    batch_size: int = 4
+    batch_size: int = field(default=4, metadata=AT_LEAST_1)
     """sequences (or pairs) per micro-batch, all ranks together under torchrun"""
-    grad_accum: int = 1
+    grad_accum: int = field(default=1, metadata=AT_LEAST_1)
     """micro-batches per optimizer step"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(default=1.0, metadata=POSITIVE)
     """clip the global gradient norm to this"""

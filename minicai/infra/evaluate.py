@@ -751,6 +751,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RANGES = {"principles_per_pair": "[1, inf)", "held_out_fraction": "(0, 1)", "n_red_team": "[0, inf)",
+          "n_helpful": "[0, inf)", "temperature": "[0, inf)", "max_new_tokens": "[1, inf)", "batch_size": "[1, inf)",
+          "judge_batch_size": "[1, inf)", "n_harmful": "[0, inf)", "n_benign": "[0, inf)",
+          "yardstick_max_new_tokens": "[1, inf)", "benign_max_new_tokens": "[1, inf)", "bigbench_max_items": "[0, inf)"}
+"""The allowed values of the numeric flags (cli.check_ranges)."""
+
+
+def check_args(args, policies: dict[str, str]) -> None:
+    """Every flag and model spec, before any prompt is read or any policy generates: the numeric
+    ranges, each --policies entry (a model), each --judge (a model, :METHOD allowed), --reward-model
+    (a reward-model folder). A typo in the last policy costs nothing."""
+    from . import cli
+    from .checkpoint import EMBEDDED_NAME
+
+    cli.check_ranges(args, RANGES)
+    for name, spec in policies.items():
+        cli.check_model(spec, "lm", f"--policies {name}")
+    for spec in [] if args.no_judge else args.judge or [EMBEDDED_NAME]:
+        cli.check_model(spec, "feedback", "--judge", aliases=())
+    if args.reward_model is not None:
+        cli.check_model(args.reward_model, "reward", "--reward-model")
+
+
 def print_tax(path: Path) -> int:
     """--tax PATH: the tax report of an eval.json, or of every eval*/eval.json under a run folder."""
     if path.is_dir():
@@ -797,6 +820,7 @@ def main(argv=None) -> int:
     if not args.policies or not args.out:
         raise InputError("--policies and --out are required (unless --tax)")
     policies = parse_policies(args.policies)
+    check_args(args, policies)
     comparisons = None if args.no_judge else load_constitution(args.constitution, args.comparisons).principles
     prompts = held_out_prompts(args.red_team or ["builtin-red-team"], args.helpful or ["builtin-helpful"],
                                args.held_out_fraction, args.n_red_team, args.n_helpful)

@@ -311,8 +311,49 @@ def write_self_improve(out: Path, rounds: list[dict], args, seconds: float) -> N
                      rounds=rounds)
 
 
+RANGES = {"sl_prompts": "[0, inf)", "sl_rounds": "[1, inf)", "sl_epochs": "(0, inf)", "rm_prompts": "[0, inf)",
+          "rm_k": "[2, inf)", "pair_val_fraction": "[0, 1)", "ppo_iterations": "[1, inf)", "ppo_batch": "[1, inf)",
+          "max_new_tokens": "[1, inf)", "eval_red_team": "[0, inf)", "eval_helpful": "[0, inf)",
+          "eval_harmful": "[0, inf)", "eval_benign": "[0, inf)", "self_improve": "[0, inf)", "stop_drop": "[0, inf)"}
+"""The allowed values of the numeric flags (cli.check_ranges), as the stages they are passed to allow them."""
+
+
+def check_inputs(args) -> None:
+    """Every stage's inputs, before the first stage runs and before OUT is made, so that a typo
+    costs neither a folder nor the stages before the one that reads it: the numeric ranges, the
+    device, the constitution (and the principles drawn per pair from it), every model spec
+    (--model, each --feedback-model, --critic-model, --eval-judge; cli.check_model, no weights
+    read) and an explicit --bigbench archive ('auto' with nothing there: the evaluation says what it
+    skipped)."""
+    from . import cli
+    from .bigbench import find_archive
+    from .constitution_files import load_constitution
+    from .utils import first_line, resolve_device
+
+    cli.check_ranges(args, RANGES)
+    try:
+        resolve_device(args.device, "float32")
+    except RuntimeError as e:  # torch.device('cdua')
+        raise InputError(f"--device {args.device}: {first_line(e)}") from None
+    principles = load_constitution(args.constitution).principles
+    m = FEEDBACK_DEFAULT["principles_per_pair"]  # what train_rm.py draws per pair (the pipeline passes its default)
+    if args.labeller != "revision" and len(principles) < m:
+        raise InputError(f"--constitution {args.constitution}: {len(principles)} comparison principle(s), but the "
+                         f"feedback stage draws {m} per pair (train_rm.py --principles-per-pair)")
+    cli.check_model(args.model, "lm", "--model")
+    for spec in args.feedback_model or FEEDBACK_DEFAULT["feedback_models"]:
+        cli.check_model(spec, "feedback", "--feedback-model", aliases=("base",))
+    if args.critic_model not in ("base", "feedback"):
+        cli.check_model(args.critic_model, "lm", "--critic-model")
+    if args.eval_judge not in ("none", "feedback", "base"):
+        cli.check_model(args.eval_judge, "feedback", "--eval-judge", aliases=())
+    if args.bigbench not in ("auto", "none"):
+        find_archive(args.bigbench)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_inputs(args)  # before OUT exists: a refused command leaves nothing behind
     out = Path(args.out).resolve()  # stages run with the repository as their working folder
     if Path(args.model).exists():
         args.model = str(Path(args.model).resolve())

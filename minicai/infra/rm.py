@@ -17,12 +17,9 @@ from .utils import InputError, atomic_write_json
 
 
 def check_args(args) -> None:
-    """One-line errors for flags that cannot work together (args: train_rm.Args)."""
-    a, o = args.label, args.optim
-    if a.k < 2:
-        raise InputError(f"--k {a.k}: need at least 2 responses per prompt")
-    if o.batch_size < 1 or o.grad_accum < 1 or args.rm.epochs < 1 or o.warmup < 0:
-        raise InputError("--batch-size, --grad-accum and --epochs must be at least 1, --warmup at least 0")
+    """One-line errors for flags that cannot work together (args: train_rm.Args; each flag's own
+    range is checked by cli.parse)."""
+    a = args.label
     if args.run.fsdp:
         raise InputError("--fsdp: train_rm.py trains the reward model with DDP only")
     if not a.preferences and a.labeller == "revision" and not a.sl_traces:

@@ -413,7 +413,7 @@ def test_reference_with_another_shape_is_refused(tmp_path, tiny_gguf):
     (("--fsdp",), "--fsdp: train_ppo.py has DDP only"),  # shared flags PPO cannot honour: refused
     (("--grad-accum", "2"), "--grad-accum: .*--num-minibatches"),
     (("--warmup", "3"), "--warmup: .*--lr-anneal"),
-    (("--save-every", "0"), "--save-every must be at least 1"),
+    (("--save-every", "0"), r"--save-every: 0 is not allowed \(must be >= 1\)"),
     (("--advantage", "rloo", "--value-model", "shared"), "trains no value function"),
     (("--value-model", "none"), "GAE needs a value function"),
     (("--advantage", "grpo", "--k", "1"), "--k must be at least 2"),

@@ -86,8 +86,8 @@ def test_principles(tiny_gguf, tiny_rm, tmp_path):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--rounds", "0"], "--rounds must be >= 1"),
-    (["--n-prompts", "-1"], "--n-prompts must be >= 0"),
+    (["--rounds", "0"], "--rounds: 0 is not allowed (must be >= 1)"),
+    (["--n-prompts", "-1"], "--n-prompts: -1 is not allowed (must be >= 0)"),
     (["--constitution", "nope.toml"], "nope.toml"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(tiny_gguf, tiny_rm, tmp_path, capsys, extra, match):
@@ -105,9 +105,9 @@ def test_more_bad_inputs(tiny_gguf, tiny_rm, tmp_path, capsys):
     assert run_cli(main, args("principles", tiny_gguf, tmp_path, out)) == 2  # not a reward-model folder
     assert "no reward_head.safetensors" in capsys.readouterr().err
     assert run_cli(main, args("principles", tiny_gguf, tiny_rm, out, "--samples", "1")) == 2
-    assert "--samples must be >= 2" in capsys.readouterr().err
+    assert "--samples: 1 is not allowed (must be >= 2)" in capsys.readouterr().err
     assert run_cli(main, args("principles", tiny_gguf, tiny_rm, out, "--counts", "-2")) == 2
-    assert "--counts must be >= 0" in capsys.readouterr().err
+    assert "--counts: -2 is not allowed (must be >= 0)" in capsys.readouterr().err
     assert not out.exists()
     # a folder made by another configuration is refused, naming the field
     assert run_cli(main, args("revisions", tiny_gguf, tiny_rm, out, "--rounds", "1")) == 0

@@ -421,7 +421,7 @@ def _(env):
 
 @case("inf-lr-sft")
 def _(env):
-    return Run(train_sl.main, env.sl("--epochs", "4", "--lr", "inf"), after=lambda: _finite_weights(env.out / "ckpt"))
+    return Run(train_sl.main, env.sl("--epochs", "4", "--lr", "1e39"), after=lambda: _finite_weights(env.out / "ckpt"))
 
 
 def _finite_weights(folder: Path):
@@ -439,7 +439,7 @@ def _(env):
 
 @case("inf-lr-rm")
 def _(env):
-    return Run(train_rm.main, env.rm("--lr", "inf", "--warmup", "0"), after=lambda: _absent(env.out / "rm"))
+    return Run(train_rm.main, env.rm("--lr", "1e39", "--warmup", "0"), after=lambda: _absent(env.out / "rm"))
 
 
 @case("nan-loss-dpo")
@@ -450,7 +450,7 @@ def _(env):
 
 @case("inf-lr-dpo")
 def _(env):
-    return Run(train_dpo.main, env.dpo("--lr", "inf", "--warmup", "0"), after=lambda: _absent(env.out / "ckpt"))
+    return Run(train_dpo.main, env.dpo("--lr", "1e39", "--warmup", "0"), after=lambda: _absent(env.out / "ckpt"))
 
 
 @case("nan-label-preferences")
@@ -1011,6 +1011,110 @@ def _(env):
     path = _long_prompts(env)
     return Run(evaluate.main, _evaluate_argv(env, "--red-team", str(path), "--held-out-fraction", "1",
                                              "--bigbench", "none", "--no-yardstick"), protect=[path, env.out])
+
+
+# ---------------------------------------------------------------- fresh-machine issue: flags and models checked before writing
+# Every flag's range and every model spec is checked by cli.parse (train_*.py), evaluate.check_args or
+# pipeline.check_inputs before a run folder exists: protect=[env.out] checks that none was created,
+# and the evaluation and the pipeline must not generate or launch anything (_forbid).
+
+def _forbid(module, name: str):
+    """patch: module.name (what generates or launches) fails the test if it is called."""
+    def boom(*a, **kw):
+        raise AssertionError(f"{module.__name__}.{name} was called before the bad input was refused")
+    return lambda mp: mp.setattr(module, name, boom)
+
+
+def _sl_flag(flag: str, value: str):
+    return lambda env: Run(train_sl.main, env.sl(flag, value), protect=[env.out])
+
+
+for _cid, _flag, _value in (("batch-size-0", "--batch-size", "0"), ("grad-accum-0", "--grad-accum", "0"),
+                            ("gen-batch-size-0", "--gen-batch-size", "0"), ("lr-nan", "--lr", "nan"),
+                            ("max-len-0", "--max-len", "0"), ("n-prompts-negative", "--n-prompts", "-1"),
+                            ("temperature-negative", "--temperature", "-1"), ("val-fraction-1", "--val-fraction", "1")):
+    case(f"flag-sl-{_cid}")(_sl_flag(_flag, _value))
+
+
+@case("flag-sl-model-missing")
+def _(env):
+    return Run(train_sl.main, env.sl("--model", str(env.tmp / "nope.gguf")), protect=[env.out])
+
+
+@case("flag-dpo-policy-not-a-model")
+def _(env):
+    notes = env.write("notes.txt", "not a model")
+    return Run(train_dpo.main, env.dpo("--policy", str(notes)), protect=[notes, env.out])
+
+
+@case("flag-ppo-reward-model-not-a-reward-model")
+def _(env):
+    import train_ppo
+
+    hf = env.hf()  # a policy folder: no reward head
+    argv = ["--out", str(env.out), "--policy", str(env.gguf), "--reward-model", str(hf), "--iterations", "1",
+            "--batch-size", "4", "--device", "cpu"]
+    return Run(train_ppo.main, argv, protect=[hf, env.out])
+
+
+@case("flag-rm-feedback-model-method")
+def _(env):
+    argv = ["--out", str(env.out), "--policy", str(env.gguf), "--feedback-model", "foo:bar", "--constitution", "hhh",
+            "--n-prompts", "2", "--device", "cpu"]
+    return Run(train_rm.main, argv, protect=[env.out])
+
+
+@case("flag-rm-principles-per-pair")
+def _(env):
+    argv = ["--out", str(env.out), "--policy", str(env.gguf), "--feedback-model", "policy", "--constitution", "hhh",
+            "--principles-per-pair", "5", "--n-prompts", "2", "--device", "cpu"]
+    return Run(train_rm.main, argv, protect=[env.out])
+
+
+@case("flag-eval-later-policy-typo")
+def _(env):
+    from minicai.infra import evaluate
+
+    argv = _evaluate_argv(env)
+    argv[argv.index("--policies") + 1:argv.index("--policies") + 2] = [f"base={env.gguf}", f"sl={env.tmp / 'sl'}"]
+    return Run(evaluate.main, argv, protect=[env.out], patch=_forbid(evaluate, "generate_responses"))
+
+
+@case("flag-eval-judge-typo")
+def _(env):
+    from minicai.infra import evaluate
+
+    argv = ["--policies", f"base={env.gguf}", f"again={env.gguf}", "--out", str(env.out), "--judge",
+            str(env.tmp / "judge.gguf"), "--device", "cpu"]
+    return Run(evaluate.main, argv, protect=[env.out], patch=_forbid(evaluate, "generate_responses"))
+
+
+def _pipeline_argv(env: Env, *extra: str) -> list[str]:
+    return ["--out", str(env.out), "--model", str(env.gguf), "--feedback-model", "base", "--device", "cpu", *extra]
+
+
+@case("flag-pipeline-bigbench-missing")
+def _(env):
+    from minicai.infra import pipeline
+
+    return Run(pipeline.main, _pipeline_argv(env, "--bigbench", str(env.tmp / "nope.tar.gz")), protect=[env.out],
+               patch=_forbid(pipeline, "run_stage"))
+
+
+@case("flag-pipeline-feedback-model")
+def _(env):
+    from minicai.infra import pipeline
+
+    return Run(pipeline.main, _pipeline_argv(env, "--feedback-model", "foo:bar"), protect=[env.out],
+               patch=_forbid(pipeline, "run_stage"))
+
+
+@case("flag-pipeline-range")
+def _(env):
+    from minicai.infra import pipeline
+
+    return Run(pipeline.main, _pipeline_argv(env, "--ppo-batch", "0"), protect=[env.out],
+               patch=_forbid(pipeline, "run_stage"))
 
 
 # ---------------------------------------------------------------- the table in the doc
