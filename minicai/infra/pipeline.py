@@ -351,10 +351,23 @@ def check_inputs(args) -> None:
         find_archive(args.bigbench)
 
 
+def bigbench_skipped(spec: str) -> str | None:
+    """The one line a run without BIG-bench prints and keeps in pipeline.json (the evaluation stage
+    writes the same into eval.md and the report): what is left out and how to add it."""
+    from .bigbench import BIGBENCH_INSTALL
+    from .evaluate import resolve_bigbench
+
+    if spec != "none" and resolve_bigbench(spec):
+        return None
+    return (f"BIG-bench not used (opt-in, evaluation only): TruthfulQA-MC / StrategyQA and the labeller's HHH "
+            f"accuracy are left out; the labeller is measured on the built-in hand-labelled pairs. To add it: "
+            f"{BIGBENCH_INSTALL}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_inputs(args)  # before OUT exists: a refused command leaves nothing behind
-    out = Path(args.out).resolve()  # stages run with the repository as their working folder
+    out = Path(args.out).resolve()  # stages get absolute paths: they may run from any folder
     if Path(args.model).exists():
         args.model = str(Path(args.model).resolve())
     fb = args.feedback_model or FEEDBACK_DEFAULT["feedback_models"]
@@ -369,6 +382,9 @@ def main(argv=None) -> int:
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     log["config"] = vars(args)
     log["overwrite"], log["rerun"] = args.overwrite, False  # run_stage's state, never written to pipeline.json
+    log["skipped"] = bigbench_skipped(args.bigbench)
+    if log["skipped"]:
+        print(f"[pipeline] {log['skipped']}", flush=True)
     t0 = time.time()
     sl, rm, ppo = rl_round(args, out, args.model, "", log, args.dry_run)
     policies = {"base": args.model, **({"sft": str(out / "baseline" / "model")} if args.baseline == "sft" else {}),

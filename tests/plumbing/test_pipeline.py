@@ -143,3 +143,19 @@ def test_a_finished_stage_with_changed_flags_is_refused_or_run_again(tmp_path, c
     log = {**json.loads((moved / "pipeline.json").read_text()), "overwrite": False, "rerun": False}
     (moved / "a.done").write_text("kept")
     assert stage("a", 2, log, moved) == "kept"  # the same run, moved
+
+
+def test_a_run_without_bigbench_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """BIG-bench is opt-in: a default run (and 'auto' with nothing in the cache) prints and logs one line
+    naming what is left out and the command that adds it; the dry run shows it before any stage."""
+    from minicai.infra import bigbench
+    from minicai.infra.pipeline import bigbench_skipped
+
+    monkeypatch.setattr(bigbench, "BIGBENCH_CACHE", tmp_path / "empty-cache")
+    line = bigbench_skipped("none")
+    assert line == bigbench_skipped("auto")
+    assert line.startswith("BIG-bench not used (opt-in, evaluation only): TruthfulQA-MC / StrategyQA")
+    assert line.endswith("To add it: " + bigbench.BIGBENCH_INSTALL) and "git clone" in line
+    assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"[pipeline] {line}"
