@@ -713,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--helpful", action="append", default=None,
                    help="helpfulness prompt source (repeatable; default builtin-helpful); its held-out side is used")
     p.add_argument("--held-out-fraction", type=float, default=0.2,
-                   help="must match the training scripts' --held-out-fraction (data.split)")
+                   help="must match the training scripts' --held-out-fraction (data.split); 1 = every prompt, for "
+                        "a prompt file used only for evaluation (default: 0.2)")
     p.add_argument("--n-red-team", type=int, default=0, help="use the first N held-out red-team prompts (0 = all)")
     p.add_argument("--n-helpful", type=int, default=0, help="use the first N held-out helpfulness prompts (0 = all)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples with per-prompt seeds")
@@ -751,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RANGES = {"principles_per_pair": "[1, inf)", "held_out_fraction": "(0, 1)", "n_red_team": "[0, inf)",
+RANGES = {"principles_per_pair": "[1, inf)", "held_out_fraction": "(0, 1]", "n_red_team": "[0, inf)",
           "n_helpful": "[0, inf)", "temperature": "[0, inf)", "max_new_tokens": "[1, inf)", "batch_size": "[1, inf)",
           "judge_batch_size": "[1, inf)", "n_harmful": "[0, inf)", "n_benign": "[0, inf)",
           "yardstick_max_new_tokens": "[1, inf)", "benign_max_new_tokens": "[1, inf)", "bigbench_max_items": "[0, inf)"}
