@@ -19,7 +19,7 @@ from pathlib import Path
 from . import EXERCISES, PARTS
 from .blank import MANIFEST, make_copy, markers
 
-HOME = Path(__file__).resolve().parents[2]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 """The folder holding the minicai package: the checkout, or an installed wheel's site-packages."""
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--out", required=True, help="folder of the student copy (outside this repository)")
     mk.add_argument("--only", nargs="+", metavar="NAME",
                     help="blank only these exercises (short names from `list`); default: all")
-    mk.add_argument("--source", default=str(HOME),
+    mk.add_argument("--source", default=str(SOURCE_ROOT),
                     help="the repository to copy (default: the checkout this package lives in, or the "
                          "installed package's own files)")
     mk.add_argument("--overwrite", action="store_true",
@@ -53,7 +53,7 @@ def check(root: Path) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "list":
-        marked = set(markers(HOME))
+        marked = set(markers(SOURCE_ROOT))
         part = None
         for i, e in enumerate(EXERCISES, 1):
             if e.part != part:
@@ -64,10 +64,10 @@ def main(argv=None) -> int:
                   f"      {e.source}\n      pytest {e.test} -k {e.name}")
         return 0
     if args.command == "check":
-        problems = check(HOME)
+        problems = check(SOURCE_ROOT)
         for line in problems:
             print(line, file=sys.stderr)
-        print(f"{len(EXERCISES)} exercises, {len(markers(HOME))} markers" + ("" if not problems else ": MISMATCH"))
+        print(f"{len(EXERCISES)} exercises, {len(markers(SOURCE_ROOT))} markers" + ("" if not problems else ": MISMATCH"))
         return 1 if problems else 0
     blanked = make_copy(Path(args.source), Path(args.out), args.only, args.overwrite)
     print(f"wrote a student copy to {args.out} with {len(blanked)} blank exercise(s) "

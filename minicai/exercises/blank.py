@@ -14,6 +14,7 @@ inside the blanked bodies, and filling them back in (`fill_source`) gives the or
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 import os
@@ -24,13 +25,14 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..infra.utils import InputError, atomic_write_json
+from ..infra.utils import InputError, atomic_write_json, follow_umask
 from . import EXERCISES, Exercise, find
 
 MARKER = "# exercise"
 MANIFEST = ".student-copy.json"
-"""Written at the root of a student copy: which exercises are blank (tests/exercises reads it) and every
-path minicai wrote there (what `make --overwrite` may delete)."""
+"""Written at the root of a student copy: which exercises are blank (tests/exercises reads it), every
+path minicai wrote there and each file's sha256 (`make --overwrite` deletes the copy only while it holds
+those paths alone, unchanged)."""
 CACHES = ("__pycache__", ".pytest_cache", ".hypothesis")
 """Written by Python and pytest running a copy, not by its owner: `make --overwrite` may delete them."""
 COPY_IGNORE = (".git", ".venv", *CACHES, "*.egg-info", "runs", "build", ".whl", MANIFEST)
@@ -278,6 +280,17 @@ def check_out(src: Path, out: Path, overwrite: bool) -> None:
         raise InputError(f"--out {out}: holds {foreign[0]}" + (f" and {len(foreign) - 1} more path(s)" if len(foreign) > 1
                          else "") + " that minicai did not write; --overwrite replaces only a student copy holding "
                          "nothing else: move them or choose another folder")
+    digests = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("sha256") or {}
+    edited = [rel for rel, want in sorted(digests.items()) if (out / rel).is_file() and file_sha256(out / rel) != want]
+    if edited:
+        raise InputError(f"--out {out}: {edited[0]}" + (f" and {len(edited) - 1} more file(s)" if len(edited) > 1 else "")
+                         + " changed since make wrote it (a student's work?); --overwrite replaces only an unchanged "
+                         "student copy: move the copy or choose another folder")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (MANIFEST records one per file written)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def make_copy(src: Path, out: Path, only: list[str] | None = None, overwrite: bool = False) -> list[dict]:
@@ -296,6 +309,7 @@ def make_copy(src: Path, out: Path, only: list[str] | None = None, overwrite: bo
         raise InputError(f"{src}: nothing to blank: no '{MARKER}' marker in minicai/*.py")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    follow_umask(tmp, folder=True)  # the copy is the student's folder: mkdir's mode, not mkdtemp's 0700
     try:
         copy_source(src, tmp)
         blanked = []
@@ -311,7 +325,9 @@ def make_copy(src: Path, out: Path, only: list[str] | None = None, overwrite: bo
                 ex = next((e for e in EXERCISES if e.file == rel and e.qualname == q), None)
                 blanked.append({"name": ex.name if ex else q, "file": rel, "function": q,
                                 "test": ex.test if ex else None})
-        atomic_write_json(tmp / MANIFEST, {"source": str(src), "blank": blanked, "files": entries(tmp)})
+        files = entries(tmp)
+        atomic_write_json(tmp / MANIFEST, {"source": str(src), "blank": blanked, "files": files,
+                                           "sha256": {f: file_sha256(tmp / f) for f in files if (tmp / f).is_file()}})
         if out.exists():
             check_out(src, out, overwrite)  # again, just before deleting: the copy took a while
             shutil.rmtree(out)

@@ -58,6 +58,8 @@ def find_archive(path: str | Path | None = None) -> Path:
     p = Path(path).expanduser() if path else default_archive()
     if not p.exists():
         raise InputError(f"{p}: no BIG-bench checkout or archive here; get it with: {BIGBENCH_INSTALL}")
+    if p.is_dir() and not (p / TASKS).is_dir():  # checked before a pipeline runs, not at its evaluation
+        raise InputError(f"{p}: not a BIG-bench checkout (no {TASKS}); get it with: {BIGBENCH_INSTALL}")
     return p
 
 

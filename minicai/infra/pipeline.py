@@ -47,7 +47,7 @@ from .labelling import DEFAULT as FEEDBACK_DEFAULT
 from .labelling import member_spec
 from .utils import InputError, atomic_write_json
 
-HOME = Path(__file__).resolve().parents[2]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 """The folder that holds the minicai package and the train_*.py modules: the checkout, or site-packages."""
 
 
@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto, passed to every stage")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
     p.add_argument("--overwrite", action="store_true",
-                   help="run again every finished stage whose flags changed (and every stage after it), passing "
-                        "--overwrite to its script, which deletes only the files minicai wrote in its folder; "
-                        "without it such a stage is refused (default: off)")
+                   help="run again every finished stage whose flags or inputs changed (so every stage after one "
+                        "that ran again), passing --overwrite to its script, which deletes only the files minicai "
+                        "wrote in its folder; without it such a stage is refused (default: off)")
     return p
 
 
@@ -143,52 +143,82 @@ def precision_flags(choice: str) -> dict[str, list[str]]:
 
 
 def stage_env() -> dict[str, str]:
-    """The environment of a stage: this one, with HOME first on PYTHONPATH unless it is a site-packages
+    """The environment of a stage: this one, with SOURCE_ROOT first on PYTHONPATH unless it is a site-packages
     folder (a wheel, found anyway), so that `python -m train_sl` runs the same code as this process
     from any working folder (a checkout run from elsewhere, or an editable install of another one)."""
-    if HOME in {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}:
+    if SOURCE_ROOT in {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}:
         return dict(os.environ)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HOME), os.environ.get("PYTHONPATH")]))}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def stage_key(cmd: list[str], out: Path) -> dict:
+    """What makes a stage's result this run's: its command, with the run folder written OUT (a moved
+    run is the same run) and without --device (the scripts resume on another device), and the identity
+    of every input path it names (train.input_digests: a file's sha256, a model folder's file_stamp),
+    its own --out aside. A stage after one that ran again sees a retrained model: another key."""
+    from .train import input_digests
+
+    words, inputs = [], {}
+    for i, w in enumerate(cmd):
+        if i and cmd[i - 1] == "--device" or w == "--device":
+            continue
+        words.append(w.replace(str(out), "OUT"))
+        path = w.split("=", 1)[-1]  # evaluate's NAME=PATH policies
+        if i and cmd[i - 1] != "--out" and not w.startswith("-") and Path(path).exists():
+            inputs.update({path.replace(str(out), "OUT"): d for d in input_digests({"x": path}).values()})
+    return {"command": " ".join(words), "inputs": inputs}
 
 
 def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: bool) -> None:
     """Run one stage (cmd: `python`'s arguments, e.g. ["-m", "train_sl", ...]) unless its `done` file
-    exists and OUT/pipeline.json records that it ran with the same command; record its wall time and
-    command there. A finished stage whose flags changed, and every stage after one that ran again, is
-    stale: refused with the first differing flag, or with --overwrite (log["overwrite"]) rerun with
-    --overwrite, which deletes only the files that stage wrote (train.clear_own_outputs)."""
-    shown = " ".join(cmd)
-    key = shown.replace(str(out), "OUT")  # a moved run folder is the same run
+    exists and OUT/pipeline.json records that it ran with the same stage_key; record its wall time,
+    command and key there. A finished stage whose flags or inputs changed (an earlier stage ran again)
+    is refused with the first difference, or with --overwrite (log["overwrite"]) run again, train_*.py
+    stages with their own --overwrite, which deletes only the files that stage wrote."""
+    key = stage_key(cmd, out)
     before = (log.get("stages", {}).get(name) or {}).get("key")
-    stale = log.get("rerun", False) or (before is not None and before != key)
     was_done = done.exists()
-    if was_done and not stale:
+    if was_done and before in (None, key):  # None: a run folder from before keys were recorded
         print(f"[{name}] done already ({done}); skipping")
         return
     if was_done and not log.get("overwrite"):
-        why = (f"its flags changed ({first_difference(before, key)})" if before not in (None, key)
-               else "an earlier stage ran again")
-        raise InputError(f"{out / 'pipeline.json'}: stage '{name}' finished with other inputs: {why}; use another "
+        raise InputError(f"{out / 'pipeline.json'}: stage '{name}' finished with other inputs: "
+                         f"{key_difference(before, key)}; use another "
                          f"--out, or pass --overwrite to run it again (only the files minicai wrote are deleted)")
-    if log.get("overwrite") and cmd[1].startswith("train_"):
-        cmd = [*cmd, "--overwrite"]  # a train_*.py stage whose folder holds another run starts over
+    shown = " ".join(cmd)
+    if was_done and cmd[1].startswith("train_"):
+        cmd = [*cmd, "--overwrite"]  # its folder holds a run with other inputs: that script starts it over
     print(f"[{name}] $ python {' '.join(cmd)}", flush=True)
     if dry:
         return
     t = time.time()
-    r = subprocess.run([sys.executable, *cmd], env=stage_env())
-    if r.returncode != 0:
-        raise InputError(f"stage '{name}' failed (exit {r.returncode}); fix the error above and rerun the same "
+    proc = subprocess.Popen([sys.executable, *cmd], env=stage_env())
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the stage got the Ctrl-C too: let it finish its line and its writes
+        proc.wait()
+        raise SystemExit(130) from None  # the stage said "interrupted; rerun ..."; no second line
+    if code != 0:
+        raise InputError(f"stage '{name}' failed (exit {code}); fix the error above and rerun the same "
                          f"command to resume")
-    log["rerun"] = log.get("rerun", False) or was_done  # every stage after one that ran again is stale too
     log.setdefault("stages", {})[name] = {"seconds": round(time.time() - t, 1), "command": "python " + shown,
                                           "key": key}
     write_log(out, log)
 
 
 def write_log(out: Path, log: dict) -> None:
-    """OUT/pipeline.json: the stage log, without this invocation's own state (rerun, overwrite)."""
-    atomic_write_json(out / "pipeline.json", {k: v for k, v in log.items() if k not in ("rerun", "overwrite")})
+    """OUT/pipeline.json: the stage log, without this invocation's --overwrite."""
+    atomic_write_json(out / "pipeline.json", {k: v for k, v in log.items() if k != "overwrite"})
+
+
+def key_difference(before: dict, now: dict) -> str:
+    """What differs between two stage keys, in words: the first changed flag, else the first input
+    that is another file or folder now."""
+    if before.get("command") != now["command"]:
+        return f"its flags changed ({first_difference(str(before.get('command')), now['command'])})"
+    changed = [k for k in sorted(set(before.get("inputs", {})) | set(now["inputs"]))
+               if before.get("inputs", {}).get(k) != now["inputs"].get(k)]
+    return f"its input {changed[0]} changed (an earlier stage ran again, or the file was edited)"
 
 
 def first_difference(before: str, now: str) -> str:
@@ -235,7 +265,7 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
                                          "--reward-model", str(rm / "rm"), "--iterations", str(args.ppo_iterations),
                                          "--batch-size", str(args.ppo_batch),
                                          "--max-new-tokens", str(args.max_new_tokens), *fast["ppo"], *common],
-              ppo / "model" / "config.json", log, out, dry)
+              ppo / "ppo_summary.json", log, out, dry)
     return sl / "model", rm, ppo / "model"
 
 
@@ -351,9 +381,24 @@ def check_inputs(args) -> None:
         find_archive(args.bigbench)
 
 
+def claim_run_folder(out: Path) -> None:
+    """OUT must be new, empty, or a pipeline run (pipeline.json, or train.MARKER): the stages, the
+    report and pipeline.json are never written among a user's own files. A new or empty OUT gets the
+    marker."""
+    from .train import MARKER
+
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file() and not (out / "pipeline.json").is_file():
+        raise InputError(f"{out}: not empty and not a minicai run folder ('{sorted(os.listdir(out))[0]}' is there); "
+                         f"use a new or empty --out")
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / MARKER, {"written_by": "minicai", "note": "a pipeline run folder"})
+
+
 def bigbench_skipped(spec: str) -> str | None:
-    """The one line a run without BIG-bench prints and keeps in pipeline.json (the evaluation stage
-    writes the same into eval.md and the report): what is left out and how to add it."""
+    """The one line a run without BIG-bench prints and keeps in pipeline.json: what is left out and how
+    to add it (the evaluation stage writes its own note into eval.md and the report, without the URL:
+    the report links nothing outside itself)."""
     from .bigbench import BIGBENCH_INSTALL
     from .evaluate import resolve_bigbench
 
@@ -375,13 +420,17 @@ def main(argv=None) -> int:
     paths = [args.model if m == "base" else str(Path(m).resolve()) if Path(m).exists() else m for m, _ in members]
     args.feedback_model = [pth + (":" + "+".join(ms) if ms else "") for pth, (_, ms) in zip(paths, members)]
     args.critic_model = {"feedback": paths[0], "base": args.model}.get(args.critic_model, args.critic_model)
-    if args.bigbench not in ("auto", "none"):
+    if args.bigbench == "auto":  # what is there now: BIG-bench added later changes the eval stage's key
+        from .evaluate import resolve_bigbench
+
+        args.bigbench = resolve_bigbench("auto") or "none"
+    if args.bigbench != "none":
         args.bigbench = str(Path(args.bigbench).expanduser().resolve())
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out)
     log_path = out / "pipeline.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     log["config"] = vars(args)
-    log["overwrite"], log["rerun"] = args.overwrite, False  # run_stage's state, never written to pipeline.json
+    log["overwrite"] = args.overwrite  # read by run_stage, never written to pipeline.json
     log["skipped"] = bigbench_skipped(args.bigbench)
     if log["skipped"]:
         print(f"[pipeline] {log['skipped']}", flush=True)
@@ -394,7 +443,7 @@ def main(argv=None) -> int:
         run_stage("dpo", ["-m", "train_dpo", "--out", str(dpo), "--preferences", str(rm / "preferences.jsonl"),
                           "--policy", str(sl), "--pair-val-fraction", str(args.pair_val_fraction),
                           *precision_flags(args.precision)["dpo"], "--seed", str(args.seed), "--device", args.device],
-                  dpo / "model" / "config.json", log, out, args.dry_run)
+                  dpo / "dpo_summary.json", log, out, args.dry_run)
         policies["dpo"] = str(dpo / "model")
 
     # iterative self-improvement: each extra round starts from the last RL policy and is measured on the

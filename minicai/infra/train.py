@@ -247,53 +247,82 @@ MARKER = ".minicai-run"
 """The file prepare_run_dir puts in a run folder it creates (or finds empty): the folder is minicai's.
 --overwrite deletes nothing in a folder without it."""
 OWN_OUTPUTS = ("config.json", MARKER, "model", "ckpt", "rm", "traces.jsonl", "traces.rank*.jsonl",
-               "preferences.jsonl", "preferences.rank*.jsonl", "*metrics.jsonl", "*summary.json",
-               "ref_logprobs.safetensors", ".*.tmp*", ".*.old")
-"""The names the training scripts (and the ablations' work folders) write at the top of a run folder
-(tests/plumbing/test_run_folder.py runs every script and checks that this list covers what it wrote):
+               "preferences.jsonl", "preferences.dropped.jsonl", "preferences.rank*.jsonl", "metrics.jsonl",
+               "sft_metrics.jsonl", "dpo_metrics.jsonl", "summary.json", "sft_summary.json", "dpo_summary.json",
+               "ppo_summary.json", "ref_logprobs.safetensors")
+"""The names the training scripts (and the ablations' work folders) write at the top of a run folder,
+and their temporaries '.NAME.*' (atomic writes, checkpoint.save_hf's .NAME.tmpXXXX and .NAME.old);
+tests/plumbing/test_run_folder.py runs every script and checks that this list covers what it wrote.
 --overwrite deletes these and nothing else."""
+HASHED_UP_TO = 64 << 20
+"""Input files up to this size are identified by their sha256; larger ones (a model's GGUF) and
+folders (a model checkpoint) by the name, size and mtime of each file (file_stamp)."""
+
+
+def file_stamp(path: Path) -> str:
+    """A cheap identity of a large file or a folder: sha256 over (name, size, mtime_ns) of the file or
+    of each file in the folder. A retrained model folder gets a new one; a moved folder keeps it."""
+    import hashlib
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return "stamp:" + h.hexdigest()
 
 
 def input_digests(config: dict) -> dict[str, str]:
-    """{field: sha256 of the file} for every config value (or list item) naming an existing file: a
-    prompts, preferences or traces file edited between two runs of one folder is then refused on
-    resume instead of mixing old and new records. Folders (model checkpoints) are not hashed."""
-    import hashlib
+    """{field: identity of the input} for every config value (or list item) naming an existing file or
+    folder: a file's sha256 (file_stamp beyond HASHED_UP_TO), a folder's file_stamp. A prompts,
+    preferences or traces file edited, or a policy retrained, between two runs of one folder is then
+    refused on resume instead of mixing old and new records; a path written another way (relative,
+    from another folder, a moved run) to the same input is the same input."""
+    from .checkpoint import sha256_of
 
     out = {}
     for k, v in sorted(config.items()):
         for i, item in enumerate(v if isinstance(v, list) else [v]):
-            if isinstance(item, str) and item and Path(item).expanduser().is_file():
-                h = hashlib.sha256()
-                with open(Path(item).expanduser(), "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                out[k if not isinstance(v, list) else f"{k}[{i}]"] = h.hexdigest()
+            if not isinstance(item, str) or not item or k == "out":
+                continue
+            p = Path(item).expanduser()
+            key = f"{k}[{i}]" if isinstance(v, list) else k
+            if p.is_file():
+                out[key] = sha256_of(p) if p.stat().st_size <= HASHED_UP_TO else file_stamp(p)
+            elif p.is_dir():
+                out[key] = file_stamp(p)
     return out
 
 
-def foreign_entries(out: Path) -> list[str]:
-    """Names at the top of `out` that minicai does not write there (OWN_OUTPUTS), sorted."""
+def is_own_output(name: str) -> bool:
+    """A name minicai writes at the top of a run folder (OWN_OUTPUTS) or a temporary of one."""
     from fnmatch import fnmatch
 
-    return sorted(p.name for p in out.iterdir() if not any(fnmatch(p.name, pat) for pat in OWN_OUTPUTS))
+    return any(fnmatch(name, pat) or fnmatch(name, f".{pat}.*") for pat in OWN_OUTPUTS)
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Names at the top of `out` that minicai does not write there (is_own_output), sorted."""
+    return sorted(p.name for p in out.iterdir() if not is_own_output(p.name))
 
 
 def clear_own_outputs(out: Path) -> None:
     """--overwrite: delete what minicai wrote in `out`, only if the folder carries minicai's MARKER and
     holds nothing else (foreign_entries): a folder with any file minicai did not write, or one it did
-    not create, is refused in one line and left exactly as it is."""
+    not create, is refused in one line and left exactly as it is. config.json goes last, so that a
+    deletion cut short leaves a folder that is still refused (not resumed) under the new config."""
     import shutil
 
     if not (out / MARKER).is_file():
-        raise InputError(f"{out}: --overwrite refused: this folder was not created by minicai (no {MARKER} file), "
-                         f"so nothing in it is deleted; use another --out, or delete it yourself")
+        raise InputError(f"{out}: --overwrite refused: this folder has no {MARKER} file (minicai puts one in every "
+                         f"run folder it creates), so nothing in it is deleted; use another --out, or delete it "
+                         f"yourself")
     foreign = foreign_entries(out)
     if foreign:
         raise InputError(f"{out}: --overwrite refused: '{foreign[0]}' was not written by minicai"
                          f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; nothing was deleted; "
                          f"move it away or use another --out")
-    for p in out.iterdir():
+    for p in sorted(out.iterdir(), key=lambda p: p.name == "config.json"):
         if p.name == MARKER:
             continue
         if p.is_dir() and not p.is_symlink():
@@ -302,21 +331,49 @@ def clear_own_outputs(out: Path) -> None:
             p.unlink()
 
 
+def config_difference(old: dict, config: dict, old_digests: dict, digests: dict, ignored,
+                      defaults: dict | None) -> str | None:
+    """Why the run in a folder (its config.json: old, old_digests) is not this run (config, digests),
+    or None: the first differing field, then the first input whose content changed. A field naming
+    an input (in both digests) is compared by the input's identity, not by how its path is written;
+    keys in `ignored` may differ; a field the old config lacks is accepted at its default."""
+    def same(key: str, a, b) -> bool:  # equal values, or both naming an input (compared below)
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(same(f"{key}[{i}]", x, y) for i, (x, y) in enumerate(zip(a, b)))
+        return a == b or (key in old_digests and key in digests)
+
+    for k in sorted(set(old) | set(config)):
+        if k in ignored or k == "out":
+            continue
+        if k not in old and defaults is not None and k in defaults and config.get(k) == defaults[k]:
+            continue  # a flag added since this run began, at its default
+        if not same(k, old.get(k), config.get(k)):
+            return (f"field '{k}' was {old.get(k)!r} in the run in this folder, now {config.get(k)!r}; "
+                    f"use another --out or pass --overwrite to start over")
+    for k in sorted(set(old_digests) | set(digests)):
+        field_ = k.split("[")[0]
+        if field_ in ignored or old_digests.get(k) == digests.get(k):
+            continue
+        what = "file" if Path(str(config_item(config, k) or "")).is_file() else "input"
+        return (f"--{field_.replace('_', '-')} {config_item(config, k)}: the {what} changed since the run in "
+                f"this folder began ({'its sha256 differs' if what == 'file' else 'another file or folder'}); "
+                f"restore it, use another --out, or pass --overwrite to start over")
+    return None
+
+
 def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_keys_ignored=("device", "dtype"),
                     defaults: dict | None = None) -> Path:
     """Create `out` and record the config in out/config.json. A folder made by a different config
-    is refused (one line naming the first differing field) unless overwrite is set, so a resumed
-    run never mixes two configurations. Keys in resume_keys_ignored may differ between runs.
-    defaults (cli.defaults(Args)): a field that the folder's config lacks (the run was started by a
-    version without it) is accepted at its default value, which keeps the old behaviour; any other
-    value is a difference.
+    is refused (one line naming the first differing field: config_difference) unless overwrite is
+    set, so a resumed run never mixes two configurations. Keys in resume_keys_ignored may differ
+    between runs. defaults (cli.defaults(Args)): a field that the folder's config lacks (the run was
+    started by a version without it) is accepted at its default value.
 
-    The run is the folder, wherever it is and however it is named: 'out' itself is not compared
-    (an absolute path, a trailing slash, another working folder or a moved folder resume the same
-    run), but the content of every input file is (input_digests: a changed prompts file is refused,
-    naming it). overwrite deletes only a run with another configuration or other inputs, and only
-    what minicai wrote (clear_own_outputs); an identical run resumes. A non-empty folder that is not a
-    run of minicai's is refused: the run's files would land among the user's."""
+    The run is the folder, wherever it is and however it is named ('out' itself is not compared),
+    plus the identity of every input (input_digests). overwrite deletes only a run with another
+    configuration or other inputs, and only what minicai wrote (clear_own_outputs); an identical run
+    resumes. A non-empty folder that is not a run of minicai's is refused: the run's files would land
+    among the user's."""
     out = Path(out)
     path = out / "config.json"
     config = {**config, "out": str(out.resolve())}
@@ -324,28 +381,12 @@ def prepare_run_dir(out: Path, config: dict, overwrite: bool = False, resume_key
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
+            why = None if isinstance(old, dict) else "unreadable (not a JSON object); pass --overwrite to start over"
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
             old, why = None, f"unreadable ({e}); pass --overwrite to start over"
-        else:
-            why = None if isinstance(old, dict) else "unreadable (not a JSON object); pass --overwrite to start over"
         if why is None:
-            old_digests = old.pop("input_sha256", {}) or {}
-            for k in sorted(set(old) | set(config)):
-                if k in resume_keys_ignored or k == "out":
-                    continue
-                if k not in old and defaults is not None and k in defaults and config.get(k) == defaults[k]:
-                    continue  # a flag added since this run began, at its default
-                if old.get(k) != config.get(k):
-                    why = (f"field '{k}' was {old.get(k)!r} in the run in this folder, now {config.get(k)!r}; "
-                           f"use another --out or pass --overwrite to start over")
-                    break
-            else:
-                for k in sorted(set(old_digests) & set(digests)):
-                    if old_digests[k] != digests[k]:
-                        why = (f"--{k.split('[')[0].replace('_', '-')} {config_item(config, k)}: the file changed "
-                               f"since the run in this folder began (its sha256 differs); restore it, use another "
-                               f"--out, or pass --overwrite to start over")
-                        break
+            old_digests = old.pop("input_sha256", None) or {}
+            why = config_difference(old, config, old_digests, digests, resume_keys_ignored, defaults)
         if why is not None and not overwrite:
             raise InputError(f"{path}: {why}")
         if why is not None:
@@ -369,8 +410,8 @@ def config_item(config: dict, key: str):
     """input_digests' key ('prompts[1]' or 'traces') -> the value it names."""
     if "[" in key:
         name, i = key[:-1].split("[")
-        return config[name][int(i)]
-    return config[key]
+        return config.get(name, [None] * (int(i) + 1))[int(i)]
+    return config.get(key)
 
 
 def recover_checkpoints(out: Path) -> None:

@@ -168,16 +168,23 @@ def test_overwrite_replaces_only_a_student_copy(tmp_path, capsys):
                                        f"choose a folder outside it\n")
     assert files(tmp_path) == before
 
-    # an earlier student copy, edited and graded (caches): replaced
+    # an earlier student copy, graded (caches) but unchanged: replaced
     copy = tmp_path / "copy"
     make_copy(src, copy)
     assert json.loads((copy / MANIFEST).read_text())["files"] == ["minicai", "minicai/model.py", "pyproject.toml"]
-    (copy / "minicai" / "model.py").write_text("the student's solution")
     (copy / "minicai" / "__pycache__").mkdir()
     (copy / "minicai" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"cache")
     make_copy(src, copy, overwrite=True)
     assert "raise NotImplementedError" in (copy / "minicai" / "model.py").read_text()
     assert not (copy / "minicai" / "__pycache__").exists()
+    # ... but a copy holding the student's solution (an edited file) is the student's work: refused
+    blank = (copy / "minicai" / "model.py").read_text()
+    (copy / "minicai" / "model.py").write_text("the student's solution")
+    snap = files(copy)
+    with pytest.raises(InputError, match="minicai/model.py changed since make wrote it"):
+        make_copy(src, copy, overwrite=True)
+    assert files(copy) == snap
+    (copy / "minicai" / "model.py").write_text(blank)
     # ... but not when it holds anything minicai did not write: a file, or a folder of files
     for extra, msg in (("notes.txt", "holds notes.txt that minicai did not write"),
                        ("runs/a/log.txt", "holds runs and 2 more path")):

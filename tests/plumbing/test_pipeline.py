@@ -10,6 +10,9 @@ TINY = ["--sl-prompts", "4", "--sl-rounds", "1", "--rm-prompts", "8", "--ppo-ite
         "--max-new-tokens", "8", "--eval-red-team", "2", "--eval-helpful", "2", "--constitution", "hhh",
         "--eval-harmful", "3", "--eval-benign", "2", "--bigbench", "none", "--feedback-model", "base",
         "--eval-judge", "feedback"]
+NO_PARTS = ["--feedback-model", "smollm2-135m"]
+"""Dry runs check every model before printing: the default 1.5B feedback model needs its 22 parts,
+which the test command does not install (the main command does)."""
 
 
 def test_pipeline_end_to_end_and_resume(tiny_gguf, tmp_path, monkeypatch, capsys):
@@ -88,7 +91,7 @@ def test_precision_flags_follow_the_machine(tmp_path, monkeypatch, capsys):
     from minicai.infra import utils
 
     def commands(*extra):
-        assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run", *extra]) == 0
+        assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run", *NO_PARTS, *extra]) == 0
         return {line.split("]")[0][1:]: line for line in capsys.readouterr().out.splitlines() if "$ python" in line}
 
     monkeypatch.setattr(utils, "bf16_is_fast", lambda: True)
@@ -103,46 +106,50 @@ def test_precision_flags_follow_the_machine(tmp_path, monkeypatch, capsys):
         assert not any(f in c for c in cmds.values() for f in ("--bf16", "--gen-dtype", "--fused-logprobs"))
 
 
-def test_a_finished_stage_with_changed_flags_is_refused_or_run_again(tmp_path, capsys):
-    """run_stage skips a finished stage only when pipeline.json recorded the same command (the run
-    folder's own path aside); changed flags are refused naming the flag, or with --overwrite run again,
-    and so is every stage after it."""
-    import json
-
+def test_a_finished_stage_with_changed_flags_or_inputs_is_refused_or_run_again(tmp_path, capsys):
+    """run_stage skips a finished stage only when pipeline.json recorded the same stage_key: the same
+    command (the run folder's own path and --device aside) and the same inputs. Changed flags are
+    refused naming the flag, an input that changed (an earlier stage ran again) naming the input, or
+    with --overwrite the stage runs again."""
     from minicai.infra.pipeline import run_stage
     from minicai.infra.utils import InputError
 
     out = tmp_path / "run"
     out.mkdir()
-    touch = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[3])"
+    touch = "import pathlib, sys; pathlib.Path(sys.argv[2]).write_text(sys.argv[4])"
 
-    def stage(name, n, log, folder=out):
+    def stage(name, n, log, folder=out, device="cpu", inp=None):
         done = folder / f"{name}.done"
-        run_stage(name, ["-c", touch, str(done), "--n", str(n)], done, log, folder, dry=False)
+        extra = ["--policy", str(inp)] if inp else []
+        run_stage(name, ["-c", touch, "--out", str(done), "--n", str(n), "--device", device, *extra], done, log,
+                  folder, dry=False)
         return done.read_text()
 
-    log = {"overwrite": False, "rerun": False}
-    assert stage("a", 1, log) == "1" and stage("b", 1, log) == "1"
-    assert "rerun" not in json.loads((out / "pipeline.json").read_text())
-    log = {**json.loads((out / "pipeline.json").read_text()), "overwrite": False, "rerun": False}
-    (out / "a.done").write_text("kept")
-    assert stage("a", 1, log) == "kept"  # same command: skipped
-    assert "[a] done already" in capsys.readouterr().out
+    fresh = lambda folder=out: {**json.loads((folder / "pipeline.json").read_text()), "overwrite": False}  # noqa: E731
+    log = {"overwrite": False}
+    assert stage("a", 1, log) == "1" and stage("b", 1, log, inp=out / "a.done") == "1"
+    assert "overwrite" not in json.loads((out / "pipeline.json").read_text())
+    log = fresh()
+    (out / "a.done").write_text("1")  # rewritten with the same bytes: the same input for b
+    assert stage("a", 1, log, device="cuda") == "1" and stage("b", 1, log, inp=out / "a.done") == "1"
+    assert capsys.readouterr().out.count("done already") == 2
     with pytest.raises(InputError) as e:
         stage("a", 2, log)
     assert str(e.value) == (f"{out / 'pipeline.json'}: stage 'a' finished with other inputs: its flags changed "
                             f"(--n 1 -> 2); use another --out, or pass --overwrite to run it again (only the files "
                             f"minicai wrote are deleted)")
-    assert (out / "a.done").read_text() == "kept"
     log["overwrite"] = True
-    assert stage("a", 2, log) == "2"
-    (out / "b.done").write_text("old")
-    assert stage("b", 1, log) == "1"  # unchanged flags, but after a stage that ran again
+    assert stage("a", 2, log) == "2"  # ran again: b's input is another file now
+    log = fresh()
+    with pytest.raises(InputError, match="stage 'b' finished with other inputs: its input OUT/a.done changed"):
+        stage("b", 1, log, inp=out / "a.done")
+    log["overwrite"] = True
+    assert stage("b", 3, log, inp=out / "a.done") == "3"
     moved = tmp_path / "moved"
     out.rename(moved)
-    log = {**json.loads((moved / "pipeline.json").read_text()), "overwrite": False, "rerun": False}
-    (moved / "a.done").write_text("kept")
-    assert stage("a", 2, log, moved) == "kept"  # the same run, moved
+    log = fresh(moved)
+    (moved / "b.done").write_text("kept")
+    assert stage("b", 3, log, moved, inp=moved / "a.done") == "kept"  # the same run, moved
 
 
 def test_a_run_without_bigbench_says_so_in_one_line(tmp_path, monkeypatch, capsys):
@@ -156,6 +163,22 @@ def test_a_run_without_bigbench_says_so_in_one_line(tmp_path, monkeypatch, capsy
     assert line == bigbench_skipped("auto")
     assert line.startswith("BIG-bench not used (opt-in, evaluation only): TruthfulQA-MC / StrategyQA")
     assert line.endswith("To add it: " + bigbench.BIGBENCH_INSTALL) and "git clone" in line
-    assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run", *NO_PARTS]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == f"[pipeline] {line}"
+
+
+def test_the_pipeline_never_writes_among_a_users_files(tmp_path):
+    """--out naming a non-empty folder that is no run is refused before anything is written there."""
+    from minicai.infra.utils import InputError
+
+    mine = tmp_path / "Documents"
+    mine.mkdir()
+    (mine / "letter.txt").write_text("dear")
+    with pytest.raises(InputError) as e:
+        pipeline_main(["--out", str(mine), "--dry-run", *NO_PARTS])
+    assert str(e.value) == (f"{mine}: not empty and not a minicai run folder ('letter.txt' is there); use a new or "
+                            f"empty --out")
+    assert sorted(p.name for p in mine.iterdir()) == ["letter.txt"]
+    assert pipeline_main(["--out", str(tmp_path / "new"), "--dry-run", *NO_PARTS]) == 0
+    assert (tmp_path / "new" / ".minicai-run").is_file()

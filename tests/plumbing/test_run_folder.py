@@ -88,7 +88,9 @@ def test_overwrite_never_deletes_a_folder_minicai_did_not_create(env, tmp_path, 
     code, err = run(train_sl.main, sl_argv(gguf, prompts, mine, "--overwrite"), capsys)
     assert code == 2
     line = one_error_line(err)
-    assert "--overwrite refused" in line and "not created by minicai" in line, line
+    assert line == (f"error: {mine}: --overwrite refused: this folder has no .minicai-run file (minicai puts one in "
+                    f"every run folder it creates), so nothing in it is deleted; use another --out, or delete it "
+                    f"yourself")
     assert tree(mine) == before
 
 
@@ -146,12 +148,12 @@ def test_a_non_empty_folder_that_is_not_a_run_is_refused_untouched(env, tmp_path
 
 def test_clear_own_outputs_by_hand():
     """The rule on its own: names from OWN_OUTPUTS go, anything else stops the deletion."""
-    assert foreign_entries.__doc__
     import tempfile
 
     with tempfile.TemporaryDirectory() as t:
         out = Path(t)
-        for name in ("config.json", MARKER, "sft_summary.json", "dpo_metrics.jsonl", ".model.tmpab12", ".model.old"):
+        for name in ("config.json", MARKER, "sft_summary.json", "dpo_metrics.jsonl", ".model.tmpab12", ".model.old",
+                     ".config.json.x1y2.tmp"):
             (out / name).write_text("x")
         for name in ("model", "ckpt", "rm"):
             (out / name).mkdir()
@@ -159,11 +161,14 @@ def test_clear_own_outputs_by_hand():
         assert foreign_entries(out) == []
         (out / "thesis.txt").write_text("mine")
         (out / "model.bak").mkdir()
-        assert foreign_entries(out) == ["model.bak", "thesis.txt"]
-        with pytest.raises(utils.InputError, match="'model.bak' was not written by minicai \\(and 1 more\\)"):
+        for name in ("my_summary.json", ".notes.old", "old_metrics.jsonl"):  # near misses of our names
+            (out / name).write_text("mine")
+        assert foreign_entries(out) == [".notes.old", "model.bak", "my_summary.json", "old_metrics.jsonl", "thesis.txt"]
+        with pytest.raises(utils.InputError, match="'.notes.old' was not written by minicai \\(and 4 more\\)"):
             train.clear_own_outputs(out)
         assert (out / "model" / "weights.bin").exists() and (out / "thesis.txt").read_text() == "mine"
-        (out / "thesis.txt").unlink()
+        for name in ("thesis.txt", "my_summary.json", ".notes.old", "old_metrics.jsonl"):
+            (out / name).unlink()
         shutil.rmtree(out / "model.bak")
         train.clear_own_outputs(out)
         assert sorted(os.listdir(out)) == [MARKER]
@@ -204,13 +209,13 @@ def test_an_edited_prompts_file_is_refused_on_resume(env, tmp_path, capsys):
     assert tree(out) == before
 
 
-def test_input_digests_hash_files_not_folders(tmp_path):
+def test_input_digests_hash_files_and_stamp_folders(tmp_path):
     f = tmp_path / "p.txt"
     f.write_bytes(b"abc")
     digests = train.input_digests({"prompts": [str(f), "builtin-red-team"], "policy": str(tmp_path), "lr": 1.0,
                                    "traces": str(f)})
     sha_abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc"), FIPS 180-2
-    assert digests == {"prompts[0]": sha_abc, "traces": sha_abc}
+    assert digests == {"prompts[0]": sha_abc, "traces": sha_abc, "policy": train.file_stamp(tmp_path)}  # by hand above
 
 
 def test_a_folder_of_an_older_version_resumes_without_a_marker(tmp_path):
@@ -221,7 +226,7 @@ def test_a_folder_of_an_older_version_resumes_without_a_marker(tmp_path):
     (out / "traces.jsonl").write_text("{}\n")
     prepare_run_dir(out, {"lr": 1.0})
     assert (out / "traces.jsonl").read_text() == "{}\n"
-    with pytest.raises(utils.InputError, match="not created by minicai"):
+    with pytest.raises(utils.InputError, match="has no .minicai-run file"):
         prepare_run_dir(out, {"lr": 2.0}, overwrite=True)
     assert (out / "traces.jsonl").read_text() == "{}\n"
 
@@ -293,3 +298,54 @@ def test_own_outputs_cover_every_file_the_scripts_write(env, tmp_path, capsys):
         assert (folder / MARKER).is_file()
         assert foreign_entries(folder) == [], (folder, foreign_entries(folder))
     assert (sl / "ckpt").is_dir() and (dpo / "ckpt").is_dir() and (ppo / "ckpt").is_dir()
+
+
+def test_inputs_are_compared_by_identity_not_by_how_the_path_is_written(tmp_path, monkeypatch):
+    """A prompts file and a policy folder reached through other relative paths from another working
+    folder are the same inputs; a named source swapped in a list, or a retrained policy (its files'
+    size or mtime), is another run."""
+    monkeypatch.chdir(tmp_path)
+    Path("p.txt").write_text("a prompt\n")
+    Path("pol").mkdir()
+    Path("pol/model.safetensors").write_bytes(b"weights")
+    out = tmp_path / "run"
+    prepare_run_dir(out, {"prompts": ["p.txt", "builtin-red-team"], "policy": "pol", "lr": 1.0})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    prepare_run_dir(out, {"prompts": ["../p.txt", "builtin-red-team"], "policy": "../pol", "lr": 1.0})
+    with pytest.raises(utils.InputError, match="field 'prompts' was \\['../p.txt', 'builtin-red-team'\\] in the run in "
+                                               "this folder, now \\['../p.txt', 'builtin-helpful'\\]"):
+        prepare_run_dir(out, {"prompts": ["../p.txt", "builtin-helpful"], "policy": "../pol", "lr": 1.0})
+    st = os.stat("../pol/model.safetensors")
+    os.utime("../pol/model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # retrained: a new file
+    with pytest.raises(utils.InputError) as e:
+        prepare_run_dir(out, {"prompts": ["../p.txt", "builtin-red-team"], "policy": "../pol", "lr": 1.0})
+    assert str(e.value) == (f"{out / 'config.json'}: --policy ../pol: the input changed since the run in this folder "
+                            f"began (another file or folder); restore it, use another --out, or pass --overwrite to "
+                            f"start over")
+
+
+def test_file_stamp_by_hand(tmp_path):
+    """file_stamp = sha256 over 'name\\0size\\0mtime_ns\\n' per file, written out here by hand."""
+    import hashlib
+
+    (tmp_path / "m").mkdir()
+    f = tmp_path / "m" / "w.bin"
+    f.write_bytes(b"12345")
+    os.utime(f, ns=(10**18, 1234567890123456789))
+    want = hashlib.sha256(b"w.bin\x005\x001234567890123456789\n").hexdigest()
+    assert train.file_stamp(tmp_path / "m") == "stamp:" + want
+    assert train.file_stamp(f) == "stamp:" + want
+
+
+def test_the_umask_is_read_from_the_process(tmp_path):
+    """A fresh process under umask 027 writes its files 0640: the real umask, read at import (the test
+    above patches utils.UMASK)."""
+    import subprocess
+
+    code = ("import stat, sys; from pathlib import Path; from minicai.infra import utils; p = Path(sys.argv[1]); "
+            "utils.atomic_write_text(p / 'f.txt', 'x'); print(oct(utils.UMASK), oct(stat.S_IMODE((p / 'f.txt').stat().st_mode)))")
+    r = subprocess.run(["bash", "-c", f"umask 027 && {sys.executable} -c \"{code}\" {tmp_path}"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0o27", "0o640"]

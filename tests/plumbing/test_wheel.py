@@ -44,7 +44,8 @@ def test_builtin_constitutions_come_from_the_wheel_folder_first_else_the_checkou
 
 
 def test_the_pipeline_starts_each_stage_as_a_module_not_a_checkout_path(tmp_path, capsys):
-    assert pipeline.main(["--out", str(tmp_path / "dry"), "--dry-run", "--baseline", "sft"]) == 0
+    assert pipeline.main(["--out", str(tmp_path / "dry"), "--dry-run", "--baseline", "sft",
+                          "--feedback-model", "smollm2-135m"]) == 0  # the default's 22 parts are not installed here
     shown = [ln.split("$ ", 1)[1] for ln in capsys.readouterr().out.splitlines() if "$ python" in ln]
     firsts = [" ".join(c.split()[:3]) for c in shown]
     assert firsts == ["python -m train_sl", "python -m train_sl", "python -m train_rm", "python -m train_ppo",
@@ -67,7 +68,7 @@ def test_a_stage_runs_this_checkout_from_any_working_folder(tmp_path, monkeypatc
 
 
 def test_stage_env_leaves_a_wheel_alone(monkeypatch):
-    """Installed (HOME is a site-packages folder) a stage's PYTHONPATH is the user's; in a checkout
+    """Installed (SOURCE_ROOT is a site-packages folder) a stage's PYTHONPATH is the user's; in a checkout
     the checkout comes first on it."""
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     assert pipeline.stage_env()["PYTHONPATH"] == os.pathsep.join([str(ROOT), "/elsewhere"])
@@ -176,7 +177,8 @@ def test_a_wheel_in_a_fresh_venv_works_from_another_folder(tmp_path, tiny_gguf):
     run(py, "-m", "minicai.exercises", "make", "--out", copy, "--overwrite")  # the graded copy's caches: fine
 
     # the pipeline: the dry run's commands, then a tiny run on the default constitution
-    dry = run(py, "-m", "minicai.infra.pipeline", "--dry-run", "--out", "dry").stdout
+    dry = run(py, "-m", "minicai.infra.pipeline", "--dry-run", "--out", "dry",
+              "--feedback-model", "smollm2-135m").stdout  # the default's 22 parts are not installed here
     assert "$ python -m train_sl --out" in dry and "$ python -m train_dpo --out" in dry
     run(py, "-m", "minicai.infra.pipeline", "--out", "run", "--model", tiny_gguf, *TINY, "--constitution", "default")
     run_dir = work / "run"
