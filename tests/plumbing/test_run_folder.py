@@ -298,6 +298,13 @@ def test_own_outputs_cover_every_file_the_scripts_write(env, tmp_path, capsys):
         assert (folder / MARKER).is_file()
         assert foreign_entries(folder) == [], (folder, foreign_entries(folder))
     assert (sl / "ckpt").is_dir() and (dpo / "ckpt").is_dir() and (ppo / "ckpt").is_dir()
+    # a finished PPO run rerun without its checkpoint: done, not trained again from iteration 0
+    shutil.rmtree(ppo / "ckpt")
+    metrics = (ppo / "metrics.jsonl").read_bytes()
+    assert run(train_ppo.main, ["--policy", str(gguf), "--out", str(ppo), "--reward-model", str(rm / "rm"),
+                                "--prompts", str(prompts), "--iterations", "1", "--batch-size", "2",
+                                "--max-new-tokens", "2", "--device", "cpu"], capsys)[0] == 0
+    assert f"PPO already done: {ppo / 'model'}" in OUT[0] and (ppo / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_inputs_are_compared_by_identity_not_by_how_the_path_is_written(tmp_path, monkeypatch):
