@@ -654,15 +654,16 @@ def stage_rows(run: Path, log: dict, device: str) -> list[Row]:
     for name, st in sorted(log.get("stages", {}).items(), key=lambda kv: stage_order(kv[0])):
         cmd = shlex.split(st["command"])[1:]  # drop "python"
         out = Path(flag(cmd, "--out", ""))
-        script = cmd[1] if cmd[0] == "-m" else Path(cmd[0]).name
+        # "-m train_sl ..." (since the wheel issue) or "train_sl.py ..." (runs recorded before it)
+        script = (cmd[1] if cmd[0] == "-m" else Path(cmd[0]).name).removesuffix(".py")
         try:
-            if script == "train_sl.py":
+            if script == "train_sl":
                 sub = sl_rows(name, out, cmd, device)
-            elif script == "train_rm.py":
+            elif script == "train_rm":
                 sub = rm_rows(name, out, cmd, device)
-            elif script == "train_ppo.py":
+            elif script == "train_ppo":
                 sub = ppo_rows(name, out, cmd, device)
-            elif script == "train_dpo.py":
+            elif script == "train_dpo":
                 sub = dpo_rows(name, out, cmd, device, st["seconds"])
             elif script in ("minicai.infra.evaluate", "minicai.evaluate"):
                 sub = eval_rows(name, out, cmd, device)

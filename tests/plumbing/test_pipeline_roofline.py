@@ -53,7 +53,7 @@ def run(tiny_gguf, tmp_path_factory):
     for name in ("preferences.jsonl", "preferences.dropped.jsonl"):
         if (out / "rm" / name).exists():
             rewrite_jsonl(out / "rm" / name, lambda r: {**r, **({"response": "qqqq"} if "response" in r else
-                                                               {"response_a": "qqqq", "response_b": "qqqq"})})
+                                                               {"response_a": "qqqq", "response_b": "zzzz"})})
     summ = json.loads((out / "rm" / "summary.json").read_text())
     summ["seconds"].update(feedback_generate_s=2.0, feedback_judge_s=3.0, reward_model_s=4.0, normalise_s=0.5)
     (out / "rm" / "summary.json").write_text(json.dumps(summ))
@@ -103,7 +103,8 @@ def test_no_measure_table_has_a_row_per_stage_and_hand_counted_tokens(run, capsy
     assert gen["weight_bytes_per_step"] == N * (2 if gen["dtype"] == "bfloat16" else 4)
     rows_b = min(8, len(traces))  # --gen-batch-size 8
     assert gen["decode_steps"] == pytest.approx(gen["decoded_tokens"] / rows_b)
-    # the reward stage: 8 prompts x k = 3 responses of 'qqqq' (4 tokens) each, seconds from summary.json
+    # the reward stage: 8 prompts x k = 3 responses of 'qqqq' or 'zzzz' (4 tokens) each (two different texts:
+    # a pair of identical responses is left out by the preference reader), seconds from summary.json
     sample = rows[("round1/rm", "sample responses")]
     assert sample["decoded_tokens"] == 8 * 3 * 4 and sample["seconds"] == 2.0
     assert rows[("round1/rm", "judge (label pairs)")]["seconds"] == 3.0
