@@ -186,8 +186,10 @@ def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: 
                          f"{key_difference(before, key)}; use another "
                          f"--out, or pass --overwrite to run it again (only the files minicai wrote are deleted)")
     shown = " ".join(cmd)
-    if was_done and cmd[1].startswith("train_"):
-        cmd = [*cmd, "--overwrite"]  # its folder holds a run with other inputs: that script starts it over
+    if log.get("overwrite") and cmd[1].startswith("train_"):
+        # finished with other inputs, or interrupted and refused by its script since the flags changed:
+        # the script starts over (deleting only its own files); with the same config and inputs it resumes
+        cmd = [*cmd, "--overwrite"]
     print(f"[{name}] $ python {' '.join(cmd)}", flush=True)
     if dry:
         return
@@ -200,7 +202,7 @@ def run_stage(name: str, cmd: list[str], done: Path, log: dict, out: Path, dry: 
         raise SystemExit(130) from None  # the stage said "interrupted; rerun ..."; no second line
     if code != 0:
         raise InputError(f"stage '{name}' failed (exit {code}); fix the error above and rerun the same "
-                         f"command to resume")
+                         f"command to resume (its folder holds a run with other flags: add --overwrite)")
     log.setdefault("stages", {})[name] = {"seconds": round(time.time() - t, 1), "command": "python " + shown,
                                           "key": key}
     write_log(out, log)

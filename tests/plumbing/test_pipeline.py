@@ -182,3 +182,32 @@ def test_the_pipeline_never_writes_among_a_users_files(tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["letter.txt"]
     assert pipeline_main(["--out", str(tmp_path / "new"), "--dry-run", *NO_PARTS]) == 0
     assert (tmp_path / "new" / ".minicai-run").is_file()
+
+
+def test_pipeline_overwrite_reaches_an_interrupted_stage_refused_by_its_script(tmp_path, monkeypatch):
+    """The issue's dead end: a stage interrupted, the flags changed, its script refuses the folder
+    ('pass --overwrite'); the pipeline's --overwrite passes --overwrite to every train_*.py stage, done
+    or not (the script deletes only its own files, and only for another configuration)."""
+    from minicai.infra import pipeline
+
+    seen = []
+
+    class Proc:
+        def __init__(self, argv, env=None):
+            seen.append(argv[1:])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(pipeline.subprocess, "Popen", Proc)
+    out = tmp_path / "run"
+    out.mkdir()
+    for overwrite in (False, True):
+        pipeline.run_stage("round1/sl", ["-m", "train_sl", "--out", str(out / "sl"), "--n-prompts", "3"],
+                           out / "sl" / "sft_summary.json", {"overwrite": overwrite}, out, dry=False)
+        pipeline.run_stage("eval", ["-m", "minicai.infra.evaluate", "--out", str(out / "eval")],
+                           out / "eval" / "eval.json", {"overwrite": overwrite}, out, dry=False)
+    assert seen == [["-m", "train_sl", "--out", str(out / "sl"), "--n-prompts", "3"],
+                    ["-m", "minicai.infra.evaluate", "--out", str(out / "eval")],
+                    ["-m", "train_sl", "--out", str(out / "sl"), "--n-prompts", "3", "--overwrite"],
+                    ["-m", "minicai.infra.evaluate", "--out", str(out / "eval")]]
