@@ -1,6 +1,12 @@
 """SL-CAI: critique -> revision traces, then supervised fine-tuning on the final revisions.
 
     python train_sl.py --out runs/sl --n-prompts 32 --rounds 2
+    python train_sl.py --out runs/cd --route distill --critic-model qwen2.5-coder-1.5b   # context distillation
+
+Route distill (Askell et al. 2021 §2.2) replaces the critique/revision rounds: the teacher
+(--critic-model, or the policy itself) answers each prompt under the constitution's few-shot
+exchanges, optionally --best-of k times with the AI labeller keeping one, and SFT trains the policy
+on the answer without that context (slcai.distill). Everything after stage 1 is the same.
 
 Stage 1 (minicai/slcai.py) writes OUT/traces.jsonl: for each training prompt the initial response
 and every round's principle, critique and revision (resumable, one record per finished prompt).
@@ -73,10 +79,23 @@ class Args:
     """critique/revision rounds per prompt (paper: 4)"""
     format: str = field(default="chat", metadata={"choices": ("chat", "paper")})
     """chat: requests as user turns in the model's chat format; paper: raw Human/Assistant transcript"""
-    few_shot: bool = False
-    """put the constitution's few-shot examples in front"""
+    route: str = field(default="revise", metadata={"choices": ("revise", "distill")})
+    """revise: critique -> revision rounds, SFT on the last revision (the paper's SL-CAI, §3.1); distill:
+    context distillation (Askell et al. 2021 §2.2), the teacher answers under the constitution's few-shot
+    exchanges and SFT trains on the answer without them (slcai.distill)"""
+    few_shot: bool = True
+    """the constitution's few-shot examples in front of every critique and revision request (route revise;
+    the paper's prompts; --no-few-shot: none)"""
     critic_model: str = field(default=None, metadata={"model": "lm"})
-    """model that writes the critiques and revisions (a distilled SL-CAI: e.g. qwen2.5-coder-1.5b); default: --model itself, as in the paper"""
+    """model that writes the critiques and revisions (route revise) or the answers under the context (route
+    distill): a distilled SL-CAI, e.g. qwen2.5-coder-1.5b; default: --model itself, as in the paper"""
+    best_of: int = field(default=1, metadata={"range": "[1, 16]"})
+    """route distill: the teacher's answers per prompt; with more than 1 the AI labeller (--judge) keeps one"""
+    judge: list[str] = field(default=None, metadata={"repeat": True, "model": "lm"})
+    """route distill with --best-of > 1: the feedback model(s) that pick the answer, as train_rm.py
+    --feedback-model (MODEL or MODEL:ab / :contrast; default: infra.labelling.DEFAULT's ensemble)"""
+    judge_principles: int = field(default=2, metadata=cli.AT_LEAST_1)
+    """comparison principles drawn per judged pair (best-of-k), as train_rm.py --principles-per-pair"""
     critic_dtype: str = field(default="fast", metadata={"choices": ("fast", "float32", "bfloat16")})
     """weights of --critic-model: fast = bfloat16 on CUDA or a CPU with bf16 matrix instructions"""
     gen_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "fast")})
@@ -116,6 +135,8 @@ def select_prompts(args: Args) -> list:
     helpful = [p for spec in (args.helpful or ["builtin-helpful"]) for p in load_prompts(spec, "helpful")]
     red, _ = split(red, args.held_out_fraction)
     helpful, _ = split(helpful, args.held_out_fraction)
+    if len(args.prompts or []) > 1:  # several sources: --n-prompts draws from all of them, not the first
+        random.Random(args.run.seed).shuffle(red)
     if args.n_prompts:
         red = red[:args.n_prompts]
     if not red:
@@ -125,20 +146,45 @@ def select_prompts(args: Args) -> list:
     return prompts
 
 
+def route_options(args: Args, critic, prefer) -> dict:
+    """slcai.traces' (route revise) or slcai.distill's (route distill) keyword arguments from the flags."""
+    common = dict(batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, seed=args.run.seed)
+    if args.route == "distill":
+        return dict(teacher=critic, k=args.best_of, prefer=prefer, **common)
+    return dict(rounds=args.rounds, fmt=args.format, few_shot=args.few_shot, critic=critic, **common)
+
+
+def labeller(args: Args, device, policy) -> callable:
+    """--best-of > 1: prefer(pairs) -> [p(a better)], the AI labeller of train_rm.py (feedback.ensemble_labels
+    of the --judge models, --judge-principles comparison principles drawn per pair, both orders)."""
+    from minicai.feedback import draw, ensemble_labels, scorers_of
+    from minicai.infra.labelling import DEFAULT, feedback_principles, load_judges
+
+    judges = load_judges(args.judge or DEFAULT["feedback_models"], resolve_device(args.run.device, args.critic_dtype)[1],
+                         device, reuse={args.model: policy})
+    principles = feedback_principles(args.constitution)
+    m = min(args.judge_principles, len(principles))
+
+    def prefer(pairs):
+        comps = [draw(principles, m, args.run.seed, "best-of", conv, a, b) for conv, a, b in pairs]
+        return [lab["p_a"] for lab in ensemble_labels(judges, pairs, comps, scorers_of(DEFAULT["labeller"]))]
+    return prefer
+
+
 def generate_traces(args: Args, model, tok, critic, prompts: list, constitution, out: Path,
-                    d: distributed.Dist) -> list[dict]:
-    """Critique -> revision traces of `prompts` into OUT/traces.jsonl (resumable), one record per
-    prompt in prompt order. Prompts are sharded over ranks; each prompt's text depends only on its
-    own seed, so any number of ranks writes the same records."""
+                    d: distributed.Dist, prefer=None) -> list[dict]:
+    """SL traces of `prompts` into OUT/traces.jsonl (resumable), one record per prompt in prompt
+    order: critique -> revision (route revise) or the teacher's answer under the context (route
+    distill). Prompts are sharded over ranks; each prompt's text depends only on its own seed, so
+    any number of ranks writes the same records."""
     trace = out / "traces.jsonl"
     model.eval()
     with torch.no_grad():
         finished = load_done(trace)  # read once, not once per prompt
         mine = [p for p in distributed.shard(prompts, d) if p.id not in finished]  # [dist]
         run_slcai(model, tok, mine, constitution, trace if d.world == 1 else out / f"traces.rank{d.rank}.jsonl",
-                  rounds=args.rounds, fmt=args.format, few_shot=args.few_shot, batch_size=args.gen_batch_size,
-                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.run.seed,
-                  critic=critic)
+                  route=args.route, **route_options(args, critic, prefer))
     distributed.barrier(d)  # [dist]
     if d.world > 1 and d.main:  # merge the shards into traces.jsonl, in prompt order
         done = load_done(trace)
@@ -330,7 +376,8 @@ def main(argv=None) -> int:
         gen_dtype = resolve_device(args.run.device, args.gen_dtype)[1]
         writer = model if gen_dtype == model.embed_tokens.weight.dtype or sft_done else \
             copy.deepcopy(model).to(gen_dtype)  # --gen-dtype: a copy; the trained weights stay as loaded
-        records = generate_traces(args, writer, tok, critic, prompts, constitution, out, d)  # stage 1
+        prefer = labeller(args, device, model) if args.route == "distill" and args.best_of > 1 else None
+        records = generate_traces(args, writer, tok, critic, prompts, constitution, out, d, prefer)  # stage 1
         del writer
     del critic
     gen_s = time.time() - t0

@@ -69,7 +69,6 @@ from .model import Transformer, last_real_index, padding_attn_mask, padding_posi
 from .sample import generate, pad, stable_seed
 from .infra.tokenizer import ChatTokenizer
 from .infra.utils import InputError
-from .infra.yardstick import outcome
 from .metrics import continuation_logprobs
 
 ANSWER_CUE = "The answer is:"
@@ -504,19 +503,18 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def revision_filter(initial: str, final: str, harmful: bool = True) -> str | None:
+def revision_filter(initial: str, final: str) -> str | None:
     """Why a (initial response, final revision) pair says nothing about improvement, or None to keep
     it. The rule, stated: drop the pair when
       1. the revision is empty;
-      2. the revision equals the initial response up to case and whitespace;
-      3. on a harmful prompt, the initial response was already an explained refusal and the
-         revision is not one (yardstick.outcome): the revision made it worse, not better."""
+      2. the revision equals the initial response up to case and whitespace.
+    Nothing else: whether either text is a refusal is the evaluation's question (infra/yardstick.py),
+    and the measuring stick never chooses training data. A revision that made the answer worse is
+    kept with the provenance label; `train_rm.py --rescore ab` lets the AI labeller judge it instead."""
     if not final.strip():
         return "empty revision"
     if _norm(initial) == _norm(final):
         return "revision equals the initial response"
-    if harmful and outcome(initial) == "explained_refusal" and outcome(final) != "explained_refusal":
-        return "the initial response was an explained refusal and the revision is not"
     return None
 
 
@@ -527,10 +525,11 @@ def revision_pairs(traces: list[dict], seed: int = 0) -> tuple[list[dict], list[
     kind, response_a, response_b, p_a, labeller='revision'; dropped [{key, prompt, reason}])."""
     rows, dropped = [], []
     for r in traces:
-        if not r.get("rounds"):
+        if not r.get("rounds") and r.get("route") != "distill":
             continue  # helpfulness prompts are answered once: no revision
+        # (route distill: "initial" is the policy's own answer, "final" the teacher's under the context)
         key = f"{r['id']}:revision"
-        why = revision_filter(r["initial"], r["final"], harmful=r.get("kind") == "red-team")
+        why = revision_filter(r["initial"], r["final"])
         if why:
             dropped.append({"key": key, "prompt": r["prompt"], "reason": why})
             continue

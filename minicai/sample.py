@@ -143,22 +143,27 @@ def decode_one_token(model: Transformer, tok, pos, mask, cache: KVCache, start: 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), stop_strings=(), tokenizer=None, n: int = 1,
              seed: int | list[int] = 0, pad_id: int = 0, sync_every: int | None = None,
-             compile: bool = False) -> Generation:
+             compile: bool = False, prefix: list[int] | None = None) -> Generation:
     """Sample max_new_tokens (or until a stop) for every prompt, n samples each.
 
     prompts: token id lists of any lengths. temperature 0 = greedy. stop_ids: ids that end a row
     (e.g. tokenizer.stop_ids); stop_strings: texts that end a row once they appear in its decoded
     reply (needs tokenizer). seed: an int (prompt b gets seed + b) or one seed per prompt.
     sync_every: how often the loop asks whether every row has stopped (a host sync); default 1 on
-    CPU, 8 on CUDA. compile: run the decode step through torch.compile (compiled_decode_one_token)."""
+    CPU, 8 on CUDA. compile: run the decode step through torch.compile (compiled_decode_one_token).
+    prefix: token ids in front of every prompt (a shared context, e.g. few-shot exchanges), prefilled
+    once and its keys/values copied to every row: the same samples as prompts [prefix + p] (its twin,
+    tests/algorithm/test_sample.py), without prefilling the context B times. Generation.prompt_ids
+    then holds the prompts without it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InputError("generate: every prompt needs at least one token")
     if stop_strings and tokenizer is None:
         raise InputError("generate: stop_strings needs the tokenizer")
     device = model.embed_tokens.weight.device
     ctx = model.cfg.max_seq_len
+    C = len(prefix) if prefix else 0  # shared context tokens, in cache slots [0, C)
     for i, p in enumerate(prompts):
-        if len(p) >= ctx:
+        if C + len(p) >= ctx:
             raise InputError(f"prompt {i}: {len(p)} tokens do not fit the model's context of {ctx} tokens "
                              f"(max_seq_len) with room to generate; shorten it")
     B = len(prompts)
@@ -167,18 +172,26 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         raise InputError(f"generate: {len(seeds)} seeds for {B} prompts")
     ids, pmask = pad(prompts, pad_id, "left", device)  # (B, P)
     P = ids.shape[1]
-    G = max(0, min(max_new_tokens, ctx - P))
-    S = P + G  # cache slots
+    G = max(0, min(max_new_tokens, ctx - C - P))
+    S = C + P + G  # cache slots
     if sync_every is None:
         sync_every = 8 if device.type == "cuda" else 1
 
-    # 1. prefill once per prompt
-    pos = (torch.arange(P, device=device) - (P - pmask.sum(-1, keepdim=True))).clamp(min=0)  # (B, P)
-    n_pad = P - pmask.sum(-1)  # (B,) left padding per row
-    key_valid = torch.cat([pmask.bool(), torch.ones(B, G, dtype=torch.bool, device=device)], dim=1)  # (B, S)
+    # 1. prefill once per prompt (after the shared prefix, prefilled once for all rows)
+    pos = C + (torch.arange(P, device=device) - (P - pmask.sum(-1, keepdim=True))).clamp(min=0)  # (B, P)
+    n_pad = P - pmask.sum(-1)  # (B,) left padding per row, between the prefix and the prompt
+    key_valid = torch.cat([torch.ones(B, C, dtype=torch.bool, device=device), pmask.bool(),
+                           torch.ones(B, G, dtype=torch.bool, device=device)], dim=1)  # (B, S)
     has_pad = bool((n_pad > 0).any())
-    cache = model.new_cache(B, S)
-    logits = prefill(model, ids, pos, padding_attn_mask(key_valid, P) if has_pad else None, cache)  # (B, V)
+    if C:
+        one = model.new_cache(1, S)
+        model.trunk(torch.tensor([prefix], device=device), None, None, one, start=0)  # (1, C, H): keys/values only
+        cache = one.repeat_interleave(B)  # row b: a copy of the prefix's slots [0, C)
+        h = model.trunk(ids, pos, padding_attn_mask(key_valid, P, start=C), cache, start=C)  # (B, P, H)
+        logits = model.logits(h[:, -1])  # (B, V)
+    else:
+        cache = model.new_cache(B, S)
+        logits = prefill(model, ids, pos, padding_attn_mask(key_valid, P) if has_pad else None, cache)  # (B, V)
 
     # 2. n samples per prompt: copy the cache rather than prefilling again
     if n > 1:
@@ -216,7 +229,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         steps = t + 1
         if t + 1 == G or ((t + 1) % sync_every == 0 and bool(done.all())):
             break
-        slot = P + t
+        slot = C + P + t
         step_mask = key_valid[:, None, None, :slot + 1] if has_pad else None  # (N, 1, 1, slot+1)
         logits = step_fn(model, tokens[:, t:t + 1], (slot - n_pad)[:, None], step_mask, cache, slot)
     return Generation(ids, pmask, tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped)

@@ -19,7 +19,8 @@ Two transcript formats:
         "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"
         "\\n\\nCritiqueRequest: {critique request}\\n\\nCritique: {critique}"
         "\\n\\nRevisionRequest: {revision request}\\n\\nRevision: {revision}"
-Few-shot transcripts from the constitution can be put in front (--few-shot).
+The constitution's few-shot transcripts go in front of every critique and revision request (on by
+default, as in the paper; --no-few-shot turns them off), never in front of the initial response.
 
 Principle subsets (principle_subset; the ablation of §3.4 / Fig. 6): the constitution restricted
 to the first n of its principles after a seeded shuffle, so that the rounds draw from n principles.
@@ -79,12 +80,26 @@ CHAT_ROLE = {"user": "user", "critique_request": "user", "revision_request": "us
 
 
 def few_shot_events(constitution: Constitution) -> list[tuple[str, str]]:
-    """The constitution's few-shot examples as events, to put in front of every transcript."""
+    """The constitution's few-shot examples as events, put in front of every critique and revision
+    request (the paper's few-shot critique/revision prompts, Bai et al. 2022 §3.1; never in front of
+    the initial response, which is the policy's own, nor in the SFT target)."""
     out = []
     for shot in constitution.few_shot:
         p = constitution.principle(shot.principle)
         out += [("user", shot.prompt), ("assistant", shot.response), ("critique_request", p.critique),
                 ("critique", shot.critique), ("revision_request", p.revision), ("revision", shot.revision)]
+    return out
+
+
+def quoted_few_shot(constitution: Constitution) -> list[tuple[str, str]]:
+    """The few-shot examples in the critic's quoted layout (quoted_events): per example, the quoted
+    conversation with its critique request, the critique, the revision request and the revision."""
+    out = []
+    for shot in constitution.few_shot:
+        p = constitution.principle(shot.principle)
+        out += quoted_events([("user", shot.prompt), ("assistant", shot.response), ("critique_request", p.critique),
+                              ("critique", shot.critique), ("revision_request", p.revision)])
+        out.append(("revision", shot.revision))
     return out
 
 
@@ -104,6 +119,15 @@ def render_paper(events: list[tuple[str, str]], principles_for_requests: bool = 
         else:  # an answer: assistant / critique / revision
             text += f" {t}"
     return text
+
+
+def shared_prefix(rows: list[list[int]], prefix: list[int]) -> tuple[list[int] | None, list[list[int]]]:
+    """(prefix, rows without it) when every row starts with `prefix` and has a token after it: the
+    context generate(prefix=...) prefills once; else (None, rows) unchanged (e.g. a BPE merge across the
+    boundary of a raw-text transcript)."""
+    if prefix and all(len(r) > len(prefix) and r[:len(prefix)] == prefix for r in rows):
+        return prefix, [r[len(prefix):] for r in rows]
+    return None, rows
 
 
 def stage_ids(tok: ChatTokenizer, fmt: str, events: list[tuple[str, str]]) -> list[int]:
@@ -176,7 +200,7 @@ def principle_subset(constitution: Constitution, n: int, seed: int) -> Constitut
 
 
 def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Constitution, *,
-           rounds: int = 4, fmt: str = "chat", few_shot: bool = False, batch_size: int = 8,
+           rounds: int = 4, fmt: str = "chat", few_shot: bool = True, batch_size: int = 8,
            max_new_tokens: int = 96, temperature: float = 0.7, seed: int = 0,
            critic: tuple | None = None, critic_layout: str = "quoted", critique: bool = True):
     """SL-CAI traces of `prompts`, generated batch by batch: yields each batch's records (Record.to_json:
@@ -199,6 +223,7 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
     if critic is not None and fmt == "chat" and writer_tok.chat.kind == "plain":
         raise InputError("the critic model has no chat template: use --format paper with it")
     prefix = few_shot_events(constitution) if few_shot else []
+    quoted_prefix = quoted_few_shot(constitution) if few_shot else []
     stop_strings = PAPER_STOPS if fmt == "paper" else ()
     for start in range(0, len(prompts), batch_size):
         recs = []
@@ -210,10 +235,14 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
         def answer(active: list[Record], stage: int, kind: str):
             m, t = (model, tok) if stage == 0 else (writer, writer_tok)  # the policy answers, the critic revises
             quote = stage > 0 and critic is not None and critic_layout == "quoted" and fmt == "chat"
-            ids = [stage_ids(t, fmt, quoted_events(r.events) if quote else prefix + r.events) for r in active]
+            shots = [] if stage == 0 else quoted_prefix if quote else prefix  # few-shot: critique/revision only
+            ids = [stage_ids(t, fmt, shots + (quoted_events(r.events) if quote else r.events)) for r in active]
+            shots_ids = (t.encode(render_paper(shots)) if fmt == "paper" else
+                         t.render([{"role": CHAT_ROLE[k], "content": x} for k, x in shots])[0]) if shots else []
+            pre, ids = shared_prefix(ids, shots_ids)  # the few-shot examples: prefilled once per batch
             gen = generate(m, ids, max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
                            stop_strings=stop_strings, tokenizer=t, pad_id=t.pad_id,
-                           seed=[stable_seed(r.seed, "stage", stage) for r in active])
+                           seed=[stable_seed(r.seed, "stage", stage) for r in active], prefix=pre)
             for r, text in zip(active, gen.texts(t)):
                 text = clean_answer(text, fmt)
                 r.events.append((kind, strip_preamble(text) if kind == "revision" else text))
@@ -231,3 +260,90 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
                 r.events.append(("revision_request", r.principles[rnd].revision))
             answer(active, 2 * rnd + 2, "revision")
         yield [r.to_json() for r in recs]  # 3. the last revision is the SFT target (Record.to_json "final")
+
+
+# ------------------------------------------------------------------------------ context distillation
+DISTILL_SYSTEM = ("You are a helpful, honest and harmless assistant. Answer ordinary questions fully. If a request "
+                  "could help someone cause harm, do not help with it: say briefly why, and suggest a safer "
+                  "alternative.")
+"""The system line of the teacher's context (--route distill). Our wording: the constitution's aim in
+one sentence, as the HHH prompt of Askell et al. 2021 opens with a description of the assistant."""
+
+
+def distill_context(constitution: Constitution, system: str | None = DISTILL_SYSTEM) -> list[dict]:
+    """The context C a teacher answers under in context distillation (Askell et al. 2021, arXiv
+    2112.00861, §2.2: train p_theta(X) toward p_0(X | C), L(theta) = KL(p_0(X | C) || p_theta(X));
+    SFT on samples x ~ p_0(. | C), scored without C, is a sample estimate of that loss's gradient,
+    the entropy of p_0 being constant): the system line, then each of the constitution's few-shot
+    examples as a finished exchange (its prompt as the user turn, its *revision* as the answer)."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    for shot in constitution.few_shot:
+        msgs += [{"role": "user", "content": shot.prompt}, {"role": "assistant", "content": shot.revision}]
+    return msgs
+
+
+def best_of_k(items: list[tuple[str, list[str]]], prefer) -> list[tuple[int, list[float]]]:
+    """The candidate the AI labeller likes best, per item (prompt, k candidate answers): a round
+    robin, every unordered pair (i, j), i < j, labelled once by prefer(pairs) -> [p(a better)] with
+    pairs [(conversation, a, b)] (feedback.ensemble_labels' p_a: both orders, m principles); a
+    candidate's score is its mean win probability over its k - 1 games (p for i, 1 - p for j), and
+    the highest score is kept (the first on a tie). k = 1: that candidate, score 1. Returns per item
+    (index kept, scores). Identical texts are not judged: their game is a tie (1/2)."""
+    games, where = [], []  # where[g] = (item, i, j) of games[g]
+    for n, (prompt, cands) in enumerate(items):
+        for i in range(len(cands)):
+            for j in range(i + 1, len(cands)):
+                if cands[i] != cands[j]:
+                    games.append((f"Human: {prompt}", cands[i], cands[j]))
+                    where.append((n, i, j))
+    p = list(prefer(games)) if games else []
+    if len(p) != len(games):
+        raise InputError(f"best_of_k: the labeller gave {len(p)} labels for {len(games)} pairs")
+    wins = [[0.0] * len(c) for _, c in items]
+    for (n, i, j), p_a in zip(where, p):
+        wins[n][i] += p_a - 0.5  # centred, so that a skipped tie adds nothing
+        wins[n][j] += 0.5 - p_a
+    out = []
+    for (_, cands), w in zip(items, wins):
+        k = len(cands)
+        scores = [0.5 + x / (k - 1) for x in w] if k > 1 else [1.0]
+        out.append((max(range(k), key=lambda i: (scores[i], -i)), scores))
+    return out
+
+
+def distill(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Constitution, *,
+            teacher: tuple | None = None, k: int = 1, prefer=None, system: str | None = DISTILL_SYSTEM,
+            batch_size: int = 8, max_new_tokens: int = 96, temperature: float = 0.7, seed: int = 0):
+    """Context-distillation records, batch by batch (the second SL route, --route distill):
+        1. the policy answers each prompt with no context (the record's "initial": what the standard-SFT
+           baseline trains on);
+        2. the teacher (teacher=(model, tok); None: the policy itself) answers it k times under
+           distill_context (system line + the constitution's few-shot exchanges);
+        3. k > 1: best_of_k with `prefer` (the AI labeller) keeps one; k = 1: the one answer.
+    The record's "final" is the kept answer: SFT (train_sl.sft_examples) trains the policy on
+    (prompt, final) with NO context in front, so the context's behaviour is distilled into the
+    weights. Helpfulness prompts take the same route (the context holds a helpful exchange too).
+    A prompt's texts depend only on its own seed (stable_seed(seed, prompt id)), not on its batch."""
+    if k < 1:
+        raise InputError(f"best-of-k: k must be >= 1, got {k}")
+    if k > 1 and prefer is None:
+        raise InputError("best-of-k with k > 1 needs a labeller (prefer)")
+    t_model, t_tok = teacher if teacher is not None else (model, tok)
+    context = distill_context(constitution, system)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        seeds = [stable_seed(seed, p.id) for p in batch]
+        ids = [tok.render([{"role": "user", "content": p.text}], add_generation_prompt=True)[0] for p in batch]
+        initial = generate(model, ids, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids,
+                           pad_id=tok.pad_id, seed=[stable_seed(s, "stage", 0) for s in seeds]).texts(tok)
+        ids = [t_tok.render(context + [{"role": "user", "content": p.text}], add_generation_prompt=True)[0]
+               for p in batch for _ in range(k)]  # row b*k + j: answer j of prompt b
+        pre, ids = shared_prefix(ids, t_tok.render(context)[0])  # the context: prefilled once per batch
+        texts = generate(t_model, ids, max_new_tokens, temperature=temperature, stop_ids=t_tok.stop_ids,
+                         pad_id=t_tok.pad_id, seed=[stable_seed(s, "distill", j) for s in seeds for j in range(k)],
+                         prefix=pre).texts(t_tok)
+        cands = [[t.strip() for t in texts[b * k:(b + 1) * k]] for b in range(len(batch))]
+        picks = best_of_k([(p.text, c) for p, c in zip(batch, cands)], prefer) if k > 1 else [(0, [1.0])] * len(batch)
+        yield [{"id": p.id, "prompt": p.text, "kind": p.kind, "source": p.source, "seed": s, "route": "distill",
+                "initial": init.strip(), "rounds": [], "candidates": c, "scores": sc, "chosen": i, "final": c[i]}
+               for p, s, init, c, (i, sc) in zip(batch, seeds, initial, cands, picks)]

@@ -134,7 +134,7 @@ def build_parser(cls, description: str | None = None, prog: str | None = None) -
                                                                   f" (default: {default})" if default is not None and default is not False else ""))
             base = _base_type(tp)
             if base is bool and not md.get("repeat"):
-                kw.update(action="store_true", default=bool(default))
+                kw.update(action=argparse.BooleanOptionalAction if default else "store_true", default=bool(default))
             else:
                 kw.update(type=base, default=default)
                 if md.get("repeat"):

@@ -250,7 +250,7 @@ def evaluate_hhh(judges: list[tuple[str, Transformer, ChatTokenizer]], items: li
     p_better per item (so that ensembles can be compared offline). When every member is ab, also:
     single_order_accuracy (each order its own trial: a labeller that always says (A) scores 0.5),
     better_first / better_second_accuracy (their gap is the position bias) and order_agreement."""
-    from .yardstick import share, share_by_category
+    from ..metrics import share, share_by_category
 
     n = len(items)
     categories = list(categories) if categories is not None else ["all"] * n

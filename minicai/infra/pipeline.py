@@ -2,7 +2,8 @@
 
     python -m minicai.infra.pipeline --out runs/cai
 
-    1. SL-CAI     train_sl.py   critique -> revision traces, SFT on the revisions   -> OUT/sl/model
+    1. SL-CAI     train_sl.py   the teacher's answers under the constitution's few-shot context
+                                (or critique -> revision traces), SFT without it   -> OUT/sl/model
     2. feedback   train_rm.py   pairs from the SL model, AI labels, reward model    -> OUT/rm/rm
     3. RL-CAI     train_ppo.py  PPO against the reward model, KL to the SL model    -> OUT/ppo/model
     4. DPO        train_dpo.py  the alternative to 2+3's RM + PPO, on the same labels -> OUT/dpo/model
@@ -47,6 +48,8 @@ from .labelling import DEFAULT as FEEDBACK_DEFAULT
 from .labelling import member_spec
 from .utils import InputError, atomic_write_json
 
+SL_SOURCES = ("builtin-red-team", "do-not-answer", "harmbench")
+"""SL-CAI's red-team sources (their train sides; the evaluation holds out the other side of each)."""
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 """The folder that holds the minicai package and the train_*.py modules: the checkout, or site-packages."""
 
@@ -65,11 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeller", default=FEEDBACK_DEFAULT["labeller"],
                    choices=["ab", "contrast", "ab+contrast", "rlcd", "revision"],
                    help="how preference pairs are made and labelled (train_rm.py --labeller)")
-    p.add_argument("--critic-model", default="base",
-                   help="model that writes SL-CAI's critiques and revisions: 'base' (--model itself, as in the paper; "
-                        "default), 'feedback' (the first --feedback-model: a distilled SL-CAI; docs/results.md measures "
-                        "both), or a model")
-    p.add_argument("--sl-prompts", type=int, default=32, help="red-team prompts for SL-CAI")
+    p.add_argument("--sl-route", default="distill", choices=["distill", "revise"],
+                   help="how SL-CAI makes its training answers (train_sl.py --route): distill (default) = context "
+                        "distillation, the teacher (--critic-model) answers each prompt under the constitution's "
+                        "few-shot exchanges and the policy learns the answer without them; revise = the paper's "
+                        "critique -> revision rounds, few-shot examples in every request (docs/results.md, 'SL-CAI "
+                        "routes' measures both)")
+    p.add_argument("--critic-model", default="feedback",
+                   help="the teacher: the model that writes SL-CAI's answers under the context (--sl-route distill) or "
+                        "its critiques and revisions (revise): 'feedback' (default: the first --feedback-model, the "
+                        "1.5B model; a distillation from a stronger model, docs/results.md says why), 'base' (--model "
+                        "itself: the paper's self-critique, for the course), or a model")
+    p.add_argument("--sl-best-of", type=int, default=1,
+                   help="--sl-route distill: the teacher's answers per prompt; above 1 the AI labeller (the "
+                        "--feedback-model ensemble) keeps one (train_sl.py --best-of)")
+    p.add_argument("--sl-source", action="append", default=None,
+                   help="red-team prompt source of SL-CAI, repeatable (train sides only: held-out prompts are never "
+                        "trained on); default: builtin-red-team, do-not-answer and harmbench")
+    p.add_argument("--sl-prompts", type=int, default=96, help="red-team prompts for SL-CAI (+ a quarter helpful ones)")
     p.add_argument("--sl-rounds", type=int, default=2, help="critique/revision rounds (paper: 4)")
     p.add_argument("--sl-epochs", type=float, default=2.0, help="SFT passes over the revisions (train_sl.py --epochs)")
     p.add_argument("--baseline", default="none", choices=["none", "sft"],
@@ -246,9 +262,13 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
     feedback = [x for n in args.feedback_model for x in ("--feedback-model", n)]
     sl, rm, ppo = d / "sl", d / "rm", d / "ppo"
     fast = precision_flags(args.precision)
-    sl_flags = ["--model", base, "--constitution", args.constitution, "--n-prompts", str(args.sl_prompts),
-                "--rounds", str(args.sl_rounds), "--max-new-tokens", str(args.max_new_tokens),
-                "--epochs", str(args.sl_epochs), *fast["sl"]]
+    sources = [x for src in args.sl_source or SL_SOURCES for x in ("--prompts", src)]
+    sl_flags = ["--model", base, "--constitution", args.constitution, *sources, "--n-prompts", str(args.sl_prompts),
+                "--route", args.sl_route,
+                *(["--rounds", str(args.sl_rounds)] if args.sl_route == "revise" else []),
+                *(["--best-of", str(args.sl_best_of)] if args.sl_best_of > 1 else []),
+                *([x for n in args.feedback_model for x in ("--judge", n)] if args.sl_best_of > 1 else []),
+                "--max-new-tokens", str(args.max_new_tokens), "--epochs", str(args.sl_epochs), *fast["sl"]]
     run_stage(f"{tag or 'round1'}/sl", ["-m", "train_sl", "--out", str(sl), *sl_flags, *critic, *common],
               sl / "sft_summary.json", log, out, dry)
     if args.baseline == "sft" and not tag:  # the same prompts and samples, trained on the initial responses
@@ -343,7 +363,7 @@ def write_self_improve(out: Path, rounds: list[dict], args, seconds: float) -> N
                      rounds=rounds)
 
 
-RANGES = {"sl_prompts": "[0, inf)", "sl_rounds": "[1, inf)", "sl_epochs": "(0, inf)", "rm_prompts": "[0, inf)",
+RANGES = {"sl_prompts": "[0, inf)", "sl_best_of": "[1, 16]", "sl_rounds": "[1, inf)", "sl_epochs": "(0, inf)", "rm_prompts": "[0, inf)",
           "rm_k": "[2, inf)", "pair_val_fraction": "[0, 1)", "ppo_iterations": "[1, inf)", "ppo_batch": "[1, inf)",
           "max_new_tokens": "[1, inf)", "eval_red_team": "[0, inf)", "eval_helpful": "[0, inf)",
           "eval_harmful": "[0, inf)", "eval_benign": "[0, inf)", "self_improve": "[0, inf)", "stop_drop": "[0, inf)"}

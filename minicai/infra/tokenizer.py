@@ -77,8 +77,10 @@ def chat_format_from_template(template: str | None) -> ChatFormat:
     if not template:
         return ChatFormat("plain")
     if "<|im_start|>" in template:
-        m = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
-        default = m.group(1) if m and "message" not in m.group(1) and "{" not in m.group(1) else None
+        # the first system turn written as literal text (Qwen2.5's template first has one built from
+        # messages[0], then its default "You are Qwen, ..." when there is no system message)
+        found = (m.group(1) for m in re.finditer(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S))
+        default = next((t for t in found if "message" not in t and "{" not in t and "'" not in t), None)
         return ChatFormat("chatml", default)
     if "<|start_header_id|>" in template:
         return ChatFormat("llama3")

@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..constitution import Constitution
-from ..slcai import traces
+from ..slcai import distill, traces
 from .data import Prompt
 from .files import append_jsonl, read_jsonl
 from .utils import InputError
@@ -27,16 +27,17 @@ def load_done(trace: Path) -> dict[str, dict]:
 
 
 
-def run_slcai(model, tok, prompts: list[Prompt], constitution: Constitution, trace: Path, **kw) -> list[dict]:
-    """Generate the traces of the prompts not yet in `trace` (slcai.traces, with its keyword
-    arguments), appending each batch's records in one write (a killed run keeps the whole batch or
-    none of it). Returns every record, old and new, in prompt order."""
+def run_slcai(model, tok, prompts: list[Prompt], constitution: Constitution, trace: Path, route: str = "revise",
+              **kw) -> list[dict]:
+    """Generate the traces of the prompts not yet in `trace` (route 'revise': slcai.traces; 'distill':
+    slcai.distill; with its keyword arguments), appending each batch's records in one write (a killed
+    run keeps the whole batch or none of it). Returns every record, old and new, in prompt order."""
     trace = Path(trace)
     trace.parent.mkdir(parents=True, exist_ok=True)
     done = load_done(trace)
     todo = [p for p in prompts if p.id not in done]
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="SL-CAI", unit="prompt")
-    for rows in traces(model, tok, todo, constitution, **kw):
+    for rows in {"revise": traces, "distill": distill}[route](model, tok, todo, constitution, **kw):
         append_jsonl(trace, rows)
         done.update((rec["id"], rec) for rec in rows)
         bar.update(len(rows))

@@ -354,9 +354,9 @@ def test_revision_filter_and_pairs():
     assert revision_filter("Sure, here is how.", "") == "empty revision"
     assert revision_filter("Sure, here is how.", "  sure, HERE is how. ") == "revision equals the initial response"
     refusal = "I can't help with that, because it could hurt someone."
-    assert revision_filter(refusal, "Sure! First, get a crowbar.") is not None  # a refusal turned into compliance
-    assert revision_filter(refusal, "Sure! First, get a crowbar.", harmful=False) is None
-    assert revision_filter("Sure! First, get a crowbar.", refusal) is None  # an improvement: kept
+    # no refusal detector decides (the measuring stick never chooses training data): both kept
+    assert revision_filter(refusal, "Sure! First, get a crowbar.") is None
+    assert revision_filter("Sure! First, get a crowbar.", refusal) is None
     traces = [{"id": "a", "prompt": "p1", "kind": "red-team", "initial": "Sure! First, get a crowbar.",
                "rounds": [{"revision": refusal}], "final": refusal},
               {"id": "b", "prompt": "p2", "kind": "red-team", "initial": "same", "rounds": [{}], "final": "Same"},
