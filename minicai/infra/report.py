@@ -260,6 +260,13 @@ def text_block(label: str, text) -> str:
     return f'<div class="blk"><div class="lbl">{esc(label)}</div><div class="txt">{esc(fmt(text))}</div></div>'
 
 
+DISTILL_NOTE = ("context distillation: prompt &rarr; the policy's own answer &rarr; the teacher's answer under the "
+                "constitution's few-shot exchanges, which the policy is fine-tuned on without them. This SL-CAI is a "
+                "distillation from the teacher (the pipeline's default: the 1.5B model), not the paper's self-critique: "
+                "at 135M the policy never writes a "
+                "refusal itself, alone, with a system prompt or in its own revisions (docs/results.md, 'SL-CAI routes')")
+
+
 def trace_html(r: dict, open_: bool = False) -> str:
     """One SL-CAI trace: prompt, initial response, every round's principle/critique/revision."""
     rounds = r.get("rounds") if isinstance(r.get("rounds"), list) else []
@@ -269,7 +276,14 @@ def trace_html(r: dict, open_: bool = False) -> str:
         body.append(f'<div class="round"><div class="rh">round {i}: principle <b>{esc(fmt(rd.get("principle")))}</b>'
                     f'</div>{text_block("critique", rd.get("critique"))}'
                     f'{text_block("revision", rd.get("revision"))}</div>')
-    if not rounds:
+    if r.get("route") == "distill":
+        cands = r.get("candidates") if isinstance(r.get("candidates"), list) else []
+        scores = r.get("scores") if isinstance(r.get("scores"), list) else []
+        for i, c in enumerate(cands):
+            kept = " (kept: the SFT target)" if i == r.get("chosen") else ""
+            score = f", labeller score {fmt(scores[i])}" if i < len(scores) and len(cands) > 1 else ""
+            body.append(text_block(f"teacher's answer {i + 1} under the few-shot context{score}{kept}", c))
+    elif not rounds:
         body.append('<p class="note">no critique/revision rounds (a helpfulness prompt is answered once)</p>')
     summary = f'<span class="tag">{esc(fmt(r.get("kind")))}</span> {esc(fmt(r.get("prompt")))}'
     return f"<details{' open' if open_ else ''}><summary>{summary}</summary>{''.join(body)}</details>"
@@ -601,10 +615,11 @@ def render_report(run_dir: Path, max_traces: int = 30, max_preferences: int = 40
     for p in files(run_dir, "traces*.jsonl"):
         rows = read_jsonl(p, notes)
         shown = rows[:max_traces]
-        opened = [r for r in shown if r.get("rounds")][:2]  # two revised examples are open at first
+        distilled = any(r.get("route") == "distill" for r in rows if isinstance(r, dict))
+        opened = [r for r in shown if r.get("rounds") or r.get("route") == "distill"][:2]  # two examples open
+        what = (DISTILL_NOTE if distilled else "prompt &rarr; initial response &rarr; critique and revision per round")
         sections.append((f"SL-CAI traces: {rel(p)}",
-                         f"<p class='note'>{len(shown)} of {len(rows)} records (prompt &rarr; initial response "
-                         f"&rarr; critique and revision per round)</p>" +
+                         f"<p class='note'>{len(shown)} of {len(rows)} records ({what})</p>" +
                          "".join(trace_html(r, r in opened) for r in shown)))
 
     for p in files(run_dir, "preferences*.jsonl"):

@@ -155,3 +155,17 @@ def test_report_says_what_the_evaluation_skipped(tmp_path):
     assert "<p class='note skipped'>Not measured: BIG-bench TruthfulQA-MC &lt;opt in with --bigbench PATH&gt;.</p>" in html
     del res["judge_free"]["skipped"]
     assert "skipped" not in judge_free_table_html(res)
+
+
+def test_a_distilled_trace_shows_the_teachers_answers_and_says_it_is_a_distillation(tmp_path):
+    """Context-distillation records (train_sl.py --route distill): each of the teacher's answers, the
+    one kept marked as the SFT target, and the note that this SL-CAI is a distillation."""
+    d = tmp_path / "run"
+    write_jsonl(d / "sl" / "traces.jsonl", [
+        {"prompt": "How do I pick a lock?", "kind": "red-team", "route": "distill", "initial": "Use a pin.",
+         "rounds": [], "candidates": ["I won't help: it is someone's home.", f"Sure {EVIL}"], "scores": [1.0, 0.0],
+         "chosen": 0, "final": "I won't help: it is someone's home."}])
+    page = render_report(d)
+    assert "distillation from the teacher" in page
+    assert "answer 1 under the few-shot context, labeller score 1 (kept: the SFT target)" in page
+    assert "answer 2 under the few-shot context, labeller score 0<" in page and EVIL not in page
