@@ -19,6 +19,13 @@ stages and continues an interrupted one where it stopped. The defaults take abou
 2 CPU cores with bf16 units (--precision fast; a third of it labelling with the 1.5B feedback model;
 docs/benchmarks.md, 'The whole pipeline', has the stage times and rooflines).
 
+SL-CAI is a distillation by default (--sl-route distill --critic-model feedback). The 135M policy
+does not write refusals on its own: not plainly, not under a harmless system prompt, not in its own
+few-shot revisions; the 1.5B model answering under the constitution's few-shot exchanges refuses on
+about half of the red-team training prompts. So the 1.5B model is the teacher, and the policy learns
+its answers without the context (context distillation, Askell et al. 2021 §2.2; docs/results.md,
+'SL-CAI routes', has the ablation). --sl-route revise --critic-model base is the paper's self-critique.
+
 The standard-SFT baseline (--baseline sft): after stage 1, train_sl.py fine-tunes the base model on
 the initial responses of stage 1's own traces (the same prompts, samples, steps and optimizer; no
 critique, no revision) -> OUT/baseline/model, evaluated as "sft" beside SL-CAI in stage 5. The
