@@ -197,3 +197,15 @@ def test_the_no_yardstick_check_can_fail():
     """The same walk finds the evaluation's own path to the yardstick."""
     chain = reaches(ROOT / "minicai" / "infra" / "evaluate.py", YARDSTICK)
     assert chain is not None and chain[-1] == YARDSTICK
+
+
+def test_few_shot_is_on_by_default_and_can_be_turned_off():
+    from minicai.infra import cli
+    from train_sl import Args
+
+    assert cli.parse(Args, ["--out", "x"]).few_shot is True
+    assert cli.parse(Args, ["--out", "x", "--no-few-shot"]).few_shot is False
+    args = cli.parse(Args, ["--out", "x", "--route", "distill", "--best-of", "3"])
+    assert (args.route, args.best_of) == ("distill", 3)
+    with pytest.raises(InputError, match=r"--best-of: 0 is not allowed \(must be in \[1, 16\]\)"):
+        cli.parse(Args, ["--out", "x", "--best-of", "0"])
