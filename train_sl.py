@@ -155,14 +155,14 @@ def route_options(args: Args, critic, prefer) -> dict:
     return dict(rounds=args.rounds, fmt=args.format, few_shot=args.few_shot, critic=critic, **common)
 
 
-def labeller(args: Args, device, policy, tok) -> callable:
+def labeller(args: Args, device, policy, tok, critic=None) -> callable:
     """--best-of > 1: prefer(pairs) -> [p(a better)], the AI labeller of train_rm.py (feedback.ensemble_labels
     of the --judge models, --judge-principles comparison principles drawn per pair, both orders)."""
     from minicai.feedback import draw, ensemble_labels, scorers_of
     from minicai.infra.labelling import DEFAULT, feedback_principles, load_judges
 
     judges = load_judges(args.judge or DEFAULT["feedback_models"], resolve_device(args.run.device, args.critic_dtype)[1],
-                         device, reuse={args.model: (policy, tok)})
+                         device, reuse={args.model: (policy, tok), **({args.critic_model: critic} if critic else {})})
     principles = feedback_principles(args.constitution)
     m = min(args.judge_principles, len(principles))
 
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
         gen_dtype = resolve_device(args.run.device, args.gen_dtype)[1]
         writer = model if gen_dtype == model.embed_tokens.weight.dtype or sft_done else \
             copy.deepcopy(model).to(gen_dtype)  # --gen-dtype: a copy; the trained weights stay as loaded
-        prefer = labeller(args, device, model, tok) if args.route == "distill" and args.best_of > 1 else None
+        prefer = labeller(args, device, model, tok, critic) if args.route == "distill" and args.best_of > 1 else None
         records = generate_traces(args, writer, tok, critic, prompts, constitution, out, d, prefer)  # stage 1
         del writer
     del critic
