@@ -164,7 +164,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     C = len(prefix) if prefix else 0  # shared context tokens, in cache slots [0, C)
     for i, p in enumerate(prompts):
         if C + len(p) >= ctx:
-            raise InputError(f"prompt {i}: {len(p)} tokens do not fit the model's context of {ctx} tokens "
+            raise InputError(f"prompt {i}: {len(p)} tokens{f' after a {C}-token shared prefix' if C else ''} do not fit "
+                             f"the model's context of {ctx} tokens "
                              f"(max_seq_len) with room to generate; shorten it")
     B = len(prompts)
     seeds = [seed + b for b in range(B)] if isinstance(seed, int) else list(seed)

@@ -189,14 +189,17 @@ def principle_subset(constitution: Constitution, n: int, seed: int) -> Constitut
     random.Random(seed) and its first n are kept (in shuffled order), so that for one seed the
     subsets are nested (the 1 inside the 2 inside the 4 ...). n = 0 or n >= the number of
     principles: the constitution itself, unchanged (every principle, in file order, as plain SL-CAI
-    draws them). Few-shot examples are kept as they are."""
+    draws them). Only the few-shot examples of the kept principles stay (an example of a dropped
+    principle would show its critique and revision requests)."""
     if n < 0:
         raise InputError(f"number of principles must be >= 0 (0 = all), got {n}")
     if n == 0 or n >= len(constitution.principles):
         return constitution
     order = list(constitution.principles)
     random.Random(seed).shuffle(order)
-    return replace(constitution, principles=order[:n])
+    kept = order[:n]
+    names = {p.name for p in kept}
+    return replace(constitution, principles=kept, few_shot=[f for f in constitution.few_shot if f.principle in names])
 
 
 def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Constitution, *,

@@ -37,7 +37,7 @@ def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
 
 def tiny_config(**kw) -> ModelConfig:
     base = dict(vocab_size=len(tiny_vocab()[0]), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                rope_base=10000.0, norm_eps=1e-5, max_seq_len=1024, tie_embeddings=True)
+                rope_base=10000.0, norm_eps=1e-5, max_seq_len=4096, tie_embeddings=True)
     base.update(kw)
     return ModelConfig(**base)
 

@@ -80,6 +80,10 @@ def test_principle_subset_is_the_first_n_of_a_seeded_shuffle():
     assert len({tuple(p.name for p in principle_subset(const, 2, s).principles) for s in range(10)}) > 1  # seed matters
     assert const.principles == principles(5)  # the original list is not shuffled in place
     one_line_error(lambda: principle_subset(const, -1, 0), "must be >= 0")
+    from minicai.constitution import FewShot
+    shots = [FewShot(f"q{i}", "r", "c", "v", f"p{i}") for i in range(5)]
+    sub = principle_subset(Constitution("c", principles(5), shots, "test"), 2, 7)
+    assert [f.principle for f in sub.few_shot] == [f"p{i}" for i in sorted(order[:2])]  # the kept principles' examples
 
 
 def red(n):

@@ -130,10 +130,14 @@ def test_topk1_is_greedy(model):
 
 
 def test_prompt_longer_than_context_is_a_clear_error(model):
-    with pytest.raises(InputError, match="prompt 1: 1100 tokens .* context of 1024"):
-        generate(model, [[5, 6], [5] * 1100], 4, temperature=0)
+    with pytest.raises(InputError, match="prompt 1: 4100 tokens .* context of 4096"):
+        generate(model, [[5, 6], [5] * 4100], 4, temperature=0)
+    with pytest.raises(InputError, match="prompt 0: 2100 tokens after a 2000-token shared prefix .* context of 4096"):
+        generate(model, [[5] * 2100], 4, temperature=0, prefix=[5] * 2000)
     # generation stops at the context length instead of writing past the cache
-    gen = generate(model, [[5] * 1018], 20, temperature=0, pad_id=2)
+    gen = generate(model, [[5] * 4090], 20, temperature=0, pad_id=2)
+    assert gen.tokens.shape[1] == 6
+    gen = generate(model, [[5] * 90], 20, temperature=0, pad_id=2, prefix=[5] * 4000)  # the prefix counts too
     assert gen.tokens.shape[1] == 6
 
 

@@ -47,7 +47,7 @@ def prompts(n):
 def test_interrupted_generation_resumes_to_the_same_trace(tiny, tmp_path, fmt, monkeypatch):
     model, tok = tiny
     const = load_constitution("hhh")
-    kw = dict(rounds=2, fmt=fmt, batch_size=2, max_new_tokens=6, temperature=1.0, seed=3)
+    kw = dict(rounds=2, fmt=fmt, batch_size=2, max_new_tokens=6, temperature=1.0, seed=3, few_shot=False)
     full = run_slcai(model, tok, prompts(5), const, tmp_path / "full.jsonl", **kw)
     part = tmp_path / "part.jsonl"
     with monkeypatch.context() as mp, pytest.raises(Killed):
@@ -78,7 +78,7 @@ def test_a_critic_model_writes_the_critiques_and_revisions_only(tiny, tmp_path):
     model, tok = tiny
     other = load_model(str(write_tiny_gguf(tmp_path / "critic.gguf", random_model(tiny_config(), seed=9))))[:2]
     const = load_constitution("hhh")
-    kw = dict(rounds=1, batch_size=2, max_new_tokens=6, temperature=1.0, seed=3)
+    kw = dict(rounds=1, batch_size=2, max_new_tokens=6, temperature=1.0, seed=3, few_shot=False)  # few-shot: test_sl_routes
     own = run_slcai(model, tok, prompts(3), const, tmp_path / "own.jsonl", **kw)
     distilled = run_slcai(model, tok, prompts(3), const, tmp_path / "distilled.jsonl", critic=other, **kw)
     same = run_slcai(model, tok, prompts(3), const, tmp_path / "same.jsonl", critic=(model, tok), critic_layout="chat",

@@ -182,7 +182,7 @@ def test_prompts_know_their_line_and_too_long_ones_are_named_by_it(tmp_path, tin
 
     tok, ctx = load_tokenizer(str(tiny_gguf))
     model_tok = load_model(str(tiny_gguf))[1]
-    assert ctx == 1024 and tok.encode("hello there") == model_tok.encode("hello there")
+    assert ctx == 4096 and tok.encode("hello there") == model_tok.encode("hello there")
 
     def rendered(text):
         return len(tok.render([{"role": "user", "content": text}], add_generation_prompt=True)[0])
@@ -197,5 +197,5 @@ def test_prompts_know_their_line_and_too_long_ones_are_named_by_it(tmp_path, tin
     with pytest.raises(InputError) as e:
         check_prompt_lengths(prompts, tok, ctx)
     assert str(e.value) == (f"{path}: line 3: the prompt is {rendered(fits + ' x')} tokens in the chat format, which "
-                            f"leaves no room to generate in the model's context of 1024 tokens (max_seq_len); "
+                            f"leaves no room to generate in the model's context of 4096 tokens (max_seq_len); "
                             f"shorten it or leave it out")

@@ -982,11 +982,11 @@ def _(env):
 
 
 def _long_prompts(env: Env) -> Path:
-    """A prompt file whose line 3 is 1200 words (the tiny model's context is 1024 tokens), on the
+    """A prompt file whose line 3 is 4200 words (the tiny model's context is 4096 tokens), on the
     train side of the held-out split (data.split), so that every script uses it."""
     from minicai.infra.data import Prompt, split
 
-    long = next(t for k in range(100) if split([Prompt(t := f"{k} " + "x " * 1200, "", "red-team")])[0])
+    long = next(t for k in range(100) if split([Prompt(t := f"{k} " + "x " * 4200, "", "red-team")])[0])
     return env.write("long.txt", f"# prompts\ntell me something risky\n{long}\nand another one\n")
 
 
