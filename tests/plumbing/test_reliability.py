@@ -382,7 +382,7 @@ def _(env):
 
 @case("prompt-too-long")
 def _(env):
-    return Run(generate.main, env.gen(env.gguf, "x " * 600))
+    return Run(generate.main, env.gen(env.gguf, "x " * 2100))
 
 
 # ---------------------------------------------------------------- NaN and inf
