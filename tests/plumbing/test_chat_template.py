@@ -2,6 +2,7 @@
 transformers' Jinja renderer, the test venv's `hf` extra), default system line included: Qwen2.5's
 template inserts "You are Qwen, ..." when a conversation has none, and a teacher prompted without it
 sees another prompt than the one it was tuned on (issue 25, item 5)."""
+import copy
 import functools
 
 import pytest
@@ -73,7 +74,7 @@ def test_the_default_system_line_is_the_literal_one_not_a_templated_one():
 
 
 def test_a_qwen_shaped_template_renders_as_hf_renders_it(tiny):
-    _, tok = tiny
+    tok = copy.copy(tiny[1])  # the fixture is shared: change a copy's format only
     tok.chat = chat_format_from_template(QWEN_LIKE)
     for messages, gen in CONVERSATIONS:
         assert tok.decode(tok.render(messages, add_generation_prompt=gen)[0], skip_special=False) == \
