@@ -521,7 +521,8 @@ def revision_filter(initial: str, final: str) -> str | None:
 def revision_pairs(traces: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Preference pairs from SL-CAI traces (Hugging Face's CAI recipe: the initial response as
     rejected, the final revision as chosen), for the red-team records with at least one revision
-    round, filtered by revision_filter. Returns (records with key '<id>:revision', prompt, prompt_id,
+    round and every distilled record (route distill: the policy's own answer rejected, the teacher's
+    kept answer chosen, helpful prompts too), filtered by revision_filter. Returns (records with key '<id>:revision', prompt, prompt_id,
     kind, response_a, response_b, p_a, labeller='revision'; dropped [{key, prompt, reason}])."""
     rows, dropped = [], []
     for r in traces:

@@ -228,6 +228,7 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
     prefix = few_shot_events(constitution) if few_shot else []
     quoted_prefix = quoted_few_shot(constitution) if few_shot else []
     stop_strings = PAPER_STOPS if fmt == "paper" else ()
+    shots_ids: dict[bool, list[int]] = {}  # quoted layout? -> the few-shot block's token ids
     for start in range(0, len(prompts), batch_size):
         recs = []
         for p in prompts[start:start + batch_size]:
@@ -240,9 +241,10 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
             quote = stage > 0 and critic is not None and critic_layout == "quoted" and fmt == "chat"
             shots = [] if stage == 0 else quoted_prefix if quote else prefix  # few-shot: critique/revision only
             ids = [stage_ids(t, fmt, shots + (quoted_events(r.events) if quote else r.events)) for r in active]
-            shots_ids = (t.encode(render_paper(shots)) if fmt == "paper" else
-                         t.render([{"role": CHAT_ROLE[k], "content": x} for k, x in shots])[0]) if shots else []
-            pre, ids = shared_prefix(ids, shots_ids)  # the few-shot examples: prefilled once per batch
+            if quote not in shots_ids:  # the few-shot block's ids, tokenized once per layout
+                shots_ids[quote] = (t.encode(render_paper(shots)) if fmt == "paper" else
+                                    t.render([{"role": CHAT_ROLE[k], "content": x} for k, x in shots])[0]) if shots else []
+            pre, ids = shared_prefix(ids, shots_ids[quote] if stage > 0 else [])  # the few-shot examples: prefilled once per batch
             gen = generate(m, ids, max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
                            stop_strings=stop_strings, tokenizer=t, pad_id=t.pad_id,
                            seed=[stable_seed(r.seed, "stage", stage) for r in active], prefix=pre)
@@ -333,6 +335,7 @@ def distill(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Cons
         raise InputError("best-of-k with k > 1 needs a labeller (prefer)")
     t_model, t_tok = teacher if teacher is not None else (model, tok)
     context = distill_context(constitution, system)
+    context_ids = t_tok.render(context)[0]  # the shared prefix of every teacher row, tokenized once
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         seeds = [stable_seed(seed, p.id) for p in batch]
@@ -341,7 +344,7 @@ def distill(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Cons
                            pad_id=tok.pad_id, seed=[stable_seed(s, "stage", 0) for s in seeds]).texts(tok)
         ids = [t_tok.render(context + [{"role": "user", "content": p.text}], add_generation_prompt=True)[0]
                for p in batch for _ in range(k)]  # row b*k + j: answer j of prompt b
-        pre, ids = shared_prefix(ids, t_tok.render(context)[0])  # the context: prefilled once per batch
+        pre, ids = shared_prefix(ids, context_ids)  # the context: prefilled once per batch
         texts = generate(t_model, ids, max_new_tokens, temperature=temperature, stop_ids=t_tok.stop_ids,
                          pad_id=t_tok.pad_id, seed=[stable_seed(s, "distill", j) for s in seeds for j in range(k)],
                          prefix=pre).texts(t_tok)

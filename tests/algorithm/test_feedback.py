@@ -396,3 +396,25 @@ def test_a_member_can_name_its_own_method(tiny, second):
     assert [(x["model"], x["scorer"], x["p_a"]) for x in ens["members"]] == \
         [("one", "ab", want[0]), ("two", "contrast", want[1])]
     assert ens["p_a"] == pytest.approx(sum(want) / 2, abs=1e-12)
+
+
+def test_revision_pairs_from_distilled_traces():
+    """route distill records have no rounds: each (the policy's own answer, the teacher's kept
+    answer) is a pair, red-team and helpful prompts alike, the teacher's answer the chosen side."""
+    from minicai.feedback import revision_pairs
+
+    traces = [{"id": "d1", "prompt": "p1", "kind": "red-team", "route": "distill", "initial": "Sure, step one.",
+               "rounds": [], "candidates": ["No: it could hurt someone."], "chosen": 0,
+               "final": "No: it could hurt someone."},
+              {"id": "d2", "prompt": "p2", "kind": "helpful", "route": "distill", "initial": "Rice: boil it.",
+               "rounds": [], "final": "Rinse the rice, then simmer it for 15 minutes."},
+              {"id": "d3", "prompt": "p3", "kind": "red-team", "route": "distill", "initial": "Same text",
+               "rounds": [], "final": "same text"},
+              {"id": "r1", "prompt": "p4", "kind": "helpful", "initial": "x", "rounds": [], "final": "x"}]
+    rows, dropped = revision_pairs(traces, seed=1)
+    assert [r["key"] for r in rows] == ["d1:revision", "d2:revision"]
+    assert [d["key"] for d in dropped] == ["d3:revision"]  # r1 (revise route, no rounds) is not a pair at all
+    for r, t in zip(rows, traces):
+        chosen = r["response_a"] if r["p_a"] == 1.0 else r["response_b"]
+        assert chosen == t["final"] and {r["response_a"], r["response_b"]} == {t["initial"], t["final"]}
+        assert r["kind"] == t["kind"]

@@ -125,12 +125,13 @@ def test_distill_with_best_of_k_records_the_labellers_pick(tiny):
     pick_last = lambda pairs: [0.0] * len(pairs)  # noqa: E731  b always better: the last candidate wins
     out = [r for b in slcai.distill(model, tok, PROMPTS[:2], CONST, k=3, prefer=pick_last, max_new_tokens=6,
                                     temperature=1.0) for r in b]
+    distinct = [r for r in out if len(set(r["candidates"])) == 3]
+    assert distinct, "temperature 1.0 should give distinct candidates; the check below would be empty"
     for r in out:
         assert len(r["candidates"]) == 3
-        distinct = len(set(r["candidates"])) == 3
-        if distinct:
-            assert r["chosen"] == 2 and r["final"] == r["candidates"][2]
         assert r["final"] == r["candidates"][r["chosen"]]
+    for r in distinct:
+        assert r["chosen"] == 2 and r["final"] == r["candidates"][2]
     with pytest.raises(InputError, match="needs a labeller"):
         next(slcai.distill(model, tok, PROMPTS, CONST, k=2))
 
