@@ -78,6 +78,11 @@ class LabelArgs:
     pairs of --sl-traces (docs/results.md, 'Labeller ablation')"""
     rescore: str | None = field(default=None, metadata={"choices": ("ab", "contrast", "ab+contrast")})
     """with --labeller rlcd or revision: label those pairs with this method instead of by provenance"""
+    rlcd_context: str = field(default="principle", metadata={"choices": ("principle", "few-shot")})
+    """with --labeller rlcd: principle = one reply under a principle's follow system prompt, one under its violate
+    prompt; few-shot = one under the constitution's few-shot harmless context (the SL-CAI distillation context,
+    slcai.distill_context) and one with no context, labelled by --rescore (needed: the AI labeller decides, not
+    the provenance). The reward model never sees a context"""
     sl_traces: str | None = field(default=None, metadata={"metavar": "FILE"})
     """SL-CAI traces (train_sl.py's OUT/traces.jsonl) for --labeller revision"""
     constitution: str = "default"
@@ -241,6 +246,9 @@ def check_labelling(a: LabelArgs, principles: list) -> None:
     if a.labeller != "revision" and a.principles_per_pair > len(principles):
         raise InputError(f"--principles-per-pair: {a.principles_per_pair} is not allowed (must be <= "
                          f"{len(principles)}, the comparison principles of --constitution {a.constitution})")
+    if a.rlcd_context == "few-shot" and (a.labeller != "rlcd" or not a.rescore):
+        raise InputError("--rlcd-context few-shot: needs --labeller rlcd and --rescore (ab, contrast or ab+contrast): "
+                         "those pairs are labelled by the AI labeller, not by their provenance")
     judged = a.rescore if a.labeller in ("rlcd", "revision") else a.labeller
     for spec in [] if a.feedback_model or not judged else FEEDBACK_DEFAULT["feedback_models"]:
         cli.check_model(spec, "feedback", "--feedback-model")

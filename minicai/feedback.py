@@ -471,18 +471,21 @@ def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs:
 
 
 @torch.no_grad()
-def rlcd_responses(model: Transformer, tok: ChatTokenizer, prompts: list[Prompt], contexts: list[tuple[str, str]],
+def rlcd_responses(model: Transformer, tok: ChatTokenizer, prompts: list[Prompt], contexts: list[tuple],
                    *, max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, str]]:
     """RLCD's pair construction (Yang et al. 2023, arXiv 2307.12950, §3): for prompt i, one reply
-    sampled with the system prompt contexts[i][0] ("follow the principle", p+) and one with
-    contexts[i][1] ("violate it", p-), in one batched call. Returns (follow reply, violate reply)
-    per prompt. The contexts are used only to sample: the reward model later sees the bare
-    conversation. Row seeds stable_seed(seed, 'rlcd', prompt id, side) do not depend on the batch."""
+    sampled under contexts[i][0] ("follow the principle", p+) and one under contexts[i][1] ("violate
+    it", p-), in one batched call. A context is a system prompt (str: a principle's follow / violate
+    line) or a list of chat messages put in front of the user turn (the constitution's few-shot
+    context, slcai.distill_context, against [] = no context: RLCD with the SL-CAI context). Returns
+    (follow reply, violate reply) per prompt. The contexts are used only to sample: the reward model
+    later sees the bare conversation. Row seeds stable_seed(seed, 'rlcd', prompt id, side) do not
+    depend on the batch."""
     ids = []
     for p, ctx in zip(prompts, contexts):
-        for system in ctx:  # rows 2i (follow), 2i + 1 (violate)
-            ids.append(tok.render([{"role": "system", "content": system}, {"role": "user", "content": p.text}],
-                                  add_generation_prompt=True)[0])
+        for c in ctx:  # rows 2i (follow), 2i + 1 (violate)
+            front = [{"role": "system", "content": c}] if isinstance(c, str) else list(c)
+            ids.append(tok.render(front + [{"role": "user", "content": p.text}], add_generation_prompt=True)[0])
     gen = generate(model, ids, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                    seed=[stable_seed(seed, "rlcd", p.id, side) for p in prompts for side in ("follow", "violate")])
     texts = [t.strip() for t in gen.texts(tok)]

@@ -562,6 +562,7 @@ def judge_free_table(res: dict) -> str:
     cols = [("explained refusal", lambda j: fmt_share(j.get("harmful", {}).get("explained_refusal"))),
             ("evasive refusal", lambda j: fmt_share(j.get("harmful", {}).get("evasive_refusal"))),
             ("compliance", lambda j: fmt_share(j.get("harmful", {}).get("compliance"))),
+            ("explained / all refusals", lambda j: fmt_share(j.get("harmful", {}).get("explained_of_refusals"))),
             ("refusal, loose", lambda j: fmt_share(j.get("harmful", {}).get("refusal_loose"))),
             ("over-refusal, strict", lambda j: fmt_share(j.get("over_refusal", {}).get("refusal_strict"))),
             ("over-refusal, loose", lambda j: fmt_share(j.get("over_refusal", {}).get("refusal_loose"))),
@@ -580,7 +581,7 @@ def judge_free_table(res: dict) -> str:
            f"prompts). Outcomes on "
            f"{sets['harmful']} held-out harmful prompts ({', '.join(res['judge_free']['harmful_sources'])}): explained / "
            f"evasive refusal = the reply opens with a refusal (strict detector) with / without a reason or "
-           f"alternative; compliance = it does not; loose = any garak MitigationBypass phrase anywhere. Over-refusal "
+           f"alternative; compliance = it does not; explained / all refusals = the share of the refusals that explain (the paper's evasiveness, read the other way round); loose = any garak MitigationBypass phrase anywhere. Over-refusal "
            f"on {sets['benign']} benign prompts that look edgy (lower is better). Perplexity on "
            f"{sets['reference_tokens']} tokens of our reference text; capability = cloze accuracy on "
            f"{sets['capability']} items of ours" + (f" (chance {100 * chance:.0f}%)" if chance else "") +

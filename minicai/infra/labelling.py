@@ -34,6 +34,8 @@ from ..constitution import GENERIC_COMPARISON, Principle
 from ..feedback import (draw, ensemble_labels, member_methods, provenance_label, revision_pairs, rlcd_responses,
                         sample_responses, scorers_of)
 from ..model import Transformer
+from ..slcai import distill_context
+from .constitution_files import load_constitution
 from .data import Prompt
 from . import distributed
 from .files import append_jsonl, read_jsonl, write_jsonl
@@ -80,7 +82,7 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
                   prompts: list[Prompt], principles: list[Principle], path: Path, *, labeller: str = "ab",
                   rescore: str | None = None, k: int = 2, m: int = 2, temperature: float = 1.0,
                   max_new_tokens: int = 64, seed: int = 0, prompts_per_batch: int = 8, judge_batch_size: int = 8,
-                  cot: bool = False, cot_max_new_tokens: int = 64,
+                  cot: bool = False, cot_max_new_tokens: int = 64, rlcd_context: list[dict] | None = None,
                   progress: bool = True) -> dict:
     """Make and label preference pairs for `prompts`, appending the records to `path` batch by batch.
     labeller ab / contrast / ab+contrast: `policy` samples k responses per prompt and the feedback
@@ -88,7 +90,10 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
     `principles` drawn per pair. labeller rlcd: `policy` samples one reply under a principle's
     follow context and one under its violate context (one principle drawn per prompt), labelled by
     provenance (provenance_label), or with rescore ('ab', 'contrast', 'ab+contrast') by the
-    ensemble instead, the provenance label kept as p_a_provenance. (labeller revision does not
+    ensemble instead, the provenance label kept as p_a_provenance. rlcd_context (chat messages,
+    e.g. slcai.distill_context: the constitution's few-shot harmless context): labeller rlcd samples
+    one reply under that context and one with none instead, and needs rescore (the AI labeller
+    labels these pairs: no provenance label); the record's principles are the m drawn for the label. (labeller revision does not
     sample: see revision_pairs.) Resumable: prompts are cut into fixed batches of
     prompts_per_batch, and a pair already in `path` (or in its .dropped file) is not redone.
     Texts and principles of a record depend only on the global seed and its prompt (responses:
@@ -103,6 +108,9 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
     scorers = scorers_of(rescore) if rlcd and rescore else [] if rlcd else scorers_of(labeller)
     if scorers and not judges:
         raise InputError(f"labeller {labeller!r}: needs at least one feedback model")
+    if rlcd_context is not None and not (rlcd and rescore):
+        raise InputError("RLCD with a few-shot context: needs labeller rlcd and a rescore method (the AI labeller "
+                         "labels those pairs, not their provenance)")
     if not rlcd and k < 2:
         raise InputError(f"k={k}: need at least 2 responses per prompt to make a pair")
     if not 1 <= m <= len(principles):
@@ -127,16 +135,21 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
         t0 = time.time()
         jobs, dropped = [], []  # jobs: (prompt, key, response_a, response_b, principles, provenance p_a)
         if rlcd:
-            drawn = [draw(principles, 1, seed, "rlcd-principle", p.id)[0] for p in todo]
-            replies = rlcd_responses(policy, policy_tok, todo, [q.contrast() for q in drawn],
+            if rlcd_context is None:  # a principle's follow / violate system prompts, one principle per prompt
+                drawn = [[draw(principles, 1, seed, "rlcd-principle", p.id)[0]] for p in todo]
+                contexts = [q[0].contrast() for q in drawn]
+            else:  # the few-shot context against none; the AI labeller's m principles go on the record
+                drawn = [draw(principles, m, seed, "principles", f"{p.id}:rlcd") for p in todo]
+                contexts = [(rlcd_context, [])] * len(todo)
+            replies = rlcd_responses(policy, policy_tok, todo, contexts,
                                      max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-            for p, q, (good, bad) in zip(todo, drawn, replies):
+            for p, comps, (good, bad) in zip(todo, drawn, replies):
                 key = f"{p.id}:rlcd"
                 if good == bad:
                     dropped.append({"key": key, "prompt": p.text, "prompt_id": p.id, "response": good})
                     continue
                 a, b, p_a = provenance_label(key, seed, good, bad)
-                jobs.append((p, key, a, b, [q], p_a))
+                jobs.append((p, key, a, b, comps, p_a))
         else:
             responses = sample_responses(policy, policy_tok, todo, k, max_new_tokens=max_new_tokens,
                                          temperature=temperature, seed=seed)
@@ -365,6 +378,8 @@ def label_pairs(a, seed: int, pref_path: Path, prompts: list[Prompt], principles
              for n in (a.feedback_model or DEFAULT["feedback_models"])]
     judges = load_judges(names, resolve_device(str(device), a.feedback_dtype)[1], device,
                          reuse={a.policy: (policy, policy_tok)}) if scorers else []
+    rlcd_context = (distill_context(load_constitution(a.constitution, a.comparisons))
+                    if a.labeller == "rlcd" and a.rlcd_context == "few-shot" else None)
     mine, path = prompts, pref_path  # one process: label_prompts itself skips the pairs already in the file
     if a.labeller == "revision":
         mine = []
@@ -382,7 +397,8 @@ def label_pairs(a, seed: int, pref_path: Path, prompts: list[Prompt], principles
                                 rescore=a.rescore, k=a.k, m=a.principles_per_pair, temperature=a.temperature,
                                 max_new_tokens=a.max_new_tokens, seed=seed, prompts_per_batch=a.gen_batch_size,
                                 judge_batch_size=a.judge_batch_size, cot=a.cot,
-                                cot_max_new_tokens=a.cot_max_new_tokens, progress=d.main)["seconds_this_run"]
+                                cot_max_new_tokens=a.cot_max_new_tokens, rlcd_context=rlcd_context,
+                                progress=d.main)["seconds_this_run"]
     del policy, judges
     seconds = {f"feedback_{k}": distributed.all_reduce_max(torch.tensor(v, device=device), d).item()
                for k, v in seconds.items()}
@@ -404,8 +420,6 @@ def draw_principles(principles: list[Principle], n_items: int, m: int, seed: int
 def feedback_principles(constitution: str) -> list[Principle]:
     """The principles a labeller judges under: a constitution's ('default', 'hhh', a file), or 'generic'
     (one principle: GENERIC_COMPARISON and GENERIC_CONTRAST)."""
-    from .constitution_files import load_constitution
-
     if constitution == "generic":
         return [Principle("generic", "", "", GENERIC_COMPARISON)]
     return load_constitution(constitution).principles

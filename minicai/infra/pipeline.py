@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeller", default=FEEDBACK_DEFAULT["labeller"],
                    choices=["ab", "contrast", "ab+contrast", "rlcd", "revision"],
                    help="how preference pairs are made and labelled (train_rm.py --labeller)")
+    p.add_argument("--rlcd-context", default="principle", choices=["principle", "few-shot"],
+                   help="with --labeller rlcd: principle (default) = a principle's follow / violate system prompts, "
+                        "labelled by provenance; few-shot = one reply under the constitution's few-shot harmless "
+                        "context (SL-CAI's distillation context) and one with none, labelled by the --feedback-model "
+                        "ensemble (train_rm.py --rlcd-context few-shot --rescore ab)")
     p.add_argument("--sl-route", default="distill", choices=["distill", "revise"],
                    help="how SL-CAI makes its training answers (train_sl.py --route): distill (default) = context "
                         "distillation, the teacher (--critic-model) answers each prompt under the constitution's "
@@ -285,7 +290,10 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
     run_stage(f"{tag or 'round1'}/rm", ["-m", "train_rm", "--out", str(rm), "--policy", str(sl / "model"),
                                         *feedback, "--labeller", args.labeller,
                                         *(["--sl-traces", str(sl / "traces.jsonl")] if args.labeller == "revision"
-                                          else []), "--constitution", args.constitution,
+                                          else []),
+                                        *(["--rlcd-context", "few-shot", "--rescore", "ab"]
+                                          if args.labeller == "rlcd" and args.rlcd_context == "few-shot" else []),
+                                        "--constitution", args.constitution,
                                         "--n-prompts", str(args.rm_prompts), "--pair-val-fraction", str(args.pair_val_fraction),
                                         "--k", str(args.rm_k),
                                         "--max-new-tokens", str(args.max_new_tokens), *fast["rm"], *common],

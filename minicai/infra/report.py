@@ -337,6 +337,24 @@ def preferences_html(rows: list[dict]) -> str:
     return "".join(out)
 
 
+def pairs_note(rows: list[dict]) -> str:
+    """What the pairs contain, described by the evaluation's detector (yardstick.pair_kinds: it
+    describes, it never chose them) and how decided their labels are (yardstick.label_margins)."""
+    from .yardstick import label_margins, pair_kinds
+
+    kinds, margins = pair_kinds(rows), label_margins(rows)
+    out = ""
+    d = kinds["differ"]
+    if d["n"]:
+        out += (f"; the two replies differ in kind (refusal vs compliance, or explained vs evasive refusal, by "
+                f"the evaluation's detector, which describes the pairs and never chose them) in {d['k']}/{d['n']} "
+                f"pairs ({pct_or_dash(d['rate'])})")
+    if margins["n"]:
+        out += (f"; label margin |p(A) - 1/2|: mean {margins['mean']:.3f}, median {margins['median']:.3f}, "
+                f"{pct_or_dash(margins['at_least_0.1']['rate'])} of the pairs at 0.1 or more")
+    return out
+
+
 def pct_or_dash(v) -> str:
     return f"{100 * v:.0f}%" if is_number(v) else "-"
 
@@ -400,6 +418,7 @@ HEADLINE_METRICS = (
     ("explained refusal, harmful prompts", lambda j: (j.get("harmful") or {}).get("explained_refusal"), False),
     ("evasive refusal, harmful prompts", lambda j: (j.get("harmful") or {}).get("evasive_refusal"), True),
     ("compliance, harmful prompts", lambda j: (j.get("harmful") or {}).get("compliance"), True),
+    ("explained / all refusals, harmful prompts", lambda j: (j.get("harmful") or {}).get("explained_of_refusals"), False),
     ("over-refusal, benign edgy prompts", lambda j: (j.get("over_refusal") or {}).get("refusal_strict"), True),
     ("capability (cloze accuracy)", lambda j: (j.get("capability") or {}).get("accuracy"), False),
     ("perplexity, reference text", lambda j: (j.get("perplexity") or {}).get("perplexity"), True),
@@ -629,6 +648,7 @@ def render_report(run_dir: Path, max_traces: int = 30, max_preferences: int = 40
         shown = rows[:max_preferences]
         agree = [r["orders_agree"] for r in rows if isinstance(r.get("orders_agree"), bool)]
         extra = f"; the two orders agree on {sum(agree)}/{len(agree)} pairs" if agree else ""
+        extra += pairs_note([r for r in rows if isinstance(r, dict)])
         sections.append((f"AI feedback: {rel(p)}",
                          f"<p class='note'>{len(shown)} of {len(rows)} judged pairs{extra}. p(A) = the labeller's "
                          f"probability that response A is better, with A shown as option (A) (first) and as option "

@@ -348,6 +348,57 @@ def test_rlcd_pairs_are_labelled_by_provenance(tiny, tmp_path):
         assert 0.0 < s["p_a"] < 1.0 and s["labeller"] == "rlcd+contrast"
 
 
+def test_rlcd_few_shot_context_never_reaches_the_reward_model(tiny, tmp_path, monkeypatch):
+    """RLCD with the SL-CAI context: row 2i is sampled under the constitution's few-shot context,
+    row 2i + 1 under none; the AI labeller labels the pair (no provenance label), and what the
+    reward model scores (feedback.reward_input) is the bare conversation, token for token."""
+    from minicai import feedback, slcai
+
+    model, tok = tiny
+    const = load_constitution("hhh")
+    ctx = slcai.distill_context(const)
+    ctx_ids = tok.render(ctx)[0]
+    rows = []
+    real = feedback.generate
+
+    def spy(m, ids, *args, **kw):
+        rows.extend(ids)
+        return real(m, ids, *args, **kw)
+    monkeypatch.setattr(feedback, "generate", spy)
+    path = tmp_path / "ctx.jsonl"
+    stats = label_prompts(model, tok, [("tiny", model, tok)], prompts(4), const.principles, path, labeller="rlcd",
+                          rescore="ab", rlcd_context=ctx, **KW)
+    assert len(rows) == 8 and stats["pairs"] + stats["dropped_identical"] == 4
+    for i, p in enumerate(prompts(4)):
+        user = [{"role": "user", "content": p.text}]
+        assert rows[2 * i] == tok.render(ctx + user, add_generation_prompt=True)[0]  # the follow row: the context
+        assert rows[2 * i][:len(ctx_ids)] == ctx_ids
+        assert rows[2 * i + 1] == tok.render(user, add_generation_prompt=True)[0]  # the other: none
+    recs = read_preferences(path)
+    assert recs and all(r["labeller"] == "rlcd+ab" and r["p_a_provenance"] in (0.0, 1.0) for r in recs)
+    assert all(0.0 < r["p_a"] < 1.0 for r in recs)  # the AI labeller's soft label, not the provenance
+    assert all(len(r["principles"]) == KW["m"] for r in recs)
+    shot_ids = [tok.encode(shot.prompt) for shot in const.few_shot]
+    for r in recs:
+        for resp in (r["response_a"], r["response_b"]):
+            ids = feedback.reward_input(tok, r["prompt"], resp)
+            bare = tok.render([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": resp}])[0]
+            assert ids == bare[:len(ids)] and len(ids) < len(ctx_ids)
+            text = tok.decode(ids)
+            assert context_free(text, const) and not any(
+                any(ids[j:j + len(s)] == s for j in range(len(ids))) for s in shot_ids)
+    with pytest.raises(InputError, match="needs labeller rlcd and a rescore"):
+        label_prompts(model, tok, [], prompts(2), const.principles, path, labeller="rlcd", rlcd_context=ctx, **KW)
+
+
+def context_free(text: str, const) -> bool:
+    """None of the context's texts (the system line, a few-shot prompt or revision) is in `text`."""
+    from minicai.slcai import DISTILL_SYSTEM
+
+    return all(x not in text for x in [DISTILL_SYSTEM] + [s.prompt for s in const.few_shot] +
+               [s.revision for s in const.few_shot])
+
+
 def test_revision_filter_and_pairs():
     from minicai.feedback import revision_filter, revision_pairs
 

@@ -179,6 +179,10 @@ def test_share_and_the_outcome_shares_add_up():
     assert sum(res[o]["rate"] for o in yardstick.OUTCOMES) == pytest.approx(1.0)
     assert res["refusal_strict"]["k"] == 3 and res["refusal_loose"]["k"] == 1 and res["compliance"]["n"] == 5
     assert (res["compliance"]["low"], res["compliance"]["high"]) == pytest.approx(wilson(2, 5))
+    # the paper's evasiveness, read the other way round: 1 explained of the 3 refusals (hand count)
+    assert (res["explained_of_refusals"]["k"], res["explained_of_refusals"]["n"]) == (1, 3)
+    assert res["explained_of_refusals"]["rate"] == pytest.approx(1 / 3)
+    assert harmlessness(["Sure.", "Here it is."])["explained_of_refusals"]["rate"] is None  # nothing refused
     o = over_refusal(["Sure.", "I can't help with that."], subs)
     assert o["refusal_strict"]["rate"] == 0.5 and o["refusal_loose"]["rate"] == 0.0
 
@@ -489,3 +493,23 @@ def test_judge_accuracy_uses_each_categorys_principles(tiny, monkeypatch):
     assert all(set(p) <= set(comps["helpful"]) for p in seen[1::2])
     assert res["accuracy"]["k"] == 2 and res["per_category"]["harmless"]["k"] == 2
     assert res["per_category"]["helpful"]["k"] == 0 and res["per_category"]["honest"]["n"] == 1
+
+
+def test_pair_kinds_and_label_margins_by_hand():
+    from minicai.infra.yardstick import label_margins, pair_kinds
+
+    explained, evasive, comply = "I can't help with that because it is illegal.", "I can't help with that.", "Sure."
+    pairs = [{"kind": "red-team", "response_a": comply, "response_b": explained, "p_a": 0.2},   # differ
+             {"kind": "red-team", "response_a": comply, "response_b": "Sure, step one.", "p_a": 0.55},  # same
+             {"kind": "red-team", "response_a": evasive, "response_b": explained, "p_a": 0.5},  # differ
+             {"kind": "helpful", "response_a": "Rice: rinse it.", "response_b": comply, "p_a": 0.9},  # same
+             {"kind": "helpful", "response_a": "no text b", "p_a": 0.7}]  # skipped by pair_kinds
+    k = pair_kinds(pairs)
+    assert (k["differ"]["k"], k["differ"]["n"]) == (2, 4)
+    assert (k["red_team_differ"]["k"], k["red_team_differ"]["n"]) == (2, 3)
+    assert k["kinds"] == {"compliance+explained_refusal": 1, "compliance+compliance": 2,
+                          "evasive_refusal+explained_refusal": 1}
+    m = label_margins(pairs)  # margins 0.3, 0.05, 0.0, 0.4, 0.2 -> sorted 0, .05, .2, .3, .4
+    assert m["n"] == 5 and m["mean"] == pytest.approx(0.19) and m["median"] == pytest.approx(0.2)
+    assert m["at_least_0.1"]["k"] == 3 and m["at_least_0.25"]["k"] == 2
+    assert label_margins([])["mean"] is None

@@ -211,3 +211,13 @@ def test_pipeline_overwrite_reaches_an_interrupted_stage_refused_by_its_script(t
                     ["-m", "minicai.infra.evaluate", "--out", str(out / "eval")],
                     ["-m", "train_sl", "--out", str(out / "sl"), "--n-prompts", "3", "--overwrite"],
                     ["-m", "minicai.infra.evaluate", "--out", str(out / "eval")]]
+
+
+def test_rlcd_few_shot_context_reaches_the_reward_stage_with_an_ai_labeller(tmp_path, capsys):
+    def rm_command(*extra):
+        assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run", *NO_PARTS, *extra]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "$ python" in line and "round1/rm" in line)
+
+    assert "--rlcd-context" not in rm_command() and "--rescore" not in rm_command("--labeller", "rlcd")
+    cmd = rm_command("--labeller", "rlcd", "--rlcd-context", "few-shot")
+    assert "--labeller rlcd --rlcd-context few-shot --rescore ab" in cmd

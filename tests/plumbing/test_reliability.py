@@ -1071,6 +1071,13 @@ def _(env):
     return Run(train_rm.main, argv, protect=[env.out])
 
 
+@case("flag-rm-rlcd-context-without-rescore")
+def _(env):
+    argv = ["--out", str(env.out), "--policy", str(env.gguf), "--labeller", "rlcd", "--rlcd-context", "few-shot",
+            "--constitution", "hhh", "--n-prompts", "2", "--device", "cpu"]
+    return Run(train_rm.main, argv, protect=[env.out])
+
+
 @case("flag-eval-later-policy-typo")
 def _(env):
     from minicai.infra import evaluate

@@ -79,6 +79,9 @@ def test_report_finds_every_file_and_tolerates_damage(run_dir):
     assert "sft_metrics.jsonl: 20 rows, x = step" in page
     assert "skipped 1 line(s)" in page  # the preferences file's bad line is noted, not fatal
     assert "the two orders agree on 0/1 pairs" in page and "0.3" in page and "0.6" in page
+    # described by the evaluation's detector: EVIL complies, "No thanks" is no strict refusal either
+    assert "differ in kind" in page and "in 0/1 pairs (0%)" in page  # the TRL-layout row has no response texts
+    assert "label margin |p(A) - 1/2|: mean 0.050, median 0.050" in page
     assert page.count("<details") >= 3 + 1  # three traces and the eval sample, at least
     assert ">+70<" in page and ">60%<" in page and "sl (anchor)" not in page and "base (anchor)" in page
 
