@@ -249,6 +249,8 @@ def check_labelling(a: LabelArgs, principles: list) -> None:
     if a.rlcd_context == "few-shot" and (a.labeller != "rlcd" or not a.rescore):
         raise InputError("--rlcd-context few-shot: needs --labeller rlcd and --rescore (ab, contrast or ab+contrast): "
                          "those pairs are labelled by the AI labeller, not by their provenance")
+    if a.rlcd_context == "few-shot" and not load_constitution(a.constitution, a.comparisons).few_shot:
+        raise InputError(f"--rlcd-context few-shot: --constitution {a.constitution} has no few-shot examples")
     judged = a.rescore if a.labeller in ("rlcd", "revision") else a.labeller
     for spec in [] if a.feedback_model or not judged else FEEDBACK_DEFAULT["feedback_models"]:
         cli.check_model(spec, "feedback", "--feedback-model")

@@ -241,10 +241,10 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
             quote = stage > 0 and critic is not None and critic_layout == "quoted" and fmt == "chat"
             shots = [] if stage == 0 else quoted_prefix if quote else prefix  # few-shot: critique/revision only
             ids = [stage_ids(t, fmt, shots + (quoted_events(r.events) if quote else r.events)) for r in active]
-            if quote not in shots_ids:  # the few-shot block's ids, tokenized once per layout
+            if shots and quote not in shots_ids:  # the few-shot block's ids, tokenized once per layout
                 shots_ids[quote] = (t.encode(render_paper(shots)) if fmt == "paper" else
-                                    t.render([{"role": CHAT_ROLE[k], "content": x} for k, x in shots])[0]) if shots else []
-            pre, ids = shared_prefix(ids, shots_ids[quote] if stage > 0 else [])  # the few-shot examples: prefilled once per batch
+                                    t.render([{"role": CHAT_ROLE[k], "content": x} for k, x in shots])[0])
+            pre, ids = shared_prefix(ids, shots_ids[quote] if shots else [])  # the few-shot examples: prefilled once per batch
             gen = generate(m, ids, max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
                            stop_strings=stop_strings, tokenizer=t, pad_id=t.pad_id,
                            seed=[stable_seed(r.seed, "stage", stage) for r in active], prefix=pre)

@@ -93,7 +93,8 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
     ensemble instead, the provenance label kept as p_a_provenance. rlcd_context (chat messages,
     e.g. slcai.distill_context: the constitution's few-shot harmless context): labeller rlcd samples
     one reply under that context and one with none instead, and needs rescore (the AI labeller
-    labels these pairs: no provenance label); the record's principles are the m drawn for the label. (labeller revision does not
+    labels these pairs: no provenance label; the records' labeller is "rlcd-few-shot+<rescore>"); the
+    record's principles are the m drawn for the label. (labeller revision does not
     sample: see revision_pairs.) Resumable: prompts are cut into fixed batches of
     prompts_per_batch, and a pair already in `path` (or in its .dropped file) is not redone.
     Texts and principles of a record depend only on the global seed and its prompt (responses:
@@ -178,7 +179,9 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
                 else:
                     lab["p_a"] = prov
         seconds["judge_s"] += time.time() - t0
-        rows = [preference_record(p, key, a, b, comps, lab, labeller if not (rlcd and rescore) else f"rlcd+{rescore}")
+        name = (labeller if not (rlcd and rescore) else  # which pairs, labelled how: "rlcd-few-shot+ab"
+                f"rlcd{'-few-shot' if rlcd_context is not None else ''}+{rescore}")
+        rows = [preference_record(p, key, a, b, comps, lab, name)
                 for (p, key, a, b, comps, _), lab in zip(jobs, labels)]
         append_jsonl(path, rows)
         if dropped:

@@ -402,7 +402,12 @@ def check_inputs(args) -> None:
         resolve_device(args.device, "float32")
     except RuntimeError as e:  # torch.device('cdua')
         raise InputError(f"--device {args.device}: {first_line(e)}") from None
-    principles = load_constitution(args.constitution).principles
+    constitution = load_constitution(args.constitution)
+    principles = constitution.principles
+    if args.rlcd_context == "few-shot" and args.labeller != "rlcd":
+        raise InputError(f"--rlcd-context few-shot: needs --labeller rlcd (got --labeller {args.labeller})")
+    if args.rlcd_context == "few-shot" and not constitution.few_shot:
+        raise InputError(f"--rlcd-context few-shot: --constitution {args.constitution} has no few-shot examples")
     m = FEEDBACK_DEFAULT["principles_per_pair"]  # what train_rm.py draws per pair (the pipeline passes its default)
     if args.labeller != "revision" and len(principles) < m:
         raise InputError(f"--constitution {args.constitution}: {len(principles)} comparison principle(s), but the "

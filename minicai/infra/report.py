@@ -452,7 +452,8 @@ def bar_chart(title: str, rows: list[tuple[str, float, float | None, float | Non
 
 def headline_html(res: dict) -> str:
     """The answer: per judge-free metric a small bar chart of every policy against the base model
-    (the anchor), with Wilson 95% intervals and the number of prompts, then the tax verdicts."""
+    (the anchor), with Wilson 95% intervals and the number of items (per policy where it differs:
+    the refusals behind "explained / all refusals"), then the tax verdicts."""
     pol = res.get("policies") if isinstance(res.get("policies"), dict) else {}
     names = [n for n in policy_names(res) if isinstance(pol[n], dict) and isinstance(pol[n].get("judge_free"), dict)]
     if not names:
@@ -462,18 +463,24 @@ def headline_html(res: dict) -> str:
                                          False) for k in (res.get("judge_free") or {}).get("bigbench_tasks", [])]
     charts = []
     for title, get, lower in metrics:
-        rows, n_items, percent = [], None, True
+        rows, n_items, percent, empty = [], {}, True, []
         for n in names:
             v = get(pol[n]["judge_free"])
             if isinstance(v, dict) and is_number(v.get("rate")):
                 lo, hi = v.get("low"), v.get("high")
                 rows.append((n, v["rate"], *((lo, hi) if is_number(lo) and is_number(hi) else (None, None))))
-                n_items = v.get("n")
+                n_items[n] = v.get("n")
+            elif isinstance(v, dict) and v.get("n") == 0:
+                empty.append(n)  # a share of nothing (explained / all refusals of a policy that refused nothing)
             elif is_number(v):
                 rows.append((n, float(v), None, None))
                 percent = False
         if rows:
-            sub = f"{title} | {'n=' + str(n_items) + ', ' if n_items else ''}{'lower' if lower else 'higher'} is better"
+            ns = set(n_items.values())
+            count = (f"n={ns.pop()}, " if len(ns) == 1 and None not in ns else
+                     "n per policy " + " / ".join(f"{k} {v}" for k, v in n_items.items()) + ", " if n_items else "")
+            count += f"none for {', '.join(empty)}, " if empty else ""
+            sub = f"{title} | {count}{'lower' if lower else 'higher'} is better"
             charts.append(f'<div class="chart">{bar_chart(sub, rows, base, percent)}</div>')
     out = [f"<p>Judge-free measurements on held-out prompts: no AI labeller is involved. Grey = the base model "
            f"({esc(base)}); whiskers = Wilson 95% intervals.</p><div class='charts'>{''.join(charts)}</div>"]

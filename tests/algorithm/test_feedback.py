@@ -353,18 +353,24 @@ def test_rlcd_few_shot_context_never_reaches_the_reward_model(tiny, tmp_path, mo
     row 2i + 1 under none; the AI labeller labels the pair (no provenance label), and what the
     reward model scores (feedback.reward_input) is the bare conversation, token for token."""
     from minicai import feedback, slcai
+    from minicai.infra import labelling
 
     model, tok = tiny
     const = load_constitution("hhh")
     ctx = slcai.distill_context(const)
     ctx_ids = tok.render(ctx)[0]
-    rows = []
-    real = feedback.generate
+    rows, judged = [], []
+    real, real_labels = feedback.generate, labelling.ensemble_labels
 
     def spy(m, ids, *args, **kw):
         rows.extend(ids)
         return real(m, ids, *args, **kw)
+
+    def spy_labels(judges, pairs, principles, *args, **kw):
+        judged.extend((a, b, [q.comparison for q in ps]) for (_, a, b), ps in zip(pairs, principles))
+        return real_labels(judges, pairs, principles, *args, **kw)
     monkeypatch.setattr(feedback, "generate", spy)
+    monkeypatch.setattr(labelling, "ensemble_labels", spy_labels)
     path = tmp_path / "ctx.jsonl"
     stats = label_prompts(model, tok, [("tiny", model, tok)], prompts(4), const.principles, path, labeller="rlcd",
                           rescore="ab", rlcd_context=ctx, **KW)
@@ -375,8 +381,10 @@ def test_rlcd_few_shot_context_never_reaches_the_reward_model(tiny, tmp_path, mo
         assert rows[2 * i][:len(ctx_ids)] == ctx_ids
         assert rows[2 * i + 1] == tok.render(user, add_generation_prompt=True)[0]  # the other: none
     recs = read_preferences(path)
-    assert recs and all(r["labeller"] == "rlcd+ab" and r["p_a_provenance"] in (0.0, 1.0) for r in recs)
+    assert recs and all(r["labeller"] == "rlcd-few-shot+ab" and r["p_a_provenance"] in (0.0, 1.0) for r in recs)
     assert all(0.0 < r["p_a"] < 1.0 for r in recs)  # the AI labeller's soft label, not the provenance
+    # the record names the principles the labeller judged that very pair under
+    assert [(r["response_a"], r["response_b"], r["principles"]) for r in recs] == judged
     assert all(len(r["principles"]) == KW["m"] for r in recs)
     shot_ids = [tok.encode(shot.prompt) for shot in const.few_shot]
     for r in recs:

@@ -28,6 +28,7 @@ class Recorder:
     def __call__(self, model, ids, max_new_tokens, *, prefix=None, **kw):
         texts = [self.tok.decode((prefix or []) + row, skip_special=False) for row in ids]
         self.calls.append((model, texts))
+        self.prefixes = getattr(self, "prefixes", []) + [len(prefix or [])]
         answer = f"ANSWER{len(self.calls)}"
 
         class Gen:
@@ -51,6 +52,8 @@ def test_few_shot_examples_are_in_every_critique_and_revision_request_only(tiny,
         for t in texts:
             assert all(x in t for x in ("SHOT-PROMPT", "SHOT-RESPONSE", "SHOT-CRITIQUE", "SHOT-REVISION"))
             assert t.index("SHOT-REVISION") < t.index("red ")  # in front of the conversation
+    # the fast path: the few-shot block is prefilled once per batch in every critique/revision call
+    assert rec.prefixes[0] == 0 and all(n > 0 for n in rec.prefixes[1:]) and len(set(rec.prefixes[1:])) == 1
     assert all("CRIT-REQ-HARM" in t for t in stages[1] + stages[3])
     assert all("REV-REQ-HARM" in t for t in stages[2] + stages[4])
     # the SFT target is the last revision itself: no few-shot text reaches it

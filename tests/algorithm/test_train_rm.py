@@ -274,3 +274,18 @@ def test_normalise_gives_mean_zero_and_std_one(tiny):
     assert before.std().item() > 0.01  # a real rescaling, not a no-op
     assert after.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert after.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_rlcd_with_the_few_shot_context_from_the_command_line(tiny_gguf, tmp_path):
+    """--labeller rlcd --rlcd-context few-shot: train_rm.py builds the constitution's few-shot context
+    (slcai.distill_context) and the AI labeller labels the pairs."""
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--policy", str(tiny_gguf), "--feedback-model", "policy", "--constitution", "hhh",
+            "--labeller", "rlcd", "--rlcd-context", "few-shot", "--rescore", "contrast", "--n-prompts", "6",
+            "--max-new-tokens", "4", "--gen-batch-size", "3", "--epochs", "1", "--batch-size", "2",
+            "--pair-val-fraction", "0.3"]
+    assert train_rm_main(argv) == 0
+    recs = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    assert recs and all(r["labeller"] == "rlcd-few-shot+contrast" and r["key"].endswith(":rlcd") for r in recs)
+    assert all(0.0 < r["p_a"] < 1.0 and r["p_a_provenance"] in (0.0, 1.0) for r in recs)
+    assert json.loads((out / "config.json").read_text())["rlcd_context"] == "few-shot"

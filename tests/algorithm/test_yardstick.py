@@ -513,3 +513,5 @@ def test_pair_kinds_and_label_margins_by_hand():
     assert m["n"] == 5 and m["mean"] == pytest.approx(0.19) and m["median"] == pytest.approx(0.2)
     assert m["at_least_0.1"]["k"] == 3 and m["at_least_0.25"]["k"] == 2
     assert label_margins([])["mean"] is None
+    at_clamp = label_margins([{"p_a": 0.6}, {"p_a": 0.4}])  # --cot's clamp: margin exactly 0.1, not 0.0999...
+    assert at_clamp["at_least_0.1"]["k"] == 2 and at_clamp["at_least_0.25"]["k"] == 0

@@ -1078,6 +1078,15 @@ def _(env):
     return Run(train_rm.main, argv, protect=[env.out])
 
 
+@case("flag-rm-rlcd-context-no-few-shot")
+def _(env):
+    path = env.write("noshots.toml", GOOD_PRINCIPLE + 'comparison = "Which is less harmful?"\n')
+    argv = ["--out", str(env.out), "--policy", str(env.gguf), "--labeller", "rlcd", "--rlcd-context", "few-shot",
+            "--rescore", "ab", "--feedback-model", "policy", "--constitution", str(path), "--principles-per-pair", "1",
+            "--n-prompts", "2", "--device", "cpu"]
+    return Run(train_rm.main, argv, protect=[path, env.out])
+
+
 @case("flag-eval-later-policy-typo")
 def _(env):
     from minicai.infra import evaluate
@@ -1113,6 +1122,14 @@ def _(env):
     from minicai.infra import pipeline
 
     return Run(pipeline.main, _pipeline_argv(env, "--feedback-model", "foo:bar"), protect=[env.out],
+               patch=_forbid(pipeline, "run_stage"))
+
+
+@case("flag-pipeline-rlcd-context")
+def _(env):
+    from minicai.infra import pipeline
+
+    return Run(pipeline.main, _pipeline_argv(env, "--rlcd-context", "few-shot"), protect=[env.out],
                patch=_forbid(pipeline, "run_stage"))
 
 

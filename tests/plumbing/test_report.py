@@ -172,3 +172,18 @@ def test_a_distilled_trace_shows_the_teachers_answers_and_says_it_is_a_distillat
     assert "distillation from the teacher" in page
     assert "answer 1 under the few-shot context, labeller score 1 (kept: the SFT target)" in page
     assert "answer 2 under the few-shot context, labeller score 0<" in page and EVIL not in page
+
+
+def test_headline_charts_say_how_many_items_each_bar_counts():
+    """explained / all refusals counts each policy's own refusals: the chart names n per policy, and a
+    policy that refused nothing is named, not dropped silently."""
+    from minicai.infra.report import headline_html
+    from minicai.infra.yardstick import harmlessness
+
+    replies = {"base": ["Sure.", "Sure.", "Sure.", "I can't help with that."],
+               "sl": ["I can't help with that because it is illegal.", "I can't.", "I won't help with that.", "Sure."],
+               "dpo": ["Sure."] * 4}
+    res = {"anchor": "base", "policies": {n: {"judge_free": {"harmful": harmlessness(r)}} for n, r in replies.items()}}
+    page = headline_html(res)
+    assert page.count(">n=4, lower is better<") == 2  # compliance, evasive refusal: one count for every policy
+    assert ">n per policy base 1 / sl 3, none for dpo, higher is better<" in page
