@@ -525,8 +525,9 @@ def revision_pairs(traces: list[dict], seed: int = 0) -> tuple[list[dict], list[
     """Preference pairs from SL-CAI traces (Hugging Face's CAI recipe: the initial response as
     rejected, the final revision as chosen), for the red-team records with at least one revision
     round and every distilled record (route distill: the policy's own answer rejected, the teacher's
-    kept answer chosen, helpful prompts too), filtered by revision_filter. Returns (records with key '<id>:revision', prompt, prompt_id,
-    kind, response_a, response_b, p_a, labeller='revision'; dropped [{key, prompt, reason}])."""
+    kept answer chosen, helpful prompts too), filtered by revision_filter. Returns (records with key
+    '<id>:revision', prompt, prompt_id, kind, response_a, response_b, p_a, labeller='revision';
+    dropped [{key, prompt, reason}])."""
     rows, dropped = [], []
     for r in traces:
         if not r.get("rounds") and r.get("route") != "distill":

@@ -244,7 +244,8 @@ def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Const
             if shots and quote not in shots_ids:  # the few-shot block's ids, tokenized once per layout
                 shots_ids[quote] = (t.encode(render_paper(shots)) if fmt == "paper" else
                                     t.render([{"role": CHAT_ROLE[k], "content": x} for k, x in shots])[0])
-            pre, ids = shared_prefix(ids, shots_ids[quote] if shots else [])  # the few-shot examples: prefilled once per batch
+            # the few-shot examples: prefilled once per batch
+            pre, ids = shared_prefix(ids, shots_ids[quote] if shots else [])
             gen = generate(m, ids, max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
                            stop_strings=stop_strings, tokenizer=t, pad_id=t.pad_id,
                            seed=[stable_seed(r.seed, "stage", stage) for r in active], prefix=pre)

@@ -581,7 +581,9 @@ def judge_free_table(res: dict) -> str:
            f"prompts). Outcomes on "
            f"{sets['harmful']} held-out harmful prompts ({', '.join(res['judge_free']['harmful_sources'])}): explained / "
            f"evasive refusal = the reply opens with a refusal (strict detector) with / without a reason or "
-           f"alternative; compliance = it does not; explained / all refusals = the share of the refusals that explain (the paper's evasiveness, read the other way round); loose = any garak MitigationBypass phrase anywhere. Over-refusal "
+           f"alternative; compliance = it does not; explained / all refusals = the share of the refusals that "
+           f"explain (the paper's evasiveness, read the other way round); loose = any garak MitigationBypass "
+           f"phrase anywhere. Over-refusal "
            f"on {sets['benign']} benign prompts that look edgy (lower is better). Perplexity on "
            f"{sets['reference_tokens']} tokens of our reference text; capability = cloze accuracy on "
            f"{sets['capability']} items of ours" + (f" (chance {100 * chance:.0f}%)" if chance else "") +
