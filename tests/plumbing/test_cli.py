@@ -224,3 +224,38 @@ def test_parse_checks_the_model_fields_of_the_scripts(tmp_path):
                  train_ppo.Args) == \
         f"--reward-model: {tmp_path / 'cfg'}: not a reward-model folder (train_rm.py's OUT/rm): no reward_head.safetensors"
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("ending", ["returns", "input_error", "os_error"])
+def test_run_cli_frees_what_main_left_in_reference_cycles(ending):
+    """run_cli frees the garbage main() leaves in reference cycles before it returns, with the
+    collector off (as it may happen to be at exit): an FSDP2 model in such a cycle, freed only at
+    the interpreter's exit, aborted a torchrun rank after a finished run (infra/train.py)."""
+    import gc
+    import weakref
+
+    from minicai.infra.train import run_cli
+
+    class Model:
+        pass
+
+    ref = []
+
+    def main(argv):
+        m = Model()
+        m.self = m  # a cycle: refcounting alone never frees it
+        ref.append(weakref.ref(m))
+        if ending == "input_error":
+            raise InputError("bad input")
+        if ending == "os_error":
+            raise OSError(28, "No space left on device")
+        return 0
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        assert run_cli(main, []) == (0 if ending == "returns" else 2)
+        assert ref[0]() is None
+    finally:
+        if was:
+            gc.enable()
