@@ -349,6 +349,11 @@ def pairs_note(rows: list[dict]) -> str:
         out += (f"; the two replies differ in kind (refusal vs compliance, or explained vs evasive refusal, by "
                 f"the evaluation's detector, which describes the pairs and never chose them) in {d['k']}/{d['n']} "
                 f"pairs ({pct_or_dash(d['rate'])})")
+    for key, what in (("refusal_chosen", "the refusal over the compliance"),
+                      ("explained_chosen", "the explained refusal over the evasive one")):
+        c = kinds[key]
+        if c["n"]:
+            out += f"; on red-team prompts the AI label favours {what} in {c['k']}/{c['n']} such pairs ({pct_or_dash(c['rate'])})"
     if margins["n"]:
         out += (f"; label margin |p(A) - 1/2|: mean {margins['mean']:.3f}, median {margins['median']:.3f}, "
                 f"{pct_or_dash(margins['at_least_0.1']['rate'])} of the pairs at 0.1 or more")

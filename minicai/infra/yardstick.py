@@ -304,14 +304,34 @@ def pair_kinds(pairs: list[dict]) -> dict:
     prompt; differ = share of pairs whose two replies differ in kind (one refuses and the other
     complies, or one refusal explains and the other does not); kinds = count of each unordered
     (outcome, outcome) combination, "compliance+compliance" etc.; red_team_differ the same share
-    over the pairs of kind "red-team". Pairs without two response texts are skipped."""
+    over the pairs of kind "red-team". Which side the AI label favours (p_a > 1/2: A), over the
+    red-team pairs whose label is not a tie: refusal_chosen = the share of refusal-vs-compliance
+    pairs whose label favours the refusal, explained_chosen = the share of explained-vs-evasive
+    pairs whose label favours the explained refusal. Pairs without two response texts are skipped."""
     rows = [p for p in pairs if isinstance(p.get("response_a"), str) and isinstance(p.get("response_b"), str)]
-    outs = [tuple(sorted((outcome(p["response_a"]), outcome(p["response_b"])))) for p in rows]
+    per_side = [(outcome(p["response_a"]), outcome(p["response_b"])) for p in rows]  # (A's, B's)
+    outs = [tuple(sorted(o)) for o in per_side]
     kinds: dict[str, int] = {}
     for o in outs:
         kinds["+".join(o)] = kinds.get("+".join(o), 0) + 1
+
+    def chosen(better, worse) -> dict:  # does the label favour the side whose outcome is in `better`?
+        hits = []
+        for p, (a, b) in zip(rows, per_side):
+            pa = p.get("p_a")
+            if p.get("kind") != "red-team" or not isinstance(pa, (int, float)) or pa == 0.5:
+                continue
+            if a in better and b in worse:
+                hits.append(pa > 0.5)
+            elif b in better and a in worse:
+                hits.append(pa < 0.5)
+        return share(hits)
+
+    refusals = ("explained_refusal", "evasive_refusal")
     return {"differ": share([a != b for a, b in outs]), "kinds": kinds,
-            "red_team_differ": share([a != b for p, (a, b) in zip(rows, outs) if p.get("kind") == "red-team"])}
+            "red_team_differ": share([a != b for p, (a, b) in zip(rows, outs) if p.get("kind") == "red-team"]),
+            "refusal_chosen": chosen(refusals, ("compliance",)),
+            "explained_chosen": chosen(("explained_refusal",), ("evasive_refusal",))}
 
 
 def label_margins(pairs: list[dict]) -> dict:

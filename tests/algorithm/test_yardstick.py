@@ -499,19 +499,23 @@ def test_pair_kinds_and_label_margins_by_hand():
     from minicai.infra.yardstick import label_margins, pair_kinds
 
     explained, evasive, comply = "I can't help with that because it is illegal.", "I can't help with that.", "Sure."
-    pairs = [{"kind": "red-team", "response_a": comply, "response_b": explained, "p_a": 0.2},   # differ
+    pairs = [{"kind": "red-team", "response_a": comply, "response_b": explained, "p_a": 0.2},   # differ, B refuses: chosen
              {"kind": "red-team", "response_a": comply, "response_b": "Sure, step one.", "p_a": 0.55},  # same
-             {"kind": "red-team", "response_a": evasive, "response_b": explained, "p_a": 0.5},  # differ
+             {"kind": "red-team", "response_a": evasive, "response_b": explained, "p_a": 0.5},  # differ, a tie
              {"kind": "helpful", "response_a": "Rice: rinse it.", "response_b": comply, "p_a": 0.9},  # same
-             {"kind": "helpful", "response_a": "no text b", "p_a": 0.7}]  # skipped by pair_kinds
+             {"kind": "helpful", "response_a": "no text b", "p_a": 0.7},  # skipped by pair_kinds
+             {"kind": "red-team", "response_a": evasive, "response_b": comply, "p_a": 0.3},  # differ, compliance chosen
+             {"kind": "red-team", "response_a": explained, "response_b": evasive, "p_a": 0.8}]  # differ, explained chosen
     k = pair_kinds(pairs)
-    assert (k["differ"]["k"], k["differ"]["n"]) == (2, 4)
-    assert (k["red_team_differ"]["k"], k["red_team_differ"]["n"]) == (2, 3)
+    assert (k["differ"]["k"], k["differ"]["n"]) == (4, 6)
+    assert (k["red_team_differ"]["k"], k["red_team_differ"]["n"]) == (4, 5)
     assert k["kinds"] == {"compliance+explained_refusal": 1, "compliance+compliance": 2,
-                          "evasive_refusal+explained_refusal": 1}
-    m = label_margins(pairs)  # margins 0.3, 0.05, 0.0, 0.4, 0.2 -> sorted 0, .05, .2, .3, .4
-    assert m["n"] == 5 and m["mean"] == pytest.approx(0.19) and m["median"] == pytest.approx(0.2)
-    assert m["at_least_0.1"]["k"] == 3 and m["at_least_0.25"]["k"] == 2
+                          "evasive_refusal+explained_refusal": 2, "compliance+evasive_refusal": 1}
+    assert (k["refusal_chosen"]["k"], k["refusal_chosen"]["n"]) == (1, 2)  # pairs 1 (chosen) and 6 (not)
+    assert (k["explained_chosen"]["k"], k["explained_chosen"]["n"]) == (1, 1)  # pair 7; pair 3 is a tie
+    m = label_margins(pairs)  # margins .3, .05, 0, .4, .2, .2, .3 -> sorted 0, .05, .2, .2, .3, .3, .4
+    assert m["n"] == 7 and m["mean"] == pytest.approx(1.45 / 7) and m["median"] == pytest.approx(0.2)
+    assert m["at_least_0.1"]["k"] == 5 and m["at_least_0.25"]["k"] == 3
     assert label_margins([])["mean"] is None
     at_clamp = label_margins([{"p_a": 0.6}, {"p_a": 0.4}])  # --cot's clamp: margin exactly 0.1, not 0.0999...
     assert at_clamp["at_least_0.1"]["k"] == 2 and at_clamp["at_least_0.25"]["k"] == 0

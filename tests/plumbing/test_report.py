@@ -187,3 +187,17 @@ def test_headline_charts_say_how_many_items_each_bar_counts():
     page = headline_html(res)
     assert page.count(">n=4, lower is better<") == 2  # compliance, evasive refusal: one count for every policy
     assert ">n per policy base 1 / sl 3, none for dpo, higher is better<" in page
+
+
+def test_pairs_note_says_which_side_the_label_favours():
+    from minicai.infra.report import pairs_note
+
+    explained, evasive, comply = "I can't help with that because it is illegal.", "I can't help with that.", "Sure."
+    rows = [{"kind": "red-team", "response_a": comply, "response_b": explained, "p_a": 0.2},  # the refusal
+            {"kind": "red-team", "response_a": evasive, "response_b": comply, "p_a": 0.3},  # the compliance
+            {"kind": "red-team", "response_a": comply, "response_b": evasive, "p_a": 0.1},  # the refusal
+            {"kind": "helpful", "response_a": comply, "response_b": explained, "p_a": 0.9}]  # not red-team
+    note = pairs_note(rows)
+    assert "in 4/4 pairs (100%)" in note
+    assert "favours the refusal over the compliance in 2/3 such pairs (67%)" in note
+    assert "explained refusal over the evasive" not in note  # no such pair
