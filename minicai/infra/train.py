@@ -461,7 +461,7 @@ def run_cli(main, argv=None) -> int:
         # the interpreter's exit, their destruction aborted a torchrun rank after a finished run
         # ("terminate called without an active exception", SIGABRT): 8 of 35 launches of a small
         # FSDP script that left its model to the exit (torch 2.13, gloo, 2 CPU ranks), 0 of 90 that
-        # freed it first (test_cli.py)
+        # freed it first; tested in tests/plumbing/test_cli.py
         gc.collect()
     tqdm.write(f"error: {msg}", file=sys.stderr)  # on its own line even with a progress bar open
     return 2
