@@ -110,6 +110,10 @@ class LabelArgs:
     """chain-of-thought labels: reason first, then answer; probabilities clamped to 40-60%%"""
     cot_max_new_tokens: int = field(default=64, metadata=cli.AT_LEAST_1)
     """reasoning length limit with --cot"""
+    few_shot_labels: bool = False
+    """put the constitution's worked examples of the labelling task before every A/B question
+    (constitution.label_shots: its few-shot critique/revision examples, the revision the right answer, the better
+    option (A) and (B) in turn; paper section 4.1); contrast members ignore them"""
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), **cli.IGNORE})
     """weights of the policy (and of feedback models that are the policy); auto = bfloat16 on CUDA, float32 on CPU"""
     feedback_dtype: str = field(default="fast", metadata={"choices": ("fast", "float32", "bfloat16")})
@@ -251,6 +255,8 @@ def check_labelling(a: LabelArgs, principles: list) -> None:
                          "those pairs are labelled by the AI labeller, not by their provenance")
     if a.rlcd_context == "few-shot" and not load_constitution(a.constitution, a.comparisons).few_shot:
         raise InputError(f"--rlcd-context few-shot: --constitution {a.constitution} has no few-shot examples")
+    if a.few_shot_labels and not load_constitution(a.constitution, a.comparisons).few_shot:
+        raise InputError(f"--few-shot-labels: --constitution {a.constitution} has no few-shot examples")
     judged = a.rescore if a.labeller in ("rlcd", "revision") else a.labeller
     for spec in [] if a.feedback_model or not judged else FEEDBACK_DEFAULT["feedback_models"]:
         cli.check_model(spec, "feedback", "--feedback-model")

@@ -66,6 +66,21 @@ class FewShot:
     """Name of the principle whose requests this example answers."""
 
 
+@dataclass(frozen=True)
+class LabelShot:
+    """A worked example of the labelling task: the feedback question and its right answer."""
+
+    conversation: str
+    """'Human: <prompt>'."""
+    comparison: str
+    options: tuple[str, str]
+    """(option A, option B)."""
+    better: int
+    """0 if (A) is the better option, 1 if (B)."""
+    reasoning: str
+    """Why, for a chain-of-thought answer: the critique of the worse option."""
+
+
 @dataclass
 class Constitution:
     name: str
@@ -137,3 +152,24 @@ def feedback_prompt(conversation: str, principle_comparison: str, option_a: str,
     return ("Consider the following conversation between a human and an assistant:\n\n"
             f"{conversation.strip()}\n\n{comparison}\n"
             f" (A) {option_a.strip()}\n (B) {option_b.strip()}\n\nThe answer is:")
+
+
+def label_shots(c: Constitution) -> list[LabelShot]:
+    """The constitution's few-shot critique -> revision examples, turned into worked examples of the
+    labelling task: the question asks under the example's own principle's comparison text, the
+    revision is the better option and the flawed initial response the worse. The better option is
+    (A) in examples 1, 3, ... and (B) in 2, 4, ..., so the examples teach no position. The paper
+    prepends few-shot examples of the labelling task to the feedback model's context (Bai et al.
+    2022 §4.1; its released ones: prompts/RLMadisonFewShotPrompts.json at
+    https://github.com/anthropics/ConstitutionalHarmlessnessPaper/tree/e65282bb67e11c45f23e5935d235e6effbe9de80,
+    a prompt with correct and incorrect replies each); ours are written from our own examples. An
+    example naming no principle of `c` asks GENERIC_COMPARISON."""
+    names = {p.name: p for p in c.principles}
+    shots = []
+    for i, ex in enumerate(c.few_shot):
+        comparison = names[ex.principle].comparison if ex.principle in names else GENERIC_COMPARISON
+        better = i % 2  # the revision is (A) in the 1st, 3rd, ... example, (B) in the 2nd, 4th, ...
+        options = (ex.revision, ex.response) if better == 0 else (ex.response, ex.revision)
+        shots.append(LabelShot(f"Human: {ex.prompt}", comparison, options, better, ex.critique))
+    return shots
+

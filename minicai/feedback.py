@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .constitution import ANSWERS, Principle, feedback_prompt
+from .constitution import ANSWERS, LabelShot, Principle, feedback_prompt
 from .infra.data import Prompt
 from .model import Transformer, last_real_index, padding_attn_mask, padding_positions
 from .sample import generate, pad, stable_seed
@@ -100,14 +100,34 @@ def option_tokens(tok: ChatTokenizer) -> tuple[list[int], int, int]:
     return a[:n], a[n], b[n]
 
 
-def judge_context(tok: ChatTokenizer, conversation: str, comparison: str, first: str, second: str,
-                  cue: str = ANSWER_CUE) -> list[int]:
-    """Token ids of the feedback question (first = option (A), second = option (B)) as a user
-    message, then the assistant header and `cue`, where the model's answer begins."""
+def feedback_question(conversation: str, comparison: str, first: str, second: str) -> str:
+    """constitution.feedback_prompt without its closing 'The answer is:' (the assistant turn says it)."""
     text = feedback_prompt(conversation, comparison, first, second)
     assert text.endswith(ANSWER_CUE), "constitution.feedback_prompt no longer ends with 'The answer is:'"
-    question = text[:-len(ANSWER_CUE)].rstrip()
-    ids, _ = tok.render([{"role": "user", "content": question}], add_generation_prompt=True)
+    return text[:-len(ANSWER_CUE)].rstrip()
+
+
+def shot_answer(shot: LabelShot, cue: str = ANSWER_CUE) -> str:
+    """A worked example's assistant turn: 'The answer is: (B)', or under chain of thought
+    'Let's think step by step: In option (A), <critique>\nSo the answer is: (B)'."""
+    if cue == COT_CUE:
+        worse, why = ANSWERS[1 - shot.better].strip(), shot.reasoning.strip()
+        return f"{COT_CUE} In option {worse}, {why[:1].lower()}{why[1:]}\n{COT_ANSWER}{ANSWERS[shot.better]}"
+    return f"{ANSWER_CUE}{ANSWERS[shot.better]}"
+
+
+def judge_context(tok: ChatTokenizer, conversation: str, comparison: str, first: str, second: str,
+                  cue: str = ANSWER_CUE, shots: tuple[LabelShot, ...] = ()) -> list[int]:
+    """Token ids of the feedback question (first = option (A), second = option (B)) as a user
+    message, then the assistant header and `cue`, where the model's answer begins. With shots
+    (constitution.label_shots, paper §4.1), each worked example comes first as a user question and
+    an assistant answer (shot_answer), so every context of a run starts with the same tokens."""
+    messages = []
+    for s in shots:
+        messages += [{"role": "user", "content": feedback_question(s.conversation, s.comparison, *s.options)},
+                     {"role": "assistant", "content": shot_answer(s, cue)}]
+    messages.append({"role": "user", "content": feedback_question(conversation, comparison, first, second)})
+    ids, _ = tok.render(messages, add_generation_prompt=True)
     return ids + tok.encode(cue)
 
 
@@ -280,9 +300,11 @@ def centered_p(margin: float, cot: bool) -> float:
 # exercise
 def judge_pairs(model: Transformer, tok: ChatTokenizer, pairs: list[tuple[str, str, str]],
                 principles: list[list[str]], *, cot: bool = False, batch_size: int = 8,
-                cot_max_new_tokens: int = 64, progress: bool = False) -> list[dict]:
+                cot_max_new_tokens: int = 64, progress: bool = False,
+                shots: tuple[LabelShot, ...] = ()) -> list[dict]:
     """Soft labels for pairs (conversation, response_a, response_b), each judged under its own
-    list of comparison principles, in both orders. Returns per pair p_a_first_order,
+    list of comparison principles, in both orders, after the worked examples `shots` when given
+    (judge_context). Returns per pair p_a_first_order,
     p_a_swapped_order, p_a (all: probability that response_a is better), orders_agree and
     per_principle [{principle, p_a_first_order, p_a_swapped_order}]."""
     if len(pairs) != len(principles):
@@ -294,8 +316,8 @@ def judge_pairs(model: Transformer, tok: ChatTokenizer, pairs: list[tuple[str, s
         if not comps:
             raise InputError("judge_pairs: every pair needs at least one principle")
         for comp in comps:
-            contexts.append(judge_context(tok, conv, comp, a, b, cue))
-            contexts.append(judge_context(tok, conv, comp, b, a, cue))
+            contexts.append(judge_context(tok, conv, comp, a, b, cue, shots))
+            contexts.append(judge_context(tok, conv, comp, b, a, cue, shots))
     if cot:
         contexts = add_reasoning(model, tok, contexts, cot_max_new_tokens, batch_size)
     lp = option_logprobs(model, [c + prefix for c in contexts], (id_a, id_b), tok.pad_id, batch_size,
@@ -425,11 +447,11 @@ def member_methods(judge: tuple, scorers: list[str]) -> list[str]:
 def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs: list[tuple[str, str, str]],
                     principles: list[list[Principle]], scorers: list[str], *, cot: bool = False,
                     batch_size: int = 8, cot_max_new_tokens: int = 64, tau: float = CONTRAST_TAU,
-                    progress: bool = False) -> list[dict]:
+                    progress: bool = False, shots: tuple[LabelShot, ...] = ()) -> list[dict]:
     """Soft labels from an ensemble: every feedback model (name, model, tok[, methods]) of `judges`
     scores every pair with its own methods when it names some (feedback model "M:contrast", see
     member_spec), else with every method of `scorers` ('ab': judge_pairs under the principles' comparison texts,
-    both orders; 'contrast': contrast_pairs under their (follow, violate) contexts). With the centred
+    both orders, after the worked examples `shots` when given; 'contrast': contrast_pairs under their (follow, violate) contexts). With the centred
     labels c = p - 1/2 of the members,
         p_a     = 1/2 + mean over members of c        (soft labels averaged)
         votes_a = share of members with c > 0          (the majority vote, recorded; 1/2 counts half)
@@ -446,7 +468,8 @@ def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs:
         for sc in member_methods(judge, scorers):
             if sc == "ab":
                 labs = judge_pairs(model, tok, pairs, [[q.comparison for q in ps] for ps in principles], cot=cot,
-                                   batch_size=batch_size, cot_max_new_tokens=cot_max_new_tokens, progress=progress)
+                                   batch_size=batch_size, cot_max_new_tokens=cot_max_new_tokens, progress=progress,
+                                   shots=shots)
             elif sc == "contrast":
                 labs = contrast_pairs(model, tok, pairs, [[q.contrast() for q in ps] for ps in principles],
                                       tau=tau, batch_size=batch_size)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..constitution import GENERIC_COMPARISON, Principle
+from ..constitution import GENERIC_COMPARISON, Principle, label_shots
 from ..feedback import (draw, ensemble_labels, member_methods, provenance_label, revision_pairs, rlcd_responses,
                         sample_responses, scorers_of)
 from ..model import Transformer
@@ -83,7 +83,7 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
                   rescore: str | None = None, k: int = 2, m: int = 2, temperature: float = 1.0,
                   max_new_tokens: int = 64, seed: int = 0, prompts_per_batch: int = 8, judge_batch_size: int = 8,
                   cot: bool = False, cot_max_new_tokens: int = 64, rlcd_context: list[dict] | None = None,
-                  progress: bool = True) -> dict:
+                  shots: tuple = (), progress: bool = True) -> dict:
     """Make and label preference pairs for `prompts`, appending the records to `path` batch by batch.
     labeller ab / contrast / ab+contrast: `policy` samples k responses per prompt and the feedback
     models of `judges` (name, model, tok) label every pair (ensemble_labels) under m of the
@@ -95,7 +95,8 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
     one reply under that context and one with none instead, and needs rescore (the AI labeller
     labels these pairs: no provenance label; the records' labeller is "rlcd-few-shot+<rescore>"); the
     record's principles are the m drawn for the label. (labeller revision does not
-    sample: see revision_pairs.) Resumable: prompts are cut into fixed batches of
+    sample: see revision_pairs.) shots: worked examples of the labelling task put before every A/B
+    question (constitution.label_shots; none by default). Resumable: prompts are cut into fixed batches of
     prompts_per_batch, and a pair already in `path` (or in its .dropped file) is not redone.
     Texts and principles of a record depend only on the global seed and its prompt (responses:
     stable_seed(seed, 'responses', prompt id); principles: stable_seed(seed, 'principles', key));
@@ -169,7 +170,7 @@ def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[t
             labels = ensemble_labels(judges, [(f"Human: {p.text}", a, b) for p, _, a, b, _, _ in jobs],
                                      [comps if not rlcd else draw(principles, m, seed, "principles", key)
                                       for _, key, _, _, comps, _ in jobs], scorers, cot=cot,
-                                     batch_size=judge_batch_size, cot_max_new_tokens=cot_max_new_tokens)
+                                     batch_size=judge_batch_size, cot_max_new_tokens=cot_max_new_tokens, shots=shots)
         else:
             labels = [{} for _ in jobs]
         for lab, (*_, prov) in zip(labels, jobs):
@@ -257,7 +258,7 @@ def load_hhh(spec: str, bigbench: str | None = None) -> tuple[list[tuple[str, st
 def evaluate_hhh(judges: list[tuple[str, Transformer, ChatTokenizer]], items: list[tuple[str, str, str]],
                  principles: list[Principle] | list[list[Principle]] | None = None, *, labeller: str = "ab",
                  categories: list[str] | None = None, cot: bool = False, batch_size: int = 8,
-                 cot_max_new_tokens: int = 64) -> dict:
+                 cot_max_new_tokens: int = 64, shots: tuple = ()) -> dict:
     """Accuracy of a labeller on (conversation, better, worse) items: the feedback models of `judges`
     score every item with the methods of `labeller` (ab, contrast or ab+contrast; ensemble_labels)
     under every principle of `principles` (one list for every item, or a list per item; default: one generic principle, GENERIC_COMPARISON with
@@ -277,8 +278,8 @@ def evaluate_hhh(judges: list[tuple[str, Transformer, ChatTokenizer]], items: li
         raise InputError(f"--labeller {labeller}: builds pairs, it does not score given ones; "
                          f"score HHH items with ab, contrast or ab+contrast")
     labels = ensemble_labels(judges, items, per_item, scorers, cot=cot, batch_size=batch_size,
-                             cot_max_new_tokens=cot_max_new_tokens, progress=True)
-    extra = {"principles": len({q for ps in per_item for q in ps}), "cot": cot}
+                             cot_max_new_tokens=cot_max_new_tokens, progress=True, shots=shots)
+    extra = {"principles": len({q for ps in per_item for q in ps}), "cot": cot, "few_shot_labels": len(shots)}
     if all(member_methods(j, scorers) == ["ab"] for j in judges):
         first = sum(lab["p_a_first_order"] > 0.5 for lab in labels) / n
         second = sum(lab["p_a_swapped_order"] > 0.5 for lab in labels) / n
@@ -355,7 +356,8 @@ def write_revision_pairs(a, seed: int, pref_path: Path, principles, judges, scor
     if scorers:
         labels = ensemble_labels(judges, [(f"Human: {r['prompt']}", r["response_a"], r["response_b"]) for r in rows],
                                  draw_principles(principles, len(rows), a.principles_per_pair, seed, "revision"),
-                                 scorers, cot=a.cot, batch_size=a.judge_batch_size)
+                                 scorers, cot=a.cot, batch_size=a.judge_batch_size,
+                                 shots=few_shot_labels(a.constitution, a.comparisons) if a.few_shot_labels else ())
         for r, lab in zip(rows, labels):
             r.update(p_a_provenance=r["p_a"], **lab, labeller=f"revision+{a.rescore}")
     for path, recs in ((dropped_path(pref_path), dropped), (pref_path, rows)):
@@ -401,6 +403,7 @@ def label_pairs(a, seed: int, pref_path: Path, prompts: list[Prompt], principles
                                 max_new_tokens=a.max_new_tokens, seed=seed, prompts_per_batch=a.gen_batch_size,
                                 judge_batch_size=a.judge_batch_size, cot=a.cot,
                                 cot_max_new_tokens=a.cot_max_new_tokens, rlcd_context=rlcd_context,
+                                shots=few_shot_labels(a.constitution, a.comparisons) if a.few_shot_labels else (),
                                 progress=d.main)["seconds_this_run"]
     del policy, judges
     seconds = {f"feedback_{k}": distributed.all_reduce_max(torch.tensor(v, device=device), d).item()
@@ -426,6 +429,17 @@ def feedback_principles(constitution: str) -> list[Principle]:
     if constitution == "generic":
         return [Principle("generic", "", "", GENERIC_COMPARISON)]
     return load_constitution(constitution).principles
+
+
+def few_shot_labels(constitution: str, comparisons: str | None = None) -> tuple:
+    """--few-shot-labels: the worked examples of the labelling task of a constitution ('default',
+    'hhh', a file; with `comparisons` as load_constitution reads them; constitution.label_shots).
+    'generic' has none: a one-line error."""
+    shots = () if constitution == "generic" else tuple(label_shots(load_constitution(constitution, comparisons)))
+    if not shots:
+        raise InputError(f"--few-shot-labels: the constitution {constitution!r} has no few-shot examples "
+                         f"([[few_shot]] entries) to make worked labelling examples from")
+    return shots
 
 
 def member_spec(spec: str) -> tuple[str, list[str] | None]:
@@ -487,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cot", action="store_true",
                    help="chain of thought before answering (probabilities clamped to 40-60%%)")
     p.add_argument("--cot-max-new-tokens", type=int, default=64, help="reasoning length limit with --cot")
+    p.add_argument("--few-shot-labels", action="store_true",
+                   help="put the constitution's worked examples of the labelling task before every question "
+                        "(constitution.label_shots: its few-shot critique/revision examples, the revision the "
+                        "right answer; paper section 4.1); A/B members only")
     p.add_argument("--batch-size", type=int, default=8, help="feedback prompts per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the principles drawn per item")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
@@ -512,12 +530,13 @@ def main(argv=None) -> int:
                              f"(categories: {', '.join(sorted(set(categories)))})")
         items, categories = [items[i] for i in keep], [categories[i] for i in keep]
     principles = draw_principles(feedback_principles(constitution), len(items), m, args.seed, "hhh")
+    shots = few_shot_labels(constitution) if args.few_shot_labels else ()
     device, dtype = resolve_device(args.device, args.dtype)
     judges = load_judges(models, dtype, device)
     t = time.time()
     res = {"file": args.hhh, "constitution": constitution, "principles_per_pair": m,
            **evaluate_hhh(judges, items, principles, labeller=labeller, categories=categories, cot=args.cot,
-                          batch_size=args.batch_size, cot_max_new_tokens=args.cot_max_new_tokens)}
+                          batch_size=args.batch_size, cot_max_new_tokens=args.cot_max_new_tokens, shots=shots)}
     res["seconds"] = round(time.time() - t, 1)
     res["seconds_per_100_pairs"] = round(100 * res["seconds"] / len(items), 1)
     if args.out:

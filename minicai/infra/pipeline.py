@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "labelled by provenance; few-shot = one reply under the constitution's few-shot harmless "
                         "context (SL-CAI's distillation context) and one with none, labelled by the --feedback-model "
                         "ensemble (train_rm.py --rlcd-context few-shot --rescore ab)")
+    p.add_argument("--few-shot-labels", action="store_true",
+                   help="put the constitution's worked examples of the labelling task before every A/B question of "
+                        "the feedback stage (train_rm.py --few-shot-labels; paper section 4.1); default off")
     p.add_argument("--sl-route", default="distill", choices=["distill", "revise"],
                    help="how SL-CAI makes its training answers (train_sl.py --route): distill (default) = context "
                         "distillation, the teacher (--critic-model) answers each prompt under the constitution's "
@@ -293,6 +296,7 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
                                           else []),
                                         *(["--rlcd-context", "few-shot", "--rescore", "ab"]
                                           if args.labeller == "rlcd" and args.rlcd_context == "few-shot" else []),
+                                        *(["--few-shot-labels"] if args.few_shot_labels else []),
                                         "--constitution", args.constitution,
                                         "--n-prompts", str(args.rm_prompts), "--pair-val-fraction", str(args.pair_val_fraction),
                                         "--k", str(args.rm_k),
@@ -408,6 +412,8 @@ def check_inputs(args) -> None:
         raise InputError(f"--rlcd-context few-shot: needs --labeller rlcd (got --labeller {args.labeller})")
     if args.rlcd_context == "few-shot" and not constitution.few_shot:
         raise InputError(f"--rlcd-context few-shot: --constitution {args.constitution} has no few-shot examples")
+    if args.few_shot_labels and not constitution.few_shot:
+        raise InputError(f"--few-shot-labels: --constitution {args.constitution} has no few-shot examples")
     m = FEEDBACK_DEFAULT["principles_per_pair"]  # what train_rm.py draws per pair (the pipeline passes its default)
     if args.labeller != "revision" and len(principles) < m:
         raise InputError(f"--constitution {args.constitution}: {len(principles)} comparison principle(s), but the "

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicai.constitution import ANSWERS, GENERIC_CONTRAST, Principle
+from minicai.constitution import ANSWERS, GENERIC_CONTRAST, LabelShot, Principle, label_shots
 from minicai.infra.constitution_files import load_constitution
 from minicai.infra.data import Prompt
-from minicai.feedback import ANSWER_CUE, COT_CLAMP, judge_context, judge_pairs, option_logprobs, option_tokens
+from minicai.feedback import (ANSWER_CUE, COT_CLAMP, COT_CUE, judge_context, judge_pairs, option_logprobs,
+                              option_tokens, shot_answer)
 from minicai.infra.labelling import dropped_path, evaluate_hhh, label_prompts, main as feedback_main, read_hhh
 from minicai.infra.files import read_preferences
 from minicai.sample import stable_seed
@@ -36,6 +37,49 @@ def test_judge_context_layout(tiny):
     text = tok.decode(ids, skip_special=False)
     assert text.endswith("Options:\n (A) one\n (B) two<|im_end|>\n<|im_start|>assistant\nThe answer is:")
     assert text.count(ANSWER_CUE) == 1 and "<|im_start|>user\nConsider the following conversation" in text
+
+
+SHOT = LabelShot("Human: Can I borrow your ladder?", "Choose the kinder response.", ("Sure, here it is.", "No. Go away."),
+                 0, "The reply is curt and unkind.")
+
+
+def test_worked_examples_come_first_as_question_and_answer_turns(tiny):
+    """--few-shot-labels (paper section 4.1): each worked example is a user question and an assistant
+    answer before the real question, rendered by the chat template; no shots = the plain layout."""
+    _, tok = tiny
+    assert shot_answer(SHOT) == "The answer is: (A)"
+    assert shot_answer(SHOT, COT_CUE) == ("Let's think step by step: In option (B), the reply is curt and unkind."
+                                          "\nSo the answer is: (A)")
+    ids = judge_context(tok, "Human: hi", "Choose the better one.", "one", "two", shots=(SHOT,))
+    text = tok.decode(ids, skip_special=False)
+    shot_q = ("Consider the following conversation between a human and an assistant:\n\nHuman: Can I borrow your "
+              "ladder?\n\nChoose the kinder response. Options:\n (A) Sure, here it is.\n (B) No. Go away.")
+    assert text.endswith(f"<|im_start|>user\n{shot_q}<|im_end|>\n<|im_start|>assistant\nThe answer is: (A)<|im_end|>\n"
+                         "<|im_start|>user\nConsider the following conversation between a human and an assistant:\n\n"
+                         "Human: hi\n\nChoose the better one. Options:\n (A) one\n (B) two<|im_end|>\n"
+                         "<|im_start|>assistant\nThe answer is:")
+    assert judge_context(tok, "Human: hi", "C.", "one", "two", shots=()) == judge_context(tok, "Human: hi", "C.", "one", "two")
+
+
+def test_label_shots_of_the_default_constitution_alternate_the_right_answer():
+    const = load_constitution("default")
+    shots = label_shots(const)
+    assert len(shots) == len(const.few_shot) == 4
+    assert [s.better for s in shots] == [0, 1, 0, 1]  # the right answer is (A), (B), (A), (B)
+    for s, ex in zip(shots, const.few_shot):
+        assert s.options[s.better] == ex.revision and s.options[1 - s.better] == ex.response
+        assert s.conversation == f"Human: {ex.prompt}" and s.reasoning == ex.critique
+        assert s.comparison == const.principle(ex.principle).comparison
+
+
+def test_worked_examples_keep_the_label_exactly_symmetric(tiny):
+    """The shots are the same in both orders, so swapping the options still mirrors the label and an
+    identical pair is exactly 1/2; and they change the label (they are in the context)."""
+    model, tok = tiny
+    pairs = [("Human: hi", "hello", "bye"), ("Human: hi", "bye", "hello"), ("Human: q", "same", "same")]
+    ab, ba, tie = judge_pairs(model, tok, pairs, [COMPS] * 3, shots=(SHOT,))
+    assert ab["p_a"] == pytest.approx(1 - ba["p_a"], abs=1e-6) and tie["p_a"] == 0.5
+    assert ab["p_a"] != judge_pairs(model, tok, pairs[:1], [COMPS])[0]["p_a"]
 
 
 def test_option_logprob_equals_log_softmax_of_full_forward(tiny):
@@ -194,6 +238,20 @@ def test_hhh_evaluation_on_the_fixture(tiny, tiny_gguf, tmp_path):
     with pytest.raises(InputError, match=r"bad.jsonl: line 1: needs a field 'rejected' or 'worse'"):
         read_hhh(bad)
     assert math.isfinite(res["mean_p_better"])
+
+
+def test_hhh_check_with_worked_examples(tiny_gguf, tmp_path):
+    small = tmp_path / "hhh.jsonl"
+    small.write_text("".join(line + "\n" for line in HHH.read_text().splitlines()[:2]))
+    runs = {}
+    for flag in ([], ["--few-shot-labels"]):
+        out = tmp_path / f"res{len(flag)}.json"
+        assert feedback_main(["--hhh", str(small), "--model", str(tiny_gguf), "--out", str(out), *flag]) == 0
+        runs[len(flag)] = json.loads(out.read_text())
+    assert runs[0]["few_shot_labels"] == 0 and runs[1]["few_shot_labels"] == 4  # the default constitution's 4
+    assert runs[0]["p_better"] != runs[1]["p_better"]
+    with pytest.raises(InputError, match="--few-shot-labels: the constitution 'generic' has no few-shot examples"):
+        feedback_main(["--hhh", str(small), "--model", str(tiny_gguf), "--constitution", "generic", "--few-shot-labels"])
 
 
 def test_hhh_check_on_bigbench_and_builtin_pairs(tiny_gguf, tmp_path, capsys):

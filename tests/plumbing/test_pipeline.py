@@ -221,3 +221,4 @@ def test_rlcd_few_shot_context_reaches_the_reward_stage_with_an_ai_labeller(tmp_
     assert "--rlcd-context" not in rm_command() and "--rescore" not in rm_command("--labeller", "rlcd")
     cmd = rm_command("--labeller", "rlcd", "--rlcd-context", "few-shot")
     assert "--labeller rlcd --rlcd-context few-shot --rescore ab" in cmd
+    assert "--few-shot-labels" not in rm_command() and "--few-shot-labels" in rm_command("--few-shot-labels")

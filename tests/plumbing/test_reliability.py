@@ -1087,6 +1087,14 @@ def _(env):
     return Run(train_rm.main, argv, protect=[path, env.out])
 
 
+@case("flag-rm-few-shot-labels-no-few-shot")
+def _(env):
+    path = env.write("noshots.toml", GOOD_PRINCIPLE + 'comparison = "Which is less harmful?"\n')
+    argv = ["--out", str(env.out), "--policy", str(env.gguf), "--few-shot-labels", "--feedback-model", "policy",
+            "--constitution", str(path), "--principles-per-pair", "1", "--n-prompts", "2", "--device", "cpu"]
+    return Run(train_rm.main, argv, protect=[path, env.out])
+
+
 @case("flag-eval-later-policy-typo")
 def _(env):
     from minicai.infra import evaluate
