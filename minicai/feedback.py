@@ -450,9 +450,10 @@ def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs:
                     progress: bool = False, shots: tuple[LabelShot, ...] = ()) -> list[dict]:
     """Soft labels from an ensemble: every feedback model (name, model, tok[, methods]) of `judges`
     scores every pair with its own methods when it names some (feedback model "M:contrast", see
-    member_spec), else with every method of `scorers` ('ab': judge_pairs under the principles' comparison texts,
-    both orders, after the worked examples `shots` when given; 'contrast': contrast_pairs under their (follow, violate) contexts). With the centred
-    labels c = p - 1/2 of the members,
+    member_spec), else with every method of `scorers` ('ab': judge_pairs under the principles' comparison
+    texts, both orders, after the worked examples `shots` when given; 'contrast': contrast_pairs under
+    their (follow, violate) contexts, which cannot read worked examples: shots with no 'ab' member are
+    an error). With the centred labels c = p - 1/2 of the members,
         p_a     = 1/2 + mean over members of c        (soft labels averaged)
         votes_a = share of members with c > 0          (the majority vote, recorded; 1/2 counts half)
     so swapping a and b gives exactly 1 - p_a and one member gives its own label unchanged. The ab
@@ -462,6 +463,9 @@ def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs:
     orders_agree]}."""
     if not judges or not scorers:
         raise InputError("ensemble_labels: need at least one feedback model and one scoring method")
+    if shots and not any("ab" in member_methods(j, scorers) for j in judges):
+        raise InputError("--few-shot-labels: no feedback model answers the A/B question (a contrast member "
+                         "scores reply likelihoods and cannot read worked examples)")
     runs = []  # (name, scorer, labels)
     for judge in judges:
         name, model, tok = judge[:3]

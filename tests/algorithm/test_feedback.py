@@ -252,6 +252,8 @@ def test_hhh_check_with_worked_examples(tiny_gguf, tmp_path):
     assert runs[0]["p_better"] != runs[1]["p_better"]
     with pytest.raises(InputError, match="--few-shot-labels: the constitution 'generic' has no few-shot examples"):
         feedback_main(["--hhh", str(small), "--model", str(tiny_gguf), "--constitution", "generic", "--few-shot-labels"])
+    with pytest.raises(InputError, match="--few-shot-labels: no feedback model answers the A/B question"):
+        feedback_main(["--hhh", str(small), "--model", str(tiny_gguf), "--labeller", "contrast", "--few-shot-labels"])
 
 
 def test_hhh_check_on_bigbench_and_builtin_pairs(tiny_gguf, tmp_path, capsys):
