@@ -456,7 +456,7 @@ def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs:
     an error). With the centred labels c = p - 1/2 of the members,
         p_a     = 1/2 + mean over members of c        (soft labels averaged)
         votes_a = share of members with c > 0          (the majority vote, recorded; 1/2 counts half)
-    so swapping a and b gives exactly 1 - p_a and one member gives its own label unchanged. The ab
+    so swapping a and b gives exactly 1 - p_a and one member its own label (to one rounding). The ab
     members' order statistics (p_a_first_order, p_a_swapped_order, orders_agree) are kept, averaged
     the same way, when there is an ab member. Returns per pair {p_a, votes_a, members: [{model,
     scorer, p_a}], per_principle (the first member's), [p_a_first_order, p_a_swapped_order,
