@@ -113,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the labelled pairs' prompts held out to measure the reward model's accuracy "
                         "(train_rm.py --pair-val-fraction)")
     p.add_argument("--ppo-iterations", type=int, default=20, help="PPO iterations")
-    p.add_argument("--ppo-batch", type=int, default=8, help="prompts per PPO iteration")
+    p.add_argument("--ppo-batch", type=int, default=8, help="episodes (responses) per PPO iteration")
+    p.add_argument("--rl-advantage", default="gae", choices=["gae", "rloo", "grpo"],
+                   help="RL-CAI's advantages (train_ppo.py --advantage): gae (default) = PPO with a value head, "
+                        "the paper's; rloo / grpo = 4 samples of each of --ppo-batch / 4 prompts, each response "
+                        "scored against the others of its prompt, no value function (docs/results.md, 'RL-CAI from "
+                        "the refusing policy', compares them)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated response, every stage")
     p.add_argument("--eval-red-team", type=int, default=8, help="held-out red-team prompts in the evaluation")
     p.add_argument("--eval-helpful", type=int, default=8, help="held-out helpfulness prompts in the evaluation")
@@ -305,6 +310,7 @@ def rl_round(args, out: Path, base: str, tag: str, log: dict, dry: bool) -> tupl
     run_stage(f"{tag or 'round1'}/ppo", ["-m", "train_ppo", "--out", str(ppo), "--policy", str(sl / "model"),
                                          "--reward-model", str(rm / "rm"), "--iterations", str(args.ppo_iterations),
                                          "--batch-size", str(args.ppo_batch),
+                                         *(["--advantage", args.rl_advantage] if args.rl_advantage != "gae" else []),
                                          "--max-new-tokens", str(args.max_new_tokens), *fast["ppo"], *common],
               ppo / "ppo_summary.json", log, out, dry)
     return sl / "model", rm, ppo / "model"

@@ -222,3 +222,15 @@ def test_rlcd_few_shot_context_reaches_the_reward_stage_with_an_ai_labeller(tmp_
     cmd = rm_command("--labeller", "rlcd", "--rlcd-context", "few-shot")
     assert "--labeller rlcd --rlcd-context few-shot --rescore ab" in cmd
     assert "--few-shot-labels" not in rm_command() and "--few-shot-labels" in rm_command("--few-shot-labels")
+
+
+def test_rl_advantage_reaches_the_rl_stage(tmp_path, capsys):
+    """--rl-advantage picks train_ppo.py's --advantage; the default (gae, the paper's PPO) adds no flag,
+    so runs recorded before the flag existed keep their stage keys."""
+    def ppo_command(*extra):
+        assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run", *NO_PARTS, *extra]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "$ python" in line and "round1/ppo" in line)
+
+    assert "--advantage" not in ppo_command("--rl-advantage", "gae")
+    assert "--advantage grpo" in ppo_command("--rl-advantage", "grpo")
+    assert "--advantage rloo" in ppo_command("--rl-advantage", "rloo")
