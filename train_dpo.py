@@ -52,13 +52,14 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from minicai.infra import cli, distributed
-from minicai.infra.checkpoint import EMBEDDED_NAME, load_model
-from minicai.infra.data import split_pairs
-from minicai.infra.files import read_preferences, warn
+from minicai.io.checkpoint import EMBEDDED_NAME, load_model
+from minicai.io.data import split_pairs
+from minicai.io.files import read_preferences, warn
 from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, drop_checkpoint,
-                                 length_buckets, lr_at, open_run, run_cli, save_checkpoint, save_final, start,
-                                 warmup_steps)
-from minicai.infra.utils import InputError, atomic_write_bytes, atomic_write_json
+                                 length_buckets, lr_at, open_run, save_checkpoint, save_final, start, warmup_steps)
+from minicai.infra.cli import run_cli
+from minicai.errors import InputError
+from minicai.infra.utils import atomic_write_bytes, atomic_write_json
 from minicai.losses import dpo_loss, dpo_statistics
 from minicai.rl import logprobs_from_logits
 from minicai.sample import pad

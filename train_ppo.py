@@ -67,14 +67,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from minicai.infra import cli, distributed, train
-from minicai.infra.checkpoint import EMBEDDED_NAME, load_tokenizer
-from minicai.infra.data import check_prompt_lengths
+from minicai.io.checkpoint import EMBEDDED_NAME, load_tokenizer
+from minicai.io.data import check_prompt_lengths
 from minicai.infra.ppo import (EOS_PENALTY_MODES, Models, Rollout, check_config, end_of_turn_id, gather_generation,
                                global_whiten_stats, iteration_metrics, load_checkpoint, load_models,
                                missing_eos_penalty, prompt_batch, response_forward, response_values,
                                reward_model_input, save_checkpoint, show_samples, token_reward, train_prompts,
                                write_summary)
-from minicai.infra.train import MetricsLog, check_finite, drop_checkpoint, open_run, run_cli
+from minicai.infra.train import MetricsLog, check_finite, drop_checkpoint, open_run
+from minicai.infra.cli import run_cli
 from minicai.model import last_token_scores
 from minicai.rl import (ADVANTAGES, REWARD_AT, KLController, gae, gae_mask, grpo_advantages, kl_loss, kl_per_token,
                         masked_mean, masked_whiten, per_token_rewards, policy_loss, rloo_advantages,

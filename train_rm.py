@@ -47,16 +47,17 @@ from tqdm import tqdm
 
 from minicai.feedback import LABELLERS, reward_input
 from minicai.infra import cli, distributed
-from minicai.infra.constitution_files import load_constitution
+from minicai.io.constitution_files import load_constitution
 from minicai.infra.labelling import DEFAULT as FEEDBACK_DEFAULT
 from minicai.infra.labelling import label_pairs, preference_stats
 from minicai.infra.rm import check_args, reward_model, select_prompts, write_summary
-from minicai.infra.checkpoint import EMBEDDED_NAME
-from minicai.infra.data import split_pairs
-from minicai.infra.files import read_preferences, warn
+from minicai.io.checkpoint import EMBEDDED_NAME
+from minicai.io.data import split_pairs
+from minicai.io.files import read_preferences, warn
 from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, length_buckets, lr_at,
-                                 open_run, run_cli, save_checkpoint, start, warmup_steps)
-from minicai.infra.utils import InputError
+                                 open_run, save_checkpoint, start, warmup_steps)
+from minicai.infra.cli import run_cli
+from minicai.errors import InputError
 from minicai.losses import pairwise_accuracy, pairwise_loss
 from minicai.model import last_token_scores
 from minicai.sample import pad

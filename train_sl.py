@@ -39,18 +39,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minicai.errors import InputError
+from minicai.feedback import draw, ensemble_labels, scorers_of
 from minicai.infra import cli, distributed
-from minicai.infra.checkpoint import EMBEDDED_NAME, load_model, load_tokenizer
-from minicai.infra.constitution_files import load_constitution
-from minicai.infra.data import Prompt, check_prompt_lengths, load_prompts, mix, split
 from minicai.infra.fast import FusedSFTLoss
+from minicai.infra.labelling import DEFAULT, feedback_principles, load_judges
 from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, drop_checkpoint,
-                                 length_buckets, lr_at, open_run, run_cli, save_checkpoint, save_final, start,
-                                 to_device, warmup_steps)
-from minicai.infra.utils import InputError, atomic_write_json, atomic_write_text, resolve_device
+                                 length_buckets, lr_at, open_run, save_checkpoint, save_final, start, to_device,
+                                 warmup_steps)
+from minicai.infra.cli import run_cli
+from minicai.infra.utils import atomic_write_json, atomic_write_text, resolve_device
+from minicai.io.checkpoint import EMBEDDED_NAME, load_model, load_tokenizer
+from minicai.io.constitution_files import load_constitution
+from minicai.io.data import Prompt, check_prompt_lengths, load_prompts, mix, split
+from minicai.io.traces import load_done, run_slcai
 from minicai.losses import sft_loss
 from minicai.sample import pad
-from minicai.infra.traces import load_done, run_slcai
 
 
 @dataclass
@@ -158,9 +162,6 @@ def route_options(args: Args, critic, prefer) -> dict:
 def labeller(args: Args, device, policy, tok, critic=None) -> callable:
     """--best-of > 1: prefer(pairs) -> [p(a better)], the AI labeller of train_rm.py (feedback.ensemble_labels
     of the --judge models, --judge-principles comparison principles drawn per pair, both orders)."""
-    from minicai.feedback import draw, ensemble_labels, scorers_of
-    from minicai.infra.labelling import DEFAULT, feedback_principles, load_judges
-
     judges = load_judges(args.judge or DEFAULT["feedback_models"], resolve_device(args.run.device, args.critic_dtype)[1],
                          device, reuse={args.model: (policy, tok), **({args.critic_model: critic} if critic else {})})
     principles = feedback_principles(args.constitution)

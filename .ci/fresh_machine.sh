@@ -7,7 +7,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 main=$(awk '/<!-- main-command -->/{f=1; next} f && /^```/ {next} f {print; exit}' "$repo/README.md")
-run=" && .venv/bin/python -m minicai.infra.pipeline --out runs/cai"
+run=" && .venv/bin/python -m minicai.experiments.pipeline --out runs/cai"
 case "$main" in
   *"$run") ;;
   *) echo "fresh_machine: the README main command no longer ends with '$run'; update this script" >&2; exit 1 ;;
@@ -22,8 +22,8 @@ echo "+ $install"
 bash -c "$install"
 tiny=(--sl-prompts 2 --sl-rounds 1 --sl-epochs 1 --rm-prompts 4 --rm-k 2 --ppo-iterations 1 --ppo-batch 2
       --max-new-tokens 8 --eval-red-team 2 --eval-helpful 2 --eval-harmful 4 --eval-benign 2)
-echo "+ .venv/bin/python -m minicai.infra.pipeline --out runs/cai ${tiny[*]}"
-.venv/bin/python -m minicai.infra.pipeline --out runs/cai "${tiny[@]}"
+echo "+ .venv/bin/python -m minicai.experiments.pipeline --out runs/cai ${tiny[*]}"
+.venv/bin/python -m minicai.experiments.pipeline --out runs/cai "${tiny[@]}"
 test -s runs/cai/report.html
 grep -q "Not measured: BIG-bench" runs/cai/eval/eval.md
 grep -q "Not measured: BIG-bench" runs/cai/report.html

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import gemm_peak, model_gemm_peak  # noqa: E402
 
 from minicai.feedback import draw, judge_context, option_logprobs, option_tokens, shared_prefix_groups  # noqa: E402
-from minicai.infra.checkpoint import load_model  # noqa: E402
-from minicai.infra.constitution_files import load_constitution  # noqa: E402
+from minicai.io.checkpoint import load_model  # noqa: E402
+from minicai.io.constitution_files import load_constitution  # noqa: E402
 from minicai.model import last_real_index  # noqa: E402
 from minicai.sample import pad  # noqa: E402
 

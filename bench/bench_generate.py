@@ -3,7 +3,7 @@
     python bench/bench_generate.py [--dtypes float32 bfloat16] [--variants plain int8] [--new-tokens 128] [--no-hf]
 
 Prints, for each dtype and variant (plain = the model as loaded; int8, fused, int8+fused = the
-load-time transforms of minicai/infra/quant.py, which generation-only stages may use):
+load-time transforms of minicai/io/quant.py, which generation-only stages may use):
   * batch-1 greedy decode tok/s (128 new tokens, EOS ignored so every run has the same length),
   * batch-16 sampling tok/s (temperature 1, 64 new tokens each, EOS ignored),
   * the bandwidth bound: weight bytes read per batch-1 decoded token (int8 codes and bf16 scales for
@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from minicai.infra.checkpoint import load_model, save_hf
-from minicai.infra.quant import FastLinear, apply_quantize
+from minicai.io.checkpoint import load_model, save_hf
+from minicai.io.quant import FastLinear, apply_quantize
+from minicai.infra.fast import compiled_decode_one_token
 from minicai.sample import generate
 
 PROMPT = "Write a long story about a dragon who learns to paint."
@@ -64,7 +65,7 @@ def timed(fn, reps: int = 2) -> float:
 def ours(model, tok, new_tokens: int, batch: int, temperature: float, compile: bool = False) -> float:
     ids = tok.render([{"role": "user", "content": PROMPT}], add_generation_prompt=True)[0]
     dt = timed(lambda: generate(model, [ids] * batch, new_tokens, temperature=temperature, seed=0, pad_id=tok.pad_id,
-                                compile=compile))  # the warm-up call pays for compiling
+                                decode=compiled_decode_one_token() if compile else None))  # the warm-up call compiles
     return batch * new_tokens / dt
 
 
@@ -90,7 +91,7 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--new-tokens", type=int, default=128, help="batch-1 tokens (batch 16 uses half)")
     ap.add_argument("--variants", nargs="+", default=["plain", "int8", "fused", "int8+fused"],
-                    help="plain, and the load-time transforms of minicai/infra/quant.py (apply_quantize modes)")
+                    help="plain, and the load-time transforms of minicai/io/quant.py (apply_quantize modes)")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers even if installed")
     ap.add_argument("--compile", action="store_true",
                     help="our decode step through torch.compile (infra.fast.compiled_decode_one_token); "

@@ -62,8 +62,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_ppo  # noqa: E402
-from minicai.infra.checkpoint import load_model, save_hf  # noqa: E402
-from minicai.infra.data import BUILTIN_HELPFUL, BUILTIN_RED_TEAM  # noqa: E402
+from minicai.io.checkpoint import load_model, save_hf  # noqa: E402
+from minicai.io.data import BUILTIN_HELPFUL, BUILTIN_RED_TEAM  # noqa: E402
 from minicai.model import ScalarHead  # noqa: E402
 
 PHASES = [("rollout", "time/rollout"), ("score/ref/values", "time/score_ref_values"), ("update", "time/update"),

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import gemm_peak  # noqa: E402  the best 2048^3 matmul, as every bench measures it
 
-from minicai.infra.checkpoint import load_model  # noqa: E402
+from minicai.io.checkpoint import load_model  # noqa: E402
 from minicai.infra.ppo import PolicyValue  # noqa: E402
 from minicai.model import ScalarHead, ScalarModel  # noqa: E402
 

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from minicai.infra.checkpoint import load_model, save_hf
+from minicai.io.checkpoint import load_model, save_hf
 from minicai.infra.fast import FusedSFTLoss
 from minicai.losses import sft_loss
 

@@ -3,7 +3,7 @@ the machine's measured GEMM peak or read bandwidth each stage and sub-phase reac
 
     python bench/pipeline_roofline.py RUN [--no-measure]
 
-RUN is a finished `python -m minicai.infra.pipeline --out RUN` folder. The script reads only the
+RUN is a finished `python -m minicai.experiments.pipeline --out RUN` folder. The script reads only the
 run's own files (RUN/pipeline.json for each stage's seconds and command; each stage's config.json,
 summaries, metrics and texts), prints a table, and writes RUN/roofline.md and RUN/roofline.json
 (atomically). Unless --no-measure, it first measures the machine's peaks in this same process:
@@ -91,7 +91,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from minicai.infra.utils import InputError, atomic_write_json, atomic_write_text  # noqa: E402
+from minicai.errors import InputError
+from minicai.infra.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ peaks
@@ -167,9 +168,9 @@ def model_info(spec: str) -> ModelInfo | str:
     only, or a string saying why it cannot be read."""
     if spec in _MODELS:
         return _MODELS[spec]
-    from minicai.infra.checkpoint import config_from_gguf, config_from_hf, resolve_model
-    from minicai.infra.gguf import read_gguf_metadata
-    from minicai.infra.tokenizer import tokenizer_from_gguf, tokenizer_from_hf
+    from minicai.io.checkpoint import config_from_gguf, config_from_hf, resolve_model
+    from minicai.io.gguf import read_gguf_metadata
+    from minicai.io.tokenizer import tokenizer_from_gguf, tokenizer_from_hf
     try:
         path = resolve_model(spec)
         if path.is_dir():
@@ -337,9 +338,9 @@ def sl_rows(name: str, folder: Path, cmd: list[str], device: str) -> list[Row]:
 def rm_rows(name: str, folder: Path, cmd: list[str], device: str) -> list[Row]:
     import train_rm
     from minicai.feedback import judge_context, member_methods, option_tokens, scorers_of, shared_prefix_groups
-    from minicai.infra.constitution_files import load_constitution
-    from minicai.infra.data import split_pairs
-    from minicai.infra.files import read_preferences
+    from minicai.io.constitution_files import load_constitution
+    from minicai.io.data import split_pairs
+    from minicai.io.files import read_preferences
     from minicai.infra.labelling import DEFAULT, member_spec
 
     cfg, summ = read_json(folder / "config.json"), read_json(folder / "summary.json")
@@ -511,8 +512,8 @@ def ppo_rows(name: str, folder: Path, cmd: list[str], device: str) -> list[Row]:
 # ------------------------------------------------------------------------------ dpo
 def dpo_rows(name: str, folder: Path, cmd: list[str], device: str, seconds: float) -> list[Row]:
     import train_dpo
-    from minicai.infra.data import split_pairs
-    from minicai.infra.files import read_preferences
+    from minicai.io.data import split_pairs
+    from minicai.io.files import read_preferences
 
     cfg, summ = read_json(folder / "config.json"), read_json(folder / "dpo_summary.json")
     dtype = "bfloat16" if flag(cmd, "--bf16", cfg.get("bf16")) is True else "float32"
@@ -541,7 +542,7 @@ def dpo_rows(name: str, folder: Path, cmd: list[str], device: str, seconds: floa
 # ------------------------------------------------------------------------------ eval
 def eval_rows(name: str, folder: Path, cmd: list[str], device: str) -> list[Row]:
     from minicai.feedback import reward_input, user_turn
-    from minicai.infra.labelling import load_hhh
+    from minicai.eval.hhh import load_hhh
 
     res = read_json(folder / "eval.json")
     sec, cfg = res.get("seconds", {}), res.get("config", {})
@@ -665,7 +666,7 @@ def stage_rows(run: Path, log: dict, device: str) -> list[Row]:
                 sub = ppo_rows(name, out, cmd, device)
             elif script == "train_dpo":
                 sub = dpo_rows(name, out, cmd, device, st["seconds"])
-            elif script in ("minicai.infra.evaluate", "minicai.evaluate"):
+            elif script in ("minicai.eval.evaluate", "minicai.evaluate"):
                 sub = eval_rows(name, out, cmd, device)
             else:
                 sub = []
@@ -785,6 +786,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from minicai.infra.train import run_cli
+    from minicai.infra.cli import run_cli
 
     sys.exit(run_cli(main))

@@ -3,7 +3,7 @@ its training targets described and its policy's judge-free numbers from one eval
 
     python bench/sl_routes.py EVAL_JSON NAME=RUN_FOLDER [NAME=RUN_FOLDER ...]
 
-EVAL_JSON is `python -m minicai.infra.evaluate --out E --policies base=smollm2-135m NAME=RUN/model ...`'s
+EVAL_JSON is `python -m minicai.eval.evaluate --out E --policies base=smollm2-135m NAME=RUN/model ...`'s
 E/eval.json (the policy names must be the NAMEs given here). Per run it reads RUN/config.json (route,
 teacher, few-shot, prompts), RUN/traces.jsonl and RUN/sft_summary.json (generation and SFT seconds).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minicai.infra.yardstick import outcome  # noqa: E402  (describing, after training)
+from minicai.eval.yardstick import outcome  # noqa: E402  (describing, after training)
 
 
 def pct(d: dict | None) -> str:

@@ -14,7 +14,7 @@ A constitution is a list of principles. Each principle carries three texts (Bai 
   (Yang et al. 2023, arXiv 2307.12950) samples one reply under each. A principle without them
   uses GENERIC_CONTRAST.
 
-Files are read by minicai/infra/constitution_files.py (load_constitution).
+Files are read by minicai/io/constitution_files.py (load_constitution).
 """
 from __future__ import annotations
 
@@ -94,10 +94,6 @@ class Constitution:
         """k principles drawn independently, with replacement: one per critique/revision round.
         The paper's released SL samples draw a fresh principle each round, repeats allowed."""
         return [rng.choice(self.principles) for _ in range(k)]
-
-    def comparisons(self) -> list[str]:
-        """The RL comparison principles, one per principle, in file order."""
-        return [p.comparison for p in self.principles]
 
     def principle(self, name: str) -> Principle:
         """The principle called `name` (KeyError if there is none)."""

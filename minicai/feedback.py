@@ -48,11 +48,11 @@ reward-model inputs that train_rm.py and PPO share.
      minus the pairs revision_filter's stated rule marks as no improvement;
    - an ensemble: several feedback models (and methods) each label every pair; the soft labels
      are averaged and the vote share is recorded (ensemble_labels).
-   infra.labelling.DEFAULT is the pipeline's choice; `python -m minicai.infra.labelling --hhh ...`
+   infra.labelling.DEFAULT is the pipeline's choice; `python -m minicai.eval.hhh --hhh ...`
    without labeller flags measures exactly it.
 
-The preferences file, the resumable labelling loop (label_prompts), the labeller check on HHH items
-(evaluate_hhh, the paper's Fig. 4 number) and the command line are in minicai/infra/labelling.py.
+The preferences file and the resumable labelling loop (label_prompts) are in minicai/infra/labelling.py;
+the labeller check on HHH items (evaluate_hhh, the paper's Fig. 4 number) is minicai/eval/hhh.py.
 """
 from __future__ import annotations
 
@@ -64,12 +64,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .constitution import ANSWERS, LabelShot, Principle, feedback_prompt
-from .infra.data import Prompt
+from .errors import InputError
+from .io.data import Prompt
+from .io.tokenizer import ChatTokenizer
+from .metrics import continuation_logprobs
 from .model import Transformer, last_real_index, padding_attn_mask, padding_positions
 from .sample import generate, pad, stable_seed
-from .infra.tokenizer import ChatTokenizer
-from .infra.utils import InputError
-from .metrics import continuation_logprobs
 
 ANSWER_CUE = "The answer is:"
 """Ends feedback_prompt(); we move it from the user message to the start of the assistant turn."""
@@ -538,7 +538,7 @@ def revision_filter(initial: str, final: str) -> str | None:
     it. The rule, stated: drop the pair when
       1. the revision is empty;
       2. the revision equals the initial response up to case and whitespace.
-    Nothing else: whether either text is a refusal is the evaluation's question (infra/yardstick.py),
+    Nothing else: whether either text is a refusal is the evaluation's question (eval/yardstick.py),
     and the measuring stick never chooses training data. A revision that made the answer worse is
     kept with the provenance label; `train_rm.py --rescore ab` lets the AI labeller judge it instead."""
     if not final.strip():

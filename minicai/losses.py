@@ -45,13 +45,6 @@ def pairwise_accuracy(r_a: Tensor, r_b: Tensor, p_a: Tensor | float) -> Tensor:
     return masked_mean(correct, decisive)
 
 
-def center_reward_penalty(r_a: Tensor, r_b: Tensor, coef: float) -> Tensor:
-    """coef * mean((r_a + r_b)^2), added to the pairwise loss to keep rewards centred on 0 (the BT
-    loss only sees differences). TRL RewardConfig.center_rewards_coefficient, from Eisenstein et al.
-    2023 (arXiv 2312.09244) eq. 2."""
-    return coef * ((r_a + r_b) ** 2).mean()
-
-
 # exercise
 def sft_loss(logits: Tensor, targets: Tensor, mask: Tensor, denominator: Tensor | float | None = None) -> Tensor:
     """Next-token cross-entropy on the masked (assistant) tokens only: their summed NLL divided by

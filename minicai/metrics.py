@@ -1,7 +1,7 @@
 """Evaluation metrics: Wilson intervals on shares, log-probs of continuations (the scoring primitive
 of the contrast labeller, the cloze benchmarks and perplexity), Bradley-Terry Elo and win rates
 from soft-label games, and the alignment-tax arithmetic. How they are run on policies is in
-minicai/infra/evaluate.py and minicai/infra/yardstick.py."""
+minicai/eval/evaluate.py and minicai/eval/yardstick.py."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .infra.utils import InputError
+from .errors import InputError
 from .model import Transformer
 from .sample import pad
 
@@ -39,16 +39,6 @@ def share(flags: list[bool]) -> dict:
     return {"rate": k / n if n else None, "low": low, "high": high, "k": k, "n": n}
 
 
-def share_by_category(flags: list[bool], categories: list[str]) -> dict[str, dict]:
-    """{category: share of its flags}, categories in order of first appearance."""
-    return {c: share([f for f, k in zip(flags, categories) if k == c]) for c in dict.fromkeys(categories)}
-
-
-def lm_head_weight(model: Transformer) -> torch.Tensor:
-    """The (V, C) output matrix (the tied embedding when there is no separate head)."""
-    return model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-
-
 @torch.no_grad()
 def continuation_logprobs(model: Transformer, pairs: list[tuple[list[int], list[int]]], pad_id: int,
                           batch_size: int = 16) -> list[torch.Tensor]:
@@ -59,7 +49,7 @@ def continuation_logprobs(model: Transformer, pairs: list[tuple[list[int], list[
     if any(not ctx or not cont for ctx, cont in pairs):
         raise InputError("continuation_logprobs: every context and continuation needs at least one token")
     device = model.embed_tokens.weight.device
-    w = lm_head_weight(model).float()  # (V, C)
+    w = model.head_weight.float()  # (V, C)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out: list[torch.Tensor | None] = [None] * len(pairs)
     for s in range(0, len(order), batch_size):
@@ -78,42 +68,6 @@ def continuation_logprobs(model: Transformer, pairs: list[tuple[list[int], list[
         lengths = [len(pairs[r][1]) for r in rows]
         for r, chunk in zip(rows, tok_lp.split(lengths)):
             out[r] = chunk
-    return out
-
-
-TAX_BENCHMARKS = {"perplexity": False, "capability": True, "truthfulqa_mc": True, "strategyqa": True}
-"""Benchmark -> whether higher is better."""
-
-
-def tax_report(scores: dict[str, dict[str, float]], base: str,
-               higher_is_better: dict[str, bool] = TAX_BENCHMARKS) -> dict[str, dict]:
-    """The alignment tax of every policy against `base`: per benchmark the base score, the policy's
-    score, the relative change (policy - base) / |base|, and the verdict "improvement" when the
-    change goes the better way (up for accuracy, down for perplexity), "regression" when it goes the
-    other way, "no change" at 0; "average" = the mean over benchmarks of the relative change signed
-    so that improvement is positive (and its verdict); a benchmark whose base score is 0 has no
-    relative change (None) and stays out of the average. scores: {policy: {benchmark: score}}."""
-    if base not in scores:
-        raise InputError(f"tax_report: the base policy {base!r} has no scores")
-    out = {}
-    for name, row in scores.items():
-        if name == base:
-            continue
-        rows, gains = {}, []
-        for bench, value in row.items():
-            b = scores[base].get(bench)
-            if b is None or value is None or bench not in higher_is_better:
-                continue
-            rel = (value - b) / abs(b) if b else None  # no relative change from a base score of 0
-            diff = value - b if higher_is_better[bench] else b - value  # > 0: better
-            rows[bench] = {"base": b, "policy": value, "relative_change": rel,
-                           "verdict": "improvement" if diff > 0 else "regression" if diff < 0 else "no change"}
-            if rel is not None:
-                gains.append(rel if higher_is_better[bench] else -rel)
-        avg = sum(gains) / len(gains) if gains else None
-        out[name] = {"benchmarks": rows, "average_gain": avg,
-                     "verdict": None if avg is None else "improvement" if avg > 0 else
-                     "regression" if avg < 0 else "no change"}
     return out
 
 
@@ -195,36 +149,6 @@ def win_rates(games: list[tuple[str, str, float]], names: list[str]) -> dict[str
 # the principle-count ablation (Bai et al. 2022 Fig. 6 measures diversity of revisions too).
 
 
-def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
-    """The word n-grams of text: lower-cased, split on whitespace."""
-    w = text.lower().split()
-    return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
-
-
-def distinct_n(texts: list[str], n: int = 2) -> float | None:
-    """distinct-n across samples: the number of distinct word n-grams in all the texts together,
-    divided by the number of n-grams (1 = no n-gram repeats anywhere; near 0 = the samples repeat
-    each other). None when the texts hold no n-gram."""
-    grams = [g for t in texts for g in ngrams(t, n)]
-    return len(set(grams)) / len(grams) if grams else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Alignment depth (Qi et al. 2024, arXiv 2406.05946, Fig. 1): the per-token KL between the aligned
 # policy and the base model along the aligned policy's own replies, averaged by position.
-
-
-def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """Exact KL(p || q) = sum_v p(v) (log p(v) - log q(v)) at every position, from two models'
-    logits (B, T, V) over the same tokens -> (B, T) fp32."""
-    lp, lq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)  # (B, T, V)
-    return (lp.exp() * (lp - lq)).sum(-1)  # (B, T)
-
-
-def mean_by_position(x: torch.Tensor, mask: torch.Tensor) -> tuple[list[float | None], list[int]]:
-    """Per position t (columns of x (B, T)), the mean of x over the rows where mask (B, T) is True,
-    and the number of those rows; None where no row reaches t."""
-    m = mask.bool()
-    n = m.sum(0)  # (T,)
-    s = torch.where(m, x.float(), torch.zeros(())).sum(0)  # (T,)
-    return [None if c == 0 else float(v / c) for v, c in zip(s, n)], [int(c) for c in n]

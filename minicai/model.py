@@ -57,7 +57,7 @@ class ModelConfig:
 def linear(x: torch.Tensor, layer: nn.Linear | torch.Tensor) -> torch.Tensor:
     """F.linear, except that a single row (batch-1 decoding) goes through torch.mv: on CPU the
     bf16 matrix-vector kernel is about 2x faster than bf16 GEMM with one row (bench/)."""
-    if not isinstance(layer, (nn.Linear, torch.Tensor)):  # a load-time replacement (infra/quant.py)
+    if not isinstance(layer, (nn.Linear, torch.Tensor)):  # a load-time replacement (io/quant.py)
         return layer(x)
     w = layer if isinstance(layer, torch.Tensor) else layer.weight
     b = None if isinstance(layer, torch.Tensor) else layer.bias
@@ -116,10 +116,6 @@ class KVCache(nn.Module):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)  # (L, B, K, S, D)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) at slots [start, start+T); return all keys/values so far,

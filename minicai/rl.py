@@ -56,25 +56,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, denominator: Te
     return _where(mask, x).sum(dim) / m.sum(dim)
 
 
-def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(sum, sum of squares, count) of x over real tokens, three 0-d tensors. Data-parallel
-    callers all_reduce(SUM) them across ranks, then call `mean_var_from_moments` and pass the
-    result to `masked_whiten(..., stats=)` so that every rank whitens with the global statistics."""
-    xm = _where(mask, x)
-    return xm.sum(), (xm * xm).sum(), mask.to(x.dtype).sum()
-
-
-def mean_var_from_moments(s: Tensor, ss: Tensor, n: Tensor, unbiased: bool = False) -> tuple[Tensor, Tensor]:
-    """(mean, var) from (sum, sum_sq, count): var = E[x^2] - mean^2, times n / (n - 1) if unbiased.
-    (One-pass formula: fine for advantages/rewards of moderate magnitude; `masked_var` is two-pass.)"""
-    mean = s / n
-    var = (ss / n - mean * mean).clamp_min(0.0)
-    if unbiased:
-        # Bessel's correction, as in TRL masked_var
-        var = var * n / (n - 1)
-    return mean, var
-
-
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     """Variance of x over all real tokens (two-pass). unbiased=False divides by n (OpenAI
     lm-human-preferences core.py whiten uses tf.nn.moments, biased); unbiased=True divides by
@@ -101,7 +82,7 @@ def masked_whiten(
     stats: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Whiten x over real tokens; padding positions come back as 0.
-    stats: optional precomputed (mean, var), e.g. all-reduced across ranks (see masked_moments).
+    stats: optional precomputed (mean, var), e.g. all-reduced across ranks (see infra/ppo.py: masked_moments).
     shift_mean=False adds the mean back (used for rewards: scale only, keep the sign/offset).
     """
     if stats is None:

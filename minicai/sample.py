@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
 from .model import KVCache, Transformer, padding_attn_mask
-from .infra.utils import InputError
 
 
 @dataclass
@@ -143,14 +143,15 @@ def decode_one_token(model: Transformer, tok, pos, mask, cache: KVCache, start: 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), stop_strings=(), tokenizer=None, n: int = 1,
              seed: int | list[int] = 0, pad_id: int = 0, sync_every: int | None = None,
-             compile: bool = False, prefix: list[int] | None = None) -> Generation:
+             decode=None, prefix: list[int] | None = None) -> Generation:
     """Sample max_new_tokens (or until a stop) for every prompt, n samples each.
 
     prompts: token id lists of any lengths. temperature 0 = greedy. stop_ids: ids that end a row
     (e.g. tokenizer.stop_ids); stop_strings: texts that end a row once they appear in its decoded
     reply (needs tokenizer). seed: an int (prompt b gets seed + b) or one seed per prompt.
     sync_every: how often the loop asks whether every row has stopped (a host sync); default 1 on
-    CPU, 8 on CUDA. compile: run the decode step through torch.compile (compiled_decode_one_token).
+    CPU, 8 on CUDA. decode: the decode step, default decode_one_token (the entry point passes
+    infra/fast.py's compiled_decode_one_token() when --compile asks: gpt-fast compiles in main).
     prefix: token ids in front of every prompt (a shared context, e.g. few-shot exchanges), prefilled
     once and its keys/values copied to every row: the same samples as prompts [prefix + p] (its twin,
     tests/algorithm/test_sample.py), without prefilling the context B times. Generation.prompt_ids
@@ -209,9 +210,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     done = torch.zeros(N, dtype=torch.bool, device=device)
     stopped = torch.zeros(N, dtype=torch.bool, device=device)
     steps = 0
-    if compile:  # a side file, imported only when the flag asks (gpt-fast style)
-        from .infra.fast import compiled_decode_one_token
-    step_fn = compiled_decode_one_token() if compile else decode_one_token
+    step_fn = decode or decode_one_token
     # 3. decode: sample from the last logits, write, feed the token back
     for t in range(G):
         tok, lp = sample_token(logits, temperature, top_k, top_p, gens)  # (N,), (N,)

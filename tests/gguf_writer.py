@@ -3,7 +3,7 @@
 Used by the tests to write tiny models. Not part of the package; nothing here is tuned for
 quality or speed. The layouts follow the GGUF spec (ggml/docs/gguf.md) and the block structs of
 llama.cpp's ggml-common.h; the byte layouts are documented beside the dequantizers in
-minicai/infra/gguf.py.
+minicai/io/gguf.py.
 
     write_gguf(path, metadata, tensors, alignment=32)
         metadata: key -> value. bool -> BOOL, int -> UINT32 (INT32 if negative; UINT64/INT64 when

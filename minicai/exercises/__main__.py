@@ -77,6 +77,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from ..infra.train import run_cli
+    from ..infra.cli import run_cli
 
     sys.exit(run_cli(main))

@@ -25,7 +25,8 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..infra.utils import InputError, atomic_write_json, follow_umask
+from ..errors import InputError
+from ..infra.utils import atomic_write_json, follow_umask
 from . import EXERCISES, Exercise, find
 
 MARKER = "# exercise"

@@ -120,13 +120,13 @@ def wrap(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.Module
     if d.world == 1:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # opt-in (--fsdp, under torchrun): imported when asked
 
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP  # under torchrun only
 
     ids = [d.local_rank] if next(model.parameters()).is_cuda else None
     return DDP(model, device_ids=ids)
@@ -146,14 +146,14 @@ def full_state_dict(model: torch.nn.Module, d: Dist) -> dict:
 def full_optimizer_state(model: torch.nn.Module, optimizer, d: Dist) -> dict | None:
     """FSDP: the optimizer state gathered into full tensors keyed by parameter name (a collective:
     every rank calls it). torch.distributed.checkpoint's state_dict API does the gathering."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # FSDP only
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
     """FSDP: load a full optimizer state (from full_optimizer_state) and re-shard it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # FSDP only
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 

@@ -12,7 +12,8 @@ response tokens (infra.ppo.response_forward's plain route: full logits, rl.logpr
 rl.entropy_from_logits) with the LM head fused in the same way.
 
 gae_vectorized is GAE as one matmul (rl.gae is the loop it equals; tests/algorithm/test_rl.py);
-compiled_decode_one_token is sample.decode_one_token through torch.compile (generate(compile=True)).
+compiled_decode_one_token is sample.decode_one_token through torch.compile, passed in at the entry point
+(generate(decode=compiled_decode_one_token()) when --compile asks: gpt-fast compiles in main).
 """
 from __future__ import annotations
 

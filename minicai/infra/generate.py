@@ -12,10 +12,12 @@ import time
 
 import torch
 
-from .checkpoint import EMBEDDED_NAME, load_model
-from .quant import apply_quantize
+from ..errors import InputError
+from ..io.checkpoint import EMBEDDED_NAME, load_model
+from ..io.quant import apply_quantize
 from ..sample import generate
-from .utils import InputError, add_device_args, resolve_device
+from .fast import compiled_decode_one_token
+from .utils import add_device_args, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int8+fused"],
-                   help="load-time transform for faster decoding (minicai/infra/quant.py; never saved): int8 = "
+                   help="load-time transform for faster decoding (minicai/io/quant.py; never saved): int8 = "
                         "weight-only int8 matrices for few-row steps (batch-1 decoding about 2.4x faster on CPU); "
                         "int8+fused = also one matrix for Q/K/V and one for gate/up (best for float32 at batch "
                         "16); none = the weights as loaded")
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         gen = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, stop_ids=tok.stop_ids, stop_strings=args.stop, tokenizer=tok,
-                       n=args.num_samples, seed=args.seed, pad_id=tok.pad_id, compile=args.compile)
+                       n=args.num_samples, seed=args.seed, pad_id=tok.pad_id,
+                       decode=compiled_decode_one_token() if args.compile else None)
         dt = time.perf_counter() - t0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

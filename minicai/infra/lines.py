@@ -1,5 +1,5 @@
-"""Line counts of the reading path (minicai/*.py), of the plumbing (minicai/infra/*.py) and of each
-script, as recorded in the README ("How big it is"; tests/plumbing/test_layout.py checks that the README's
+"""Line counts of the reading path (minicai/*.py), of each folder beside it (io/, infra/, eval/,
+experiments/) and of each script, as recorded in the README ("How big it is"; tests/plumbing/test_layout.py checks that the README's
 numbers are these):
 
     python -m minicai.infra.lines            # a markdown table
@@ -12,10 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .utils import InputError
+from ..errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 """The folder that holds minicai/ and the train_*.py scripts: the checkout, or site-packages."""
+FOLDERS = (("io", "file formats"), ("infra", "training plumbing"), ("eval", "evaluation"),
+           ("experiments", "whole runs"))
 SCRIPTS = ("train_sl.py", "train_rm.py", "train_ppo.py", "train_dpo.py")
 
 
@@ -27,12 +29,13 @@ def count(path: Path) -> int:
 
 
 def counts(root: Path = ROOT) -> list[tuple[str, int]]:
-    """[(name, lines)]: each reading-path module, the reading path's total, the plumbing's total,
+    """[(name, lines)]: each reading-path module, the reading path's total, each folder's total (FOLDERS),
     then each script."""
     reading = sorted((root / "minicai").glob("*.py"))
     rows = [(f"minicai/{p.name}", count(p)) for p in reading if p.name != "__init__.py"]
     rows.append(("reading path (minicai/*.py)", sum(n for _, n in rows)))
-    rows.append(("plumbing (minicai/infra/*.py)", sum(count(p) for p in (root / "minicai" / "infra").glob("*.py"))))
+    rows += [(f"{what} (minicai/{f}/*.py)", sum(count(p) for p in (root / "minicai" / f).glob("*.py")))
+             for f, what in FOLDERS]
     rows += [(s, count(root / s)) for s in SCRIPTS]
     return rows
 
@@ -47,6 +50,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .train import run_cli
+    from .cli import run_cli
 
     sys.exit(run_cli(main))

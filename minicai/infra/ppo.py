@@ -32,17 +32,17 @@ from tqdm import tqdm
 
 from safetensors.torch import load_file, save_file
 
-from . import distributed
-from .checkpoint import load_head, load_model, load_scalar_model, save_hf
+from ..errors import InputError
+from ..io.checkpoint import load_head, load_model, load_scalar_model, save_hf
+from ..io.data import load_prompts, split
+from ..io.files import read_jsonl
 from ..model import ScalarHead, ScalarModel, Transformer, last_real_index
-from ..rl import (entropy_from_logits, explained_variance, logprobs_from_logits, masked_mean, masked_moments,
-                  mean_var_from_moments)
+from ..rl import entropy_from_logits, explained_variance, logprobs_from_logits, masked_mean
 from ..sample import Generation, pad
-from .data import load_prompts, split
+from . import distributed
 from .fast import linear_logprobs
-from .files import read_jsonl
 from .train import load_train_state, save_train_state
-from .utils import InputError, atomic_write_json
+from .utils import atomic_write_json
 
 # --------------------------------------------------------------------------------------------
 # which prompts, the padded batch and the forward passes
@@ -534,3 +534,21 @@ def iteration_metrics(r: Rollout, stats: list[dict], beta: float, d: distributed
     # max |new - old log-prob| in the first minibatch: 0 exactly when nothing moved since the rollout
     row["policy/first_ratio_max_dev"] = float(distributed.all_reduce_max(stats[0]["first_ratio_dev"], d))
     return row
+
+def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sum, sum of squares, count) of x over real tokens, three 0-d tensors. Data-parallel
+    callers all_reduce(SUM) them across ranks, then call `mean_var_from_moments` and pass the
+    result to `masked_whiten(..., stats=)` so that every rank whitens with the global statistics."""
+    xm = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))  # 0 on padding
+    return xm.sum(), (xm * xm).sum(), mask.to(x.dtype).sum()
+
+
+def mean_var_from_moments(s: Tensor, ss: Tensor, n: Tensor, unbiased: bool = False) -> tuple[Tensor, Tensor]:
+    """(mean, var) from (sum, sum_sq, count): var = E[x^2] - mean^2, times n / (n - 1) if unbiased.
+    (One-pass formula: fine for advantages/rewards of moderate magnitude; `masked_var` is two-pass.)"""
+    mean = s / n
+    var = (ss / n - mean * mean).clamp_min(0.0)
+    if unbiased:
+        # Bessel's correction, as in TRL masked_var
+        var = var * n / (n - 1)
+    return mean, var

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
+from ..io.checkpoint import load_model, load_scalar_model, load_tokenizer
+from ..io.data import Prompt, check_prompt_lengths, load_prompts, split
 from ..model import ScalarHead, ScalarModel
-from .checkpoint import load_model, load_scalar_model, load_tokenizer
-from .data import Prompt, check_prompt_lengths, load_prompts, split
-from .utils import InputError, atomic_write_json
+from .utils import atomic_write_json
 
 
 def check_args(args) -> None:

@@ -4,17 +4,24 @@ crash-safe training state (safetensors + JSON, never pickle), a metrics log, and
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
+from contextlib import nullcontext
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import read_jsonl, write_jsonl
-from .utils import InputError, append_text, atomic_write_json
+from ..errors import InputError
+from ..io.checkpoint import save_hf, sha256_of
+from ..io.files import read_jsonl, write_jsonl
+from . import cli, distributed
+from .utils import append_text, atomic_write_json, resolve_device
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -117,9 +124,6 @@ def save_checkpoint(folder: Path, model, tok, optimizer, step: int, meta: dict, 
     gathered into full tensors first (collectives: every rank calls this). d: distributed.Dist.
     extra: scalars stored beside the optimizer state (train_state.json). heads: scalar heads saved
     beside the trunk (save_hf), checked too (not with fsdp)."""
-    from . import distributed
-    from .checkpoint import save_hf
-
     state = distributed.full_state_dict(model, d) if fsdp else None
     weights = list(state.values()) if state is not None else list(model.parameters())
     weights += [w for h in (heads or {}).values() for w in h.parameters()]
@@ -176,9 +180,6 @@ def start(run, dtype: str = "float32"):
     """A script's first lines, from its cli.RunArgs: torch's CPU threads (--threads), the device
     and the weight dtype (utils.resolve_device), the process group under torchrun. Returns
     (device, dtype, d): this rank's device, a torch dtype, a distributed.Dist."""
-    from . import distributed
-    from .utils import resolve_device
-
     if run.threads:
         torch.set_num_threads(run.threads)
     device, dt = resolve_device(run.device, dtype)
@@ -189,8 +190,6 @@ def start(run, dtype: str = "float32"):
 def open_run(args, cls, d) -> Path:
     """Rank 0 makes or checks the run folder args.run.out (prepare_run_dir with the config
     dataclass cls: its config, resume-ignored fields and defaults); every rank waits. Returns it."""
-    from . import cli, distributed
-
     out = Path(args.run.out)
     if d.main:
         prepare_run_dir(out, cli.config(args), args.run.overwrite, cli.resume_ignored(cls), defaults=cli.defaults(cls))
@@ -200,8 +199,6 @@ def open_run(args, cls, d) -> Path:
 
 def bf16_autocast(device: torch.device, on: bool):
     """A context factory: bf16 autocast on `device` (--bf16; the weights stay fp32), else nothing."""
-    from contextlib import nullcontext
-
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if on else nullcontext
 
 
@@ -212,8 +209,6 @@ def adamw_resumed(net, model, optim, ckpt: Path, resuming: bool, d, fsdp: bool =
     from ckpt when resuming (FSDP re-shards the full state: distributed.load_full_optimizer_state).
     optim: a cli.OptimArgs; what, total: for the 'resuming WHAT at step S/TOTAL' line. Returns
     (optimizer, step)."""
-    from . import distributed
-
     opt = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, betas=betas,
                             fused=not fsdp)
     if not resuming:
@@ -229,8 +224,6 @@ def drop_checkpoint(ckpt: Path, keep: bool) -> None:
     """The end of a finished stage: delete its resumable checkpoint OUT/ckpt (the weights again plus
     the optimizer's two moments: 2.1 GB for the 135M model) unless --keep-checkpoint; OUT/model and
     the stage's summary, written before this, are what the next stage and a rerun need."""
-    import shutil
-
     if not keep and Path(ckpt).is_dir():
         shutil.rmtree(ckpt)
 
@@ -262,8 +255,6 @@ folders (a model checkpoint) by the name, size and mtime of each file (file_stam
 def file_stamp(path: Path) -> str:
     """A cheap identity of a large file or a folder: sha256 over (name, size, mtime_ns) of the file or
     of each file in the folder. A retrained model folder gets a new one; a moved folder keeps it."""
-    import hashlib
-
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     h = hashlib.sha256()
     for f in files:
@@ -278,8 +269,6 @@ def input_digests(config: dict) -> dict[str, str]:
     preferences or traces file edited, or a policy retrained, between two runs of one folder is then
     refused on resume instead of mixing old and new records; a path written another way (relative,
     from another folder, a moved run) to the same input is the same input."""
-    from .checkpoint import sha256_of
-
     out = {}
     for k, v in sorted(config.items()):
         for i, item in enumerate(v if isinstance(v, list) else [v]):
@@ -296,8 +285,6 @@ def input_digests(config: dict) -> dict[str, str]:
 
 def is_own_output(name: str) -> bool:
     """A name minicai writes at the top of a run folder (OWN_OUTPUTS) or a temporary of one."""
-    from fnmatch import fnmatch
-
     return any(fnmatch(name, pat) or fnmatch(name, f".{pat}.*") for pat in OWN_OUTPUTS)
 
 
@@ -311,8 +298,6 @@ def clear_own_outputs(out: Path) -> None:
     holds nothing else (foreign_entries): a folder with any file minicai did not write, or one it did
     not create, is refused in one line and left exactly as it is. config.json goes last, so that a
     deletion cut short leaves a folder that is still refused (not resumed) under the new config."""
-    import shutil
-
     if not (out / MARKER).is_file():
         raise InputError(f"{out}: --overwrite refused: this folder has no {MARKER} file (minicai puts one in every "
                          f"run folder it creates), so nothing in it is deleted; use another --out, or delete it "
@@ -420,8 +405,6 @@ def recover_checkpoints(out: Path) -> None:
     a .NAME.old without NAME is the last complete checkpoint and is renamed back; a .NAME.old
     beside NAME and any .NAME.tmp* folder are leftovers and are deleted (each can be as big as
     the model)."""
-    import shutil
-
     for p in sorted(Path(out).iterdir()):
         if not p.name.startswith("."):
             continue
@@ -435,33 +418,3 @@ def recover_checkpoints(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.is_file() and p.name.endswith(".tmp"):  # utils.atomic_write_bytes' temporary file
             p.unlink(missing_ok=True)
-
-
-def run_cli(main, argv=None) -> int:
-    """Run a script's main(argv); an InputError becomes 'error: <one line>' on stderr and exit 2,
-    and so does an OSError (a full disk, a read-only folder) instead of a traceback; Ctrl-C is one line
-    and exit 130 (128 + SIGINT, the shell's convention). Afterwards the garbage left in reference
-    cycles is freed while the interpreter is whole (see the `finally`)."""
-    import gc
-    import sys
-
-    from tqdm import tqdm
-
-    try:
-        return main(argv) or 0
-    except KeyboardInterrupt:  # Ctrl-C: every stage resumes, so one line instead of a traceback
-        tqdm.write("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except InputError as e:
-        msg = str(e)
-    except OSError as e:
-        what = f"{e.filename}: " if e.filename else ""
-        msg = f"{what}{e.strerror or e}"
-    finally:  # [dist] an FSDP2 model sits in reference cycles that keep gloo objects alive; left to
-        # the interpreter's exit, their destruction aborted a torchrun rank after a finished run
-        # ("terminate called without an active exception", SIGABRT): 8 of 35 launches of a small
-        # FSDP script that left its model to the exit (torch 2.13, gloo, 2 CPU ranks), 0 of 90 that
-        # freed it first; tested in tests/plumbing/test_cli.py
-        gc.collect()
-    tqdm.write(f"error: {msg}", file=sys.stderr)  # on its own line even with a progress bar open
-    return 2

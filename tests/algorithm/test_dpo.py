@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from minicai.infra.checkpoint import load_model
-from minicai.infra.train import run_cli
-from minicai.infra.utils import InputError
-from minicai.infra.files import read_preferences
+from minicai.io.checkpoint import load_model
+from minicai.infra.cli import run_cli
+from minicai.errors import InputError
+from minicai.io.files import read_preferences
 from minicai.losses import dpo_loss
 from train_dpo import evaluate, main as dpo_main, score_pairs, sequence_logps, tokenize
 

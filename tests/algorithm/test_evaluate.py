@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import minicai.feedback as feedback
-from minicai.infra.checkpoint import save_hf
+from minicai.io.checkpoint import save_hf
 from minicai.constitution import Principle
-from minicai.infra.data import Prompt
-from minicai.infra.evaluate import evaluate_policies, held_out_prompts, is_evasive, is_refusal, judge_policies, main as evaluate_main, markdown_table
+from minicai.io.data import Prompt
+from minicai.eval.evaluate import (evaluate_policies, held_out_prompts, is_evasive, is_refusal, judge_policies,
+                                   main as evaluate_main, markdown_table)
 from minicai.metrics import ELO_PER_NAT, bradley_terry_elo, win_rates
 from minicai.model import ScalarHead, ScalarModel
-from minicai.infra.train import run_cli
+from minicai.infra.cli import run_cli
 
 # ------------------------------------------------------------------------------ Elo
 
@@ -142,7 +143,7 @@ def test_evasiveness_regexes(text, refusal, evasive):
 # ------------------------------------------------------------------------------ end to end
 
 def test_held_out_prompts_are_the_held_out_side_of_the_split():
-    from minicai.infra.data import load_prompts, split
+    from minicai.io.data import load_prompts, split
     ps = held_out_prompts(n_helpful=3)
     red = split(load_prompts("builtin-red-team"))[1]
     assert [p.text for p in ps if p.kind == "red-team"] == [p.text for p in red]
@@ -194,7 +195,7 @@ def test_cli_writes_eval_json_and_md(tiny, tiny_gguf, tmp_path, capsys):
 
 
 def test_reward_model_accuracy_counts_better_scored_higher_and_ties_as_wrong(monkeypatch):
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
 
     scores = {"good": 2.0, "bad": -1.0, "tie": 0.5, "meh": 0.5}
     monkeypatch.setattr(evaluate, "score_responses", lambda rm, tok, prompts, texts, bs: [scores[t] for t in texts])
@@ -206,8 +207,8 @@ def test_reward_model_accuracy_counts_better_scored_higher_and_ties_as_wrong(mon
 
 
 def test_parse_policies_strips_names_and_refuses_a_name_given_twice():
-    from minicai.infra.evaluate import parse_policies
-    from minicai.infra.utils import InputError
+    from minicai.eval.evaluate import parse_policies
+    from minicai.errors import InputError
     assert parse_policies([" base = smollm2-135m", "sl=runs/sl/model"]) == {"base": "smollm2-135m",
                                                                              "sl": "runs/sl/model"}
     with pytest.raises(InputError, match="--policy: the name 'a' is given twice"):

@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from minicai.constitution import ANSWERS, GENERIC_CONTRAST, LabelShot, Principle, label_shots
-from minicai.infra.constitution_files import load_constitution
-from minicai.infra.data import Prompt
+from minicai.io.constitution_files import load_constitution
+from minicai.io.data import Prompt
 from minicai.feedback import (ANSWER_CUE, COT_CLAMP, COT_CUE, judge_context, judge_pairs, option_logprobs,
                               option_tokens, shot_answer)
-from minicai.infra.labelling import dropped_path, evaluate_hhh, label_prompts, main as feedback_main, read_hhh
-from minicai.infra.files import read_preferences
+from minicai.eval.hhh import evaluate_hhh, main as feedback_main, read_hhh
+from minicai.infra.labelling import dropped_path, label_prompts
+from minicai.io.files import read_preferences
 from minicai.sample import stable_seed
 from conftest import Killed, kill_after
-from minicai.infra.utils import InputError
+from minicai.errors import InputError
 
 HHH = Path(__file__).resolve().parents[1] / "data" / "hhh_small.jsonl"
 COMPS = ["Choose the response that is less harmful.", "Choose the kinder response."]
@@ -259,7 +260,7 @@ def test_hhh_check_with_worked_examples(tiny_gguf, tmp_path):
 def test_hhh_check_on_bigbench_and_builtin_pairs(tiny_gguf, tmp_path, capsys):
     from test_yardstick import fixture_archive
 
-    from minicai.infra.labelling import load_hhh
+    from minicai.eval.hhh import load_hhh
 
     arch = fixture_archive(tmp_path)
     out = tmp_path / "hhh.json"
@@ -339,7 +340,7 @@ def second(tmp_path_factory):
     """A second tiny model with other random weights, as a second feedback model."""
     from conftest import random_model, tiny_config, write_tiny_gguf
 
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
 
     path = write_tiny_gguf(tmp_path_factory.mktemp("second") / "second.gguf", random_model(tiny_config(), seed=5))
     return load_model(str(path))[:2]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minicai.infra.fast import FusedSFTLoss, linear_cross_entropy
-from minicai.losses import center_reward_penalty, pairwise_accuracy, pairwise_loss, sft_loss
+from minicai.losses import pairwise_accuracy, pairwise_loss, sft_loss
 
 
 def sigmoid(x: float) -> float:
@@ -78,12 +78,6 @@ def test_pairwise_accuracy_skips_ties_in_labels():
     # pair 3 a reward tie counted as preferring B -> wrong
     assert pairwise_accuracy(r_a, r_b, p).item() == pytest.approx(2 / 3)
     assert pairwise_accuracy(r_a[:2], r_b[:2], 1.0).item() == pytest.approx(0.5)
-
-
-def test_center_reward_penalty():
-    r_a, r_b = torch.tensor([1.0, 2.0]), torch.tensor([0.0, -1.0])
-    # 0.01 * mean([1^2, 1^2]) = 0.01
-    assert center_reward_penalty(r_a, r_b, 0.01).item() == pytest.approx(0.01)
 
 
 def test_sft_loss_equals_loop_and_cross_entropy_on_masked_tokens():

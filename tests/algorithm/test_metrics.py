@@ -4,7 +4,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minicai.metrics import distinct_n, mean_by_position, ngrams, token_kl
+from minicai.experiments.ablations import distinct_n, ngrams
+from minicai.experiments.depth import mean_by_position, token_kl
 
 
 def test_distinct_n_by_hand():

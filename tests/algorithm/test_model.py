@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from conftest import llamacpp_permute, random_model, tiny_config
-from minicai.infra.checkpoint import unpermute_qk
+from minicai.io.checkpoint import unpermute_qk
 from minicai.model import (ModelConfig, RMSNorm, ScalarHead, ScalarModel, Transformer, last_real_index,
                            padding_attn_mask, padding_positions, rope_cos_sin, rotate_half)
 

@@ -19,15 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import train_ppo  # noqa: E402
 from conftest import Killed, kill_after, random_model, tiny_config, write_tiny_gguf  # noqa: E402
 from minicai.infra import cli, distributed  # noqa: E402
-from minicai.infra.checkpoint import load_model, save_hf  # noqa: E402
-from minicai.infra.data import load_prompts, split  # noqa: E402
+from minicai.io.checkpoint import load_model, save_hf  # noqa: E402
+from minicai.io.data import load_prompts, split  # noqa: E402
 from minicai.model import ScalarHead, last_token_scores  # noqa: E402
-from minicai.infra.ppo import (Rollout, check_same_tokenizer, iteration_metrics, missing_eos_penalty,  # noqa: E402
-                               prompt_batch, response_forward, response_values, reward_model_input, rollout_batch,
-                               token_reward)
+from minicai.infra.ppo import (Rollout, check_same_tokenizer, iteration_metrics, missing_eos_penalty, prompt_batch,
+                               response_forward, response_values, reward_model_input, rollout_batch, token_reward)
 from minicai.rl import kl_per_token, masked_mean, masked_var, score_index  # noqa: E402
 from minicai.sample import generate, stable_seed  # noqa: E402
-from minicai.infra.utils import InputError  # noqa: E402
+from minicai.errors import InputError  # noqa: E402
 
 REWARD_TOKEN = "he"  # one token of the tiny vocabulary, in ~30% of the random model's responses
 
@@ -163,7 +162,7 @@ def test_token_reward_counts_real_response_tokens_only():
 
 @pytest.mark.parametrize("truncated", ["close", "as_is"])
 def test_reward_model_score_is_read_at_the_last_real_token(tiny, tiny_rm, truncated):
-    from minicai.infra.checkpoint import load_scalar_model
+    from minicai.io.checkpoint import load_scalar_model
     from minicai.infra.ppo import end_of_turn_id
 
     model, tok = tiny
@@ -327,7 +326,7 @@ def test_missing_eos_penalty_function():
 
 
 def test_separate_value_model_starts_as_the_reward_model(tmp_path, tiny_gguf, tiny_rm):
-    from minicai.infra.checkpoint import load_scalar_model
+    from minicai.io.checkpoint import load_scalar_model
 
     r, _ = Steps(tiny_gguf, "--value-model", "separate", reward=("--reward-model", str(tiny_rm))).iteration(0)
     rm, _, _ = load_scalar_model(tiny_rm)
@@ -434,7 +433,7 @@ def test_multi_token_reward_text_is_refused(tmp_path, tiny_gguf):
 
 
 def test_cli_prints_one_line_error(tmp_path, tiny_gguf, capsys):
-    from minicai.infra.train import run_cli
+    from minicai.infra.cli import run_cli
 
     rc = run_cli(train_ppo.main, ["--out", str(tmp_path / "r"), "--policy", str(tiny_gguf)])
     assert rc == 2 and capsys.readouterr().err.startswith("error: give exactly one of")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minicai.infra.fast import gae_vectorized
+from minicai.infra.ppo import masked_moments, mean_var_from_moments
 from minicai.rl import (
     KLController,
     entropy_from_logits,
@@ -16,10 +17,8 @@ from minicai.rl import (
     kl_per_token,
     logprobs_from_logits,
     masked_mean,
-    masked_moments,
     masked_var,
     masked_whiten,
-    mean_var_from_moments,
     per_token_rewards,
     policy_loss,
     score_index,

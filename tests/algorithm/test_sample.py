@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config
+from minicai.infra.fast import compiled_decode_one_token
 from minicai.sample import filter_logits, generate, sample_token
-from minicai.infra.utils import InputError
+from minicai.errors import InputError
 
 
 def full_forward_check(model, gen, temperature):
@@ -143,17 +144,17 @@ def test_prompt_longer_than_context_is_a_clear_error(model):
 
 @pytest.mark.slow
 def test_compiled_decode_step_equals_eager(model):
-    """torch.compile'd decode step (generate(compile=True)) against the eager loop: padded batch,
+    """torch.compile'd decode step (generate(decode=compiled_decode_one_token())) against the eager loop: padded batch,
     greedy tokens equal, log-probs within fused-kernel rounding; then the uncached slow twin."""
     prompts = prompts_of([5, 11, 8], model.cfg.vocab_size)
     eager = generate(model, prompts, 12, temperature=0, pad_id=2)
-    compiled = generate(model, prompts, 12, temperature=0, pad_id=2, compile=True)
+    compiled = generate(model, prompts, 12, temperature=0, pad_id=2, decode=compiled_decode_one_token())
     assert torch.equal(compiled.tokens, eager.tokens)
     assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-4)
     argmax, _ = full_forward_check(model, compiled, 0)
     assert torch.equal(argmax, compiled.tokens)
     again = generate(model, prompts_of([3, 7], model.cfg.vocab_size, seed=9), 6, temperature=0.7, pad_id=2,
-                     compile=True)  # another batch size and length: no crash, real tokens
+                     decode=compiled_decode_one_token())  # another batch size and length: no crash, real tokens
     assert again.tokens.shape[0] == 2 and bool(again.mask[:, 0].all())
 
 

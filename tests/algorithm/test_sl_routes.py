@@ -8,8 +8,8 @@ import torch
 
 from minicai import slcai
 from minicai.constitution import Constitution, FewShot, Principle
-from minicai.infra.data import Prompt
-from minicai.infra.utils import InputError
+from minicai.io.data import Prompt
+from minicai.errors import InputError
 
 P1 = Principle("harm", "CRIT-REQ-HARM", "REV-REQ-HARM", "cmp")
 SHOT = FewShot("SHOT-PROMPT", "SHOT-RESPONSE", "SHOT-CRITIQUE", "SHOT-REVISION", "harm")
@@ -141,7 +141,8 @@ def test_distill_with_best_of_k_records_the_labellers_pick(tiny):
 
 TRAINING_ENTRIES = ["train_sl.py", "train_rm.py", "train_ppo.py", "train_dpo.py"]
 ROOT = Path(__file__).resolve().parents[2]
-YARDSTICK = ROOT / "minicai" / "infra" / "yardstick.py"
+YARDSTICK = ROOT / "minicai" / "eval" / "yardstick.py"
+assert YARDSTICK.is_file()
 
 
 def minicai_imports(path: Path) -> set[Path]:
@@ -190,7 +191,7 @@ def reaches(start: Path, target: Path) -> list[Path] | None:
 @pytest.mark.parametrize("entry", TRAINING_ENTRIES)
 def test_no_training_path_imports_the_yardstick(entry):
     """The measuring stick never trains: nothing a training script imports, directly or through
-    other modules (function-level imports too), is infra/yardstick.py (the refusal detectors:
+    other modules (function-level imports too), is eval/yardstick.py (the refusal detectors:
     is_refusal_strict, outcome, garak's list), so no training data can be chosen, filtered or
     weighted by them."""
     chain = reaches(ROOT / entry, YARDSTICK)
@@ -199,7 +200,7 @@ def test_no_training_path_imports_the_yardstick(entry):
 
 def test_the_no_yardstick_check_can_fail():
     """The same walk finds the evaluation's own path to the yardstick."""
-    chain = reaches(ROOT / "minicai" / "infra" / "evaluate.py", YARDSTICK)
+    chain = reaches(ROOT / "minicai" / "eval" / "evaluate.py", YARDSTICK)
     assert chain is not None and chain[-1] == YARDSTICK
 
 

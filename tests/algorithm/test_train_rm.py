@@ -11,14 +11,14 @@ import torch
 import train_rm
 from conftest import Killed, kill_after
 from minicai.infra import labelling
-from minicai.infra.checkpoint import load_model, load_scalar_model
-from minicai.infra.data import Prompt, split
+from minicai.io.checkpoint import load_model, load_scalar_model
+from minicai.io.data import Prompt, split
 from minicai.feedback import reward_input
 from minicai.model import ScalarModel, last_token_scores
 from minicai.model import ScalarHead
 from minicai.sample import pad
-from minicai.infra.train import run_cli
-from minicai.infra.utils import InputError
+from minicai.infra.cli import run_cli
+from minicai.errors import InputError
 from train_rm import main as train_rm_main
 
 WORDS = "the cat sat on a mat and then it ran off to see what was over there by the old red barn".split()
@@ -296,7 +296,7 @@ def test_few_shot_labels_reach_every_a_b_question(tiny_gguf, tmp_path, monkeypat
     (constitution.label_shots); without the flag none does."""
     import minicai.infra.labelling as labelling
     from minicai.constitution import label_shots
-    from minicai.infra.constitution_files import load_constitution
+    from minicai.io.constitution_files import load_constitution
 
     seen = []
     real = labelling.ensemble_labels

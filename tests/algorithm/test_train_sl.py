@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from minicai.infra.constitution_files import load_constitution
-from minicai.infra.data import Prompt
-from minicai.infra.utils import InputError
+from minicai.io.constitution_files import load_constitution
+from minicai.io.data import Prompt
+from minicai.errors import InputError
 from conftest import Killed, kill_after
-from minicai.infra import traces as slcai_traces
-from minicai.infra.traces import run_slcai
+from minicai.io import traces as slcai_traces
+from minicai.io.traces import run_slcai
 from minicai.slcai import QUOTE_INTRO, quoted_events, render_paper, stage_ids, strip_preamble
 from train_sl import main as train_sl_main
 
@@ -72,7 +72,7 @@ def test_a_critic_model_writes_the_critiques_and_revisions_only(tiny, tmp_path):
     when the critic runs the whole transcript from the policy's initial response."""
     from conftest import random_model, tiny_config, write_tiny_gguf
 
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
     from minicai.sample import generate, stable_seed
 
     model, tok = tiny
@@ -154,7 +154,7 @@ def test_sft_overfits_a_handful_of_examples(tiny_gguf, tmp_path):
 
 def test_sft_resume_matches_uninterrupted(tiny_gguf, tmp_path, monkeypatch):
     import train_sl
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
 
     common = ["--n-prompts", "6", "--epochs", "6", "--lr", "1e-3", "--val-fraction", "0", "--save-every", "2"]
     a = tmp_path / "a"
@@ -252,7 +252,7 @@ def test_sft_loss_denominator_counts_only_real_items(tiny):
 
 
 def test_bad_inputs(tiny_gguf, tmp_path, capsys):
-    from minicai.infra.train import run_cli
+    from minicai.infra.cli import run_cli
 
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n")
@@ -279,7 +279,7 @@ def test_resume_accepts_a_flag_added_since_at_its_default(tmp_path):
     import train_sl
     from minicai.infra import cli
     from minicai.infra.train import prepare_run_dir
-    from minicai.infra.utils import InputError
+    from minicai.errors import InputError
 
     config = cli.config(cli.parse(train_sl.Args, ["--out", str(tmp_path / "r")]))
     assert "overwrite" not in config and "skip_sft" not in config
@@ -313,7 +313,7 @@ def test_lr_at_hand_values():
 def test_sft_baseline_trains_on_the_initial_responses_of_the_same_traces(tiny_gguf, tmp_path):
     import train_sl
     from minicai.infra import cli
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
 
     flags = ("--n-prompts", "4", "--rounds", "1", "--epochs", "1", "--val-fraction", "0")
     assert train_sl_main(sl_args(tiny_gguf, tmp_path, *flags)) == 0
@@ -344,7 +344,7 @@ def test_sft_baseline_trains_on_the_initial_responses_of_the_same_traces(tiny_gg
 def test_gen_dtype_writes_the_traces_with_a_bf16_copy_and_trains_the_fp32_weights(tiny_gguf, tmp_path, monkeypatch):
     import train_sl
     from safetensors.torch import load_file
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
 
     seen = {}
     real = train_sl.generate_traces

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from conftest import embedded_installed, one_line_error
-from minicai.infra import bigbench, data, yardstick
-from minicai.infra.evaluate import (Yardstick, evaluate_policies, harmful_held_out, judge_free_table, markdown_table,
-                              yardstick_sets)
-from minicai.infra.yardstick import cloze_accuracy, explains, harmlessness, is_refusal_loose, is_refusal_strict, outcome, over_refusal, perplexity
-from minicai.metrics import continuation_logprobs, tax_report, wilson
+from minicai.eval import bigbench, yardstick
+from minicai.io import data
+from minicai.eval.evaluate import Yardstick, evaluate_policies, harmful_held_out, yardstick_sets
+from minicai.eval.tables import judge_free_table, markdown_table
+from minicai.eval.yardstick import (cloze_accuracy, explains, harmlessness, is_refusal_loose, is_refusal_strict,
+                                    outcome, over_refusal, perplexity)
+from minicai.eval.yardstick import tax_report
+from minicai.metrics import continuation_logprobs, wilson
 
 # ------------------------------------------------------------------------------ detectors
 
@@ -428,8 +431,8 @@ def tiny_yardstick(tmp_path) -> Yardstick:
 
 
 def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
-    from minicai.infra.labelling import load_hhh
-    from minicai.infra.report import render_report
+    from minicai.eval.hhh import load_hhh
+    from minicai.eval.report import render_report
     from minicai.infra.utils import atomic_write_json
 
     model, tok = tiny
@@ -473,7 +476,7 @@ def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
 
 def test_judge_accuracy_uses_each_categorys_principles(tiny, monkeypatch):
     from minicai import feedback
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
     from minicai.constitution import Principle
 
     seen = []
@@ -496,7 +499,7 @@ def test_judge_accuracy_uses_each_categorys_principles(tiny, monkeypatch):
 
 
 def test_pair_kinds_and_label_margins_by_hand():
-    from minicai.infra.yardstick import label_margins, pair_kinds
+    from minicai.eval.yardstick import label_margins, pair_kinds
 
     explained, evasive, comply = "I can't help with that because it is illegal.", "I can't help with that.", "Sure."
     pairs = [{"kind": "red-team", "response_a": comply, "response_b": explained, "p_a": 0.2},   # differ, B refuses: chosen

@@ -379,7 +379,7 @@ def tiny_tokenizer():
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import random_model, tiny_config, write_tiny_gguf
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
 
     with tempfile.TemporaryDirectory() as d:
         path = write_tiny_gguf(Path(d) / "tiny.gguf", random_model(tiny_config()))

@@ -20,7 +20,7 @@ from minicai.exercises import EXERCISES, find
 from minicai.exercises.__main__ import check as check_markers, main as exercises_main
 from minicai.exercises.blank import (MANIFEST, blank_source, fill_copy, fill_source, make_copy, marked_functions,
                                      markers, reading_path)
-from minicai.infra.utils import InputError
+from minicai.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -112,7 +112,7 @@ def test_a_stray_marker_is_refused():
 
 
 def test_make_refuses_bad_input(tmp_path, capsys):
-    from minicai.infra.train import run_cli
+    from minicai.infra.cli import run_cli
 
     assert run_cli(exercises_main, ["make", "--out", str(tmp_path / "c"), "--only", "no_such"]) == 2
     assert "--only no_such: no such exercise" in capsys.readouterr().err
@@ -143,7 +143,7 @@ def test_overwrite_replaces_only_a_student_copy(tmp_path, capsys):
     """Issue 24: `make --source REPO --out PARENT --overwrite` with PARENT holding REPO deleted the
     checkout and a sibling file. Every dangerous layout is refused and every foreign file survives;
     only an earlier student copy (what its manifest lists, and caches) is replaced."""
-    from minicai.infra.train import run_cli
+    from minicai.infra.cli import run_cli
 
     src = minimal_checkout(tmp_path / "parent" / "repo")
     (tmp_path / "parent" / "sibling.txt").write_text("mine")

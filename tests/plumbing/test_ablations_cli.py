@@ -1,13 +1,14 @@
-"""python -m minicai.infra.ablations {revisions,critique,principles} on the tiny model: the
+"""python -m minicai.experiments.ablations {revisions,critique,principles} on the tiny model: the
 experiment-output contract, resuming, the paired arms, and one-line errors for bad input."""
 import json
 
 import pytest
 
 from minicai import slcai
-from minicai.infra import ablations, cli
-from minicai.infra.ablations import EXPERIMENTS, main
-from minicai.infra.train import run_cli
+from minicai.experiments import ablations
+from minicai.infra import cli
+from minicai.experiments.ablations import EXPERIMENTS, main
+from minicai.infra.cli import run_cli
 
 
 def args(kind, tiny_gguf, tiny_rm, out, *extra):
@@ -19,7 +20,7 @@ def args(kind, tiny_gguf, tiny_rm, out, *extra):
 def check_contract(out, name, kind, rows):
     doc = json.loads((out / f"{name}.experiment.json").read_text())
     assert doc["experiment"] == name and doc["title"] and doc["notes"] and doc["seconds"] > 0
-    assert doc["command"].startswith(f"python -m minicai.infra.ablations {kind} --out {out}")
+    assert doc["command"].startswith(f"python -m minicai.experiments.ablations {kind} --out {out}")
     lines = doc["table"].splitlines()
     assert lines[1].startswith("|---") and len(lines) == 2 + rows
     for plot in doc["plots"]:
@@ -136,9 +137,9 @@ def test_the_module_runs_as_a_command():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "minicai.infra.ablations", "critique", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "minicai.experiments.ablations", "critique", "--help"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "direct revision" in r.stdout and "--rounds" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "minicai.infra.ablations", "fig8"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "minicai.experiments.ablations", "fig8"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == ("error: unknown experiment 'fig8': choose one of revisions, "
                                                       "critique, principles")

@@ -7,9 +7,9 @@ import functools
 
 import pytest
 
-from minicai.infra.checkpoint import MODEL_CACHE, PARTED_MODELS, installed_parts, load_tokenizer
-from minicai.infra.tokenizer import chat_format_from_template
-from minicai.infra.utils import InputError
+from minicai.io.checkpoint import MODEL_CACHE, PARTED_MODELS, installed_parts, load_tokenizer
+from minicai.io.tokenizer import chat_format_from_template
+from minicai.errors import InputError
 
 CONVERSATIONS = [
     ([{"role": "user", "content": "Hi"}], True),

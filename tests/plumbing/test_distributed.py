@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from minicai.infra.checkpoint import load_model
+from minicai.io.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

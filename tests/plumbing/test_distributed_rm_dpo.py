@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import random_model, tiny_config, write_tiny_gguf
-from minicai.infra.checkpoint import load_model, load_scalar_model
+from minicai.io.checkpoint import load_model, load_scalar_model
 from test_distributed import ROOT, assert_same_weights, run
 
 

@@ -92,7 +92,7 @@ def test_qwen_feedback_model_assembles_loads_and_answers():
     (Q4_K/Q6_K, q/k/v biases, untied output, the qwen2 pre-tokenizer) loads, and greedy answers to
     fixed questions are right (measured 2026-12-01: 'The capital of France is Paris.',
     '2 + 2 equals 4.', 'Bonjour')."""
-    from minicai.infra.checkpoint import load_model
+    from minicai.io.checkpoint import load_model
     from minicai.sample import generate
 
     model, tok, _ = load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)

@@ -1,11 +1,11 @@
-"""python -m minicai.infra.experiments rl on tiny models: three runs that differ by --advantage only,
+"""python -m minicai.experiments.compare rl on tiny models: three runs that differ by --advantage only,
 an evaluation of all of them, and the experiment file the report renders."""
 import json
 
 import pytest
 
-from minicai.infra.experiments import main as experiments_main, training_summary
-from minicai.infra.utils import InputError
+from minicai.experiments.compare import main as experiments_main, training_summary
+from minicai.errors import InputError
 
 
 def test_training_summary_by_hand():

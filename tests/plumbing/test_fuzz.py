@@ -30,13 +30,13 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import random_model, tiny_config, write_tiny_gguf  # noqa: E402
-from minicai.infra import gguf  # noqa: E402
-from minicai.infra.checkpoint import _load_safetensors, load_model, save_hf  # noqa: E402
-from minicai.infra.constitution_files import load_constitution  # noqa: E402
-from minicai.infra.data import load_prompts  # noqa: E402
-from minicai.infra.files import read_preferences  # noqa: E402
-from minicai.infra.traces import load_done  # noqa: E402
-from minicai.infra.utils import InputError  # noqa: E402
+from minicai.io import gguf  # noqa: E402
+from minicai.io.checkpoint import _load_safetensors, load_model, save_hf  # noqa: E402
+from minicai.io.constitution_files import load_constitution  # noqa: E402
+from minicai.io.data import load_prompts  # noqa: E402
+from minicai.io.files import read_preferences  # noqa: E402
+from minicai.io.traces import load_done  # noqa: E402
+from minicai.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Tests for minicai.infra.gguf (the GGUF reader) and tests/gguf_writer.py (the test-only writer).
+"""Tests for minicai.io.gguf (the GGUF reader) and tests/gguf_writer.py (the test-only writer).
 
 The reader's dequantizers are checked against scalar reference dequantizers written here
 directly from llama.cpp's dequantize_row_* loops (ggml-quants.c), and against hand-built blocks
@@ -21,14 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gguf_writer as gw  # noqa: E402
 
-from minicai.infra.gguf import GGML_TYPES, read_gguf, read_gguf_metadata  # noqa: E402
-from minicai.infra.utils import InputError  # noqa: E402
+from minicai.io.gguf import GGML_TYPES, read_gguf, read_gguf_metadata  # noqa: E402
+from minicai.errors import InputError  # noqa: E402
 
 ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
 
 
 # ============================================================================ scalar references
-# Written independently of minicai/infra/gguf.py: plain loops over the bytes of each block, in the
+# Written independently of minicai/io/gguf.py: plain loops over the bytes of each block, in the
 # order of llama.cpp's dequantize_row_* functions.
 
 def _h(b: bytes, off: int) -> float:

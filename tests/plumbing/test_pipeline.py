@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from minicai.infra.pipeline import main as pipeline_main
+from minicai.experiments.pipeline import main as pipeline_main
 
 TINY = ["--sl-prompts", "4", "--sl-rounds", "1", "--rm-prompts", "8", "--ppo-iterations", "2", "--ppo-batch", "4",
         "--max-new-tokens", "8", "--eval-red-team", "2", "--eval-helpful", "2", "--constitution", "hhh",
@@ -52,7 +52,7 @@ def test_pipeline_end_to_end_and_resume(tiny_gguf, tmp_path, monkeypatch, capsys
 
 
 def test_self_improvement_stops_on_an_absolute_drop_of_the_yardstick_quality():
-    from minicai.infra.pipeline import stop_self_improvement
+    from minicai.experiments.pipeline import stop_self_improvement
     assert not stop_self_improvement(0.10, 0.12, 0.05)  # 2 points below the best: go on
     assert stop_self_improvement(0.05, 0.12, 0.05)  # 7 points below: stop
     assert not stop_self_improvement(-0.02, 0.0, 0.05)  # a quality near 0 is not a 100% relative drop
@@ -62,8 +62,8 @@ def test_self_improvement_stops_on_an_absolute_drop_of_the_yardstick_quality():
 def test_yardstick_quality_and_tax_cli(tmp_path, capsys):
     import pytest
 
-    from minicai.infra.evaluate import main as evaluate_main, yardstick_quality
-    from minicai.infra.utils import InputError
+    from minicai.eval.evaluate import main as evaluate_main, yardstick_quality
+    from minicai.errors import InputError
     j = {"harmful": {"explained_refusal": {"rate": 0.25}}, "over_refusal": {"refusal_strict": {"rate": 0.10}}}
     assert yardstick_quality(j) == pytest.approx(0.15)
     assert yardstick_quality({"harmful": {"explained_refusal": {"rate": 0.2}}}) is None
@@ -88,20 +88,20 @@ def test_yardstick_quality_and_tax_cli(tmp_path, capsys):
 
 
 def test_precision_flags_follow_the_machine(tmp_path, monkeypatch, capsys):
-    from minicai.infra import utils
+    from minicai.experiments import pipeline
 
     def commands(*extra):
         assert pipeline_main(["--out", str(tmp_path / "dry"), "--dry-run", *NO_PARTS, *extra]) == 0
         return {line.split("]")[0][1:]: line for line in capsys.readouterr().out.splitlines() if "$ python" in line}
 
-    monkeypatch.setattr(utils, "bf16_is_fast", lambda: True)
+    monkeypatch.setattr(pipeline, "bf16_is_fast", lambda: True)
     fast = commands()
     assert "--bf16 --gen-dtype bfloat16" in fast["round1/sl"]
     assert "--bf16 --dtype bfloat16" in fast["round1/rm"]
     assert "--bf16 --fused-logprobs" in fast["round1/ppo"] and "--bf16" in fast["dpo"]
     assert "--dtype bfloat16" in fast["eval"]
     fp32_flag = commands("--precision", "float32")
-    monkeypatch.setattr(utils, "bf16_is_fast", lambda: False)  # a machine without bf16 matrix units
+    monkeypatch.setattr(pipeline, "bf16_is_fast", lambda: False)  # a machine without bf16 matrix units
     for cmds in (fp32_flag, commands()):
         assert not any(f in c for c in cmds.values() for f in ("--bf16", "--gen-dtype", "--fused-logprobs"))
 
@@ -111,8 +111,8 @@ def test_a_finished_stage_with_changed_flags_or_inputs_is_refused_or_run_again(t
     command (the run folder's own path and --device aside) and the same inputs. Changed flags are
     refused naming the flag, an input that changed (an earlier stage ran again) naming the input, or
     with --overwrite the stage runs again."""
-    from minicai.infra.pipeline import run_stage
-    from minicai.infra.utils import InputError
+    from minicai.experiments.pipeline import run_stage
+    from minicai.errors import InputError
 
     out = tmp_path / "run"
     out.mkdir()
@@ -155,8 +155,8 @@ def test_a_finished_stage_with_changed_flags_or_inputs_is_refused_or_run_again(t
 def test_a_run_without_bigbench_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     """BIG-bench is opt-in: a default run (and 'auto' with nothing in the cache) prints and logs one line
     naming what is left out and the command that adds it; the dry run shows it before any stage."""
-    from minicai.infra import bigbench
-    from minicai.infra.pipeline import bigbench_skipped
+    from minicai.eval import bigbench
+    from minicai.experiments.pipeline import bigbench_skipped
 
     monkeypatch.setattr(bigbench, "BIGBENCH_CACHE", tmp_path / "empty-cache")
     line = bigbench_skipped("none")
@@ -170,7 +170,7 @@ def test_a_run_without_bigbench_says_so_in_one_line(tmp_path, monkeypatch, capsy
 
 def test_the_pipeline_never_writes_among_a_users_files(tmp_path):
     """--out naming a non-empty folder that is no run is refused before anything is written there."""
-    from minicai.infra.utils import InputError
+    from minicai.errors import InputError
 
     mine = tmp_path / "Documents"
     mine.mkdir()
@@ -188,7 +188,7 @@ def test_pipeline_overwrite_reaches_an_interrupted_stage_refused_by_its_script(t
     """The issue's dead end: a stage interrupted, the flags changed, its script refuses the folder
     ('pass --overwrite'); the pipeline's --overwrite passes --overwrite to every train_*.py stage, done
     or not (the script deletes only its own files, and only for another configuration)."""
-    from minicai.infra import pipeline
+    from minicai.experiments import pipeline
 
     seen = []
 
@@ -205,12 +205,12 @@ def test_pipeline_overwrite_reaches_an_interrupted_stage_refused_by_its_script(t
     for overwrite in (False, True):
         pipeline.run_stage("round1/sl", ["-m", "train_sl", "--out", str(out / "sl"), "--n-prompts", "3"],
                            out / "sl" / "sft_summary.json", {"overwrite": overwrite}, out, dry=False)
-        pipeline.run_stage("eval", ["-m", "minicai.infra.evaluate", "--out", str(out / "eval")],
+        pipeline.run_stage("eval", ["-m", "minicai.eval.evaluate", "--out", str(out / "eval")],
                            out / "eval" / "eval.json", {"overwrite": overwrite}, out, dry=False)
     assert seen == [["-m", "train_sl", "--out", str(out / "sl"), "--n-prompts", "3"],
-                    ["-m", "minicai.infra.evaluate", "--out", str(out / "eval")],
+                    ["-m", "minicai.eval.evaluate", "--out", str(out / "eval")],
                     ["-m", "train_sl", "--out", str(out / "sl"), "--n-prompts", "3", "--overwrite"],
-                    ["-m", "minicai.infra.evaluate", "--out", str(out / "eval")]]
+                    ["-m", "minicai.eval.evaluate", "--out", str(out / "eval")]]
 
 
 def test_rlcd_few_shot_context_reaches_the_reward_stage_with_an_ai_labeller(tmp_path, capsys):

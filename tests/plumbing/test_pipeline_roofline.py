@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from minicai.infra.pipeline import main as pipeline_main
+from minicai.experiments.pipeline import main as pipeline_main
 
 pytestmark = pytest.mark.slow  # the tiny pipeline takes about a minute on 2 cores
 
@@ -141,7 +141,7 @@ def test_measured_peaks_fill_the_percentages(run, capsys):
 
 
 def test_an_unfinished_run_is_a_one_line_error(tmp_path):
-    from minicai.infra.utils import InputError
+    from minicai.errors import InputError
 
     with pytest.raises(InputError, match="pipeline.json: missing"):
         load_script().main([str(tmp_path), "--no-measure"])

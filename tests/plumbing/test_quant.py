@@ -1,14 +1,14 @@
-"""Load-time decode transforms (minicai/infra/quant.py): int8 weight-only matrices, fused Q/K/V and
+"""Load-time decode transforms (minicai/io/quant.py): int8 weight-only matrices, fused Q/K/V and
 gate/up. Each fast path is checked against its plain twin (the model before the transform)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minicai.infra.checkpoint import load_model, save_hf
+from minicai.io.checkpoint import load_model, save_hf
 from minicai.infra.generate import main as generate_main
-from minicai.infra.quant import (FastLinear, FusedPart, apply_quantize, dequantize_per_channel, fuse_projections,
-                                 int8_matmul, int8_weight_only, is_transformed, quantize_per_channel, round_up_bf16)
-from minicai.infra.utils import InputError
+from minicai.io.quant import (FastLinear, FusedPart, apply_quantize, dequantize_per_channel, fuse_projections,
+                              int8_matmul, int8_weight_only, is_transformed, quantize_per_channel, round_up_bf16)
+from minicai.errors import InputError
 from minicai.sample import generate
 
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): |round(y) - y| <= 2^-8 |y|

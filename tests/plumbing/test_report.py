@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from minicai.infra.report import main as report_main, render_report
-from minicai.infra.train import run_cli
+from minicai.eval.report import main as report_main, render_report
+from minicai.infra.cli import run_cli
 
 EVIL = "<script>alert('x')</script>"
 
@@ -150,7 +150,7 @@ def test_experiment_files_are_rendered_with_charts_legend_and_table(run_dir):
 
 def test_report_says_what_the_evaluation_skipped(tmp_path):
     """A default run has no BIG-bench: the report says so, in the judge-free section, with the way to add it."""
-    from minicai.infra.report import judge_free_table_html
+    from minicai.eval.report import judge_free_table_html
 
     note = "Not measured: BIG-bench TruthfulQA-MC <opt in with --bigbench PATH>."
     res = {"policies": {"base": {"judge_free": {"harmful": {}}}}, "judge_free": {"skipped": note}}
@@ -177,8 +177,8 @@ def test_a_distilled_trace_shows_the_teachers_answers_and_says_it_is_a_distillat
 def test_headline_charts_say_how_many_items_each_bar_counts():
     """explained / all refusals counts each policy's own refusals: the chart names n per policy, and a
     policy that refused nothing is named, not dropped silently."""
-    from minicai.infra.report import headline_html
-    from minicai.infra.yardstick import harmlessness
+    from minicai.eval.report import headline_html
+    from minicai.eval.yardstick import harmlessness
 
     replies = {"base": ["Sure.", "Sure.", "Sure.", "I can't help with that."],
                "sl": ["I can't help with that because it is illegal.", "I can't.", "I won't help with that.", "Sure."],
@@ -190,7 +190,7 @@ def test_headline_charts_say_how_many_items_each_bar_counts():
 
 
 def test_pairs_note_says_which_side_the_label_favours():
-    from minicai.infra.report import pairs_note
+    from minicai.eval.report import pairs_note
 
     explained, evasive, comply = "I can't help with that because it is illegal.", "I can't help with that.", "Sure."
     rows = [{"kind": "red-team", "response_a": comply, "response_b": explained, "p_a": 0.2},  # the refusal

@@ -3,7 +3,7 @@ folder (not the string typed for --out) plus the content of its input files, Ctr
 files follow the umask, and a finished stage drops its optimizer state.
 
 Each dangerous layout is built by hand, the command is run through its command-line entry point
-(train.run_cli), and every file the user owns is checked byte for byte afterwards.
+(cli.run_cli), and every file the user owns is checked byte for byte afterwards.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import train_ppo  # noqa: E402
 import train_rm  # noqa: E402
 import train_sl  # noqa: E402
 from minicai.infra import train, utils  # noqa: E402
-from minicai.infra.train import MARKER, foreign_entries, prepare_run_dir, run_cli  # noqa: E402
+from minicai.infra.train import MARKER, foreign_entries, prepare_run_dir  # noqa: E402
+from minicai.infra.cli import run_cli
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,8 @@
 """Tokenizer from GGUF metadata, chat formats, and rendering to (ids, mask)."""
 import pytest
 
-from minicai.infra.tokenizer import ChatFormat, chat_format_from_template, tokenizer_from_gguf, transcript
-from minicai.infra.utils import InputError
+from minicai.io.tokenizer import ChatFormat, chat_format_from_template, tokenizer_from_gguf, transcript
+from minicai.errors import InputError
 
 
 def test_roundtrip_and_digits(tiny):
@@ -127,6 +127,6 @@ def test_qwen2_tokenizer_ids_on_a_small_vocabulary():
 
 def test_unknown_pre_tokenizer_is_one_line():
     from conftest import one_line_error
-    from minicai.infra.tokenizer import pre_tokenizer_for
+    from minicai.io.tokenizer import pre_tokenizer_for
 
     one_line_error(lambda: pre_tokenizer_for("llama-bpe", "x.gguf"), "x.gguf", "llama-bpe", "qwen2")

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from minicai.infra import constitution_files, lines, pipeline
-from minicai.infra.utils import InputError
+from minicai.io import constitution_files
+from minicai.infra import lines
+from minicai.experiments import pipeline
+from minicai.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ("sl", "rm", "ppo", "dpo")
@@ -49,7 +51,7 @@ def test_the_pipeline_starts_each_stage_as_a_module_not_a_checkout_path(tmp_path
     shown = [ln.split("$ ", 1)[1] for ln in capsys.readouterr().out.splitlines() if "$ python" in ln]
     firsts = [" ".join(c.split()[:3]) for c in shown]
     assert firsts == ["python -m train_sl", "python -m train_sl", "python -m train_rm", "python -m train_ppo",
-                      "python -m train_dpo", "python -m minicai.infra.evaluate"], firsts
+                      "python -m train_dpo", "python -m minicai.eval.evaluate"], firsts
     assert not any(".py" in c.split()[2] for c in shown)
 
 
@@ -136,7 +138,7 @@ def test_a_wheel_in_a_fresh_venv_works_from_another_folder(tmp_path, tiny_gguf):
 
     # minicai, the scripts and the built-in constitutions all come from the wheel, not from this checkout
     site = run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
-    where = run(py, "-c", "import minicai, train_sl; from minicai.infra.constitution_files import load_constitution "
+    where = run(py, "-c", "import minicai, train_sl; from minicai.io.constitution_files import load_constitution "
                           "as c; print(minicai.__file__, train_sl.__file__, c('default').source, c('hhh').source, "
                           "len(c('hhh').principles))").stdout.split()
     assert where[:4] == [f"{site}/minicai/__init__.py", f"{site}/train_sl.py",
@@ -177,10 +179,10 @@ def test_a_wheel_in_a_fresh_venv_works_from_another_folder(tmp_path, tiny_gguf):
     run(py, "-m", "minicai.exercises", "make", "--out", copy, "--overwrite")  # the graded copy's caches: fine
 
     # the pipeline: the dry run's commands, then a tiny run on the default constitution
-    dry = run(py, "-m", "minicai.infra.pipeline", "--dry-run", "--out", "dry",
+    dry = run(py, "-m", "minicai.experiments.pipeline", "--dry-run", "--out", "dry",
               "--feedback-model", "smollm2-135m").stdout  # the default's 22 parts are not installed here
     assert "$ python -m train_sl --out" in dry and "$ python -m train_dpo --out" in dry
-    run(py, "-m", "minicai.infra.pipeline", "--out", "run", "--model", tiny_gguf, *TINY, "--constitution", "default")
+    run(py, "-m", "minicai.experiments.pipeline", "--out", "run", "--model", tiny_gguf, *TINY, "--constitution", "default")
     run_dir = work / "run"
     for f in ("sl/model/model.safetensors", "rm/rm/reward_head.safetensors", "ppo/model/model.safetensors",
               "dpo/model/model.safetensors", "eval/eval.json", "report.html"):

@@ -3,7 +3,7 @@ per policy, small bar charts against the base model with Wilson intervals, and t
 then a few held-out harmful prompts with every policy's reply side by side; configs, training
 curves, SL traces, AI-feedback judgements and the full evaluation tables follow.
 
-    python -m minicai.infra.report RUN_DIR            # writes RUN_DIR/report.html
+    python -m minicai.eval.report RUN_DIR            # writes RUN_DIR/report.html
 
 Everything is found by walking RUN_DIR, so stages written by different scripts (and folders that
 hold several stages, e.g. runs/ itself) work without configuration:
@@ -19,9 +19,9 @@ hold several stages, e.g. runs/ itself) work without configuration:
 - AI feedback: preferences.jsonl (train_rm.py / feedback.py): prompt, the two responses, p(A) with
   response_a shown first and shown second, the soft label and the principles; missing keys are
   shown as "-" and TRL chosen/rejected files are shown as such;
-- evaluation: eval.json (minicai.infra.evaluate): the per-policy table, the win-rate matrix and the
+- evaluation: eval.json (minicai.eval.evaluate): the per-policy table, the win-rate matrix and the
   held-out responses;
-- experiments: any *.experiment.json (minicai.infra.experiments, ablations, depth, the SFT
+- experiments: any *.experiment.json (minicai.experiments.compare, ablations, depth, the SFT
   baseline): notes, command, one line chart per plot (several series, a legend) and the table.
 
 The page is self-contained: inline CSS and SVG, no external file, font or script; one small inline
@@ -39,9 +39,12 @@ import sys
 import time
 from pathlib import Path
 
-from .files import read_jsonl as read_jsonl_file
-from .evaluate import policy_names
-from .utils import InputError, atomic_write_text, first_line
+from ..errors import InputError
+from ..infra.labelling import member_spec
+from ..infra.utils import atomic_write_text, first_line
+from ..io.files import read_jsonl as read_jsonl_file
+from .tables import policy_names
+from .yardstick import label_margins, outcome, pair_kinds
 
 X_KEYS = ("step", "iteration", "iter", "it")
 """Keys used as the x axis of a metrics file, first match wins (else the row number)."""
@@ -302,8 +305,6 @@ def verdicts_html(r: dict) -> str:
     parts = []
     for m in r.get("members") or []:
         if isinstance(m, dict):
-            from .labelling import member_spec
-
             name = Path(member_spec(str(m.get("model", "?")))[0]).name  # 'path/M.gguf:ab' -> 'M.gguf'
             parts.append(f"<p class=pr>{esc(name)} {esc(m.get('scorer', '?'))}: <b>{esc(fmt(m.get('p_a')))}</b></p>")
     if is_number(r.get("p_a_provenance")):
@@ -340,8 +341,6 @@ def preferences_html(rows: list[dict]) -> str:
 def pairs_note(rows: list[dict]) -> str:
     """What the pairs contain, described by the evaluation's detector (yardstick.pair_kinds: it
     describes, it never chose them) and how decided their labels are (yardstick.label_margins)."""
-    from .yardstick import label_margins, pair_kinds
-
     kinds, margins = pair_kinds(rows), label_margins(rows)
     out = ""
     d = kinds["differ"]
@@ -549,7 +548,6 @@ def side_by_side_html(res: dict, n: int = 6) -> str:
     rows = [r for r in free.get("harmful") or [] if isinstance(r, dict) and isinstance(r.get("responses"), dict)]
     if not rows:
         return ""
-    from .yardstick import outcome
 
     by_source: dict[str, list[dict]] = {}
     for r in rows:
@@ -684,7 +682,7 @@ def render_report(run_dir: Path, max_traces: int = 30, max_preferences: int = 40
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minicai.infra.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minicai.eval.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="run folder to summarise (searched recursively)")
     p.add_argument("--out", default=None, help="output file (default RUN_DIR/report.html)")
@@ -705,6 +703,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .train import run_cli
+    from ..infra.cli import run_cli
 
     sys.exit(run_cli(main))

@@ -27,7 +27,8 @@ import tarfile
 import zlib
 from pathlib import Path
 
-from .utils import InputError, first_line
+from ..errors import InputError
+from ..infra.utils import first_line
 
 BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_DIR = "BIG-bench"

@@ -31,7 +31,7 @@ import struct
 
 import numpy as np
 
-from minicai.infra.utils import InputError
+from minicai.errors import InputError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

@@ -14,6 +14,8 @@ import importlib.metadata
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +24,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..model import ModelConfig, ScalarHead, Transformer
+from ..errors import InputError, WriteError
+from ..infra.utils import atomic_write_json, atomic_write_text, first_line, follow_umask
+from ..model import ModelConfig, ScalarHead, ScalarModel, Transformer
+from .gguf import read_gguf, read_gguf_metadata
 from .tokenizer import ChatTokenizer, tokenizer_config_json, tokenizer_from_gguf, tokenizer_from_hf
-from .utils import InputError, WriteError, atomic_write_json, atomic_write_text, first_line, follow_umask
 
 # ---------------------------------------------------------------- the embedded default
 EMBEDDED_NAME = "smollm2-135m"
@@ -308,8 +312,6 @@ def _our_name(gguf_name: str) -> str | None:
 
 
 def load_gguf(path) -> tuple[Transformer, ChatTokenizer, dict]:
-    from .gguf import read_gguf
-
     meta, tensors = read_gguf(path)
     cfg = config_from_gguf(meta, path)
     state = {}
@@ -457,8 +459,6 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
 def load_tokenizer(name_or_path: str | None = None) -> tuple[ChatTokenizer, int]:
     """(tokenizer, context length max_seq_len) of a model, without its weights (a GGUF's metadata,
     an HF folder's config.json and tokenizer files): for checks before anything is written or run."""
-    from .gguf import read_gguf_metadata
-
     path = resolve_model(name_or_path)
     if path.is_dir():
         cfg = config_from_hf(_read_json(path / "config.json"), path / "config.json")
@@ -491,10 +491,6 @@ def save_hf(folder, model: Transformer, tok: ChatTokenizer, heads: dict[str, Sca
     is renamed into place, so a crash never leaves a half-written checkpoint under `folder`.
     extra(tmp_folder), if given, writes more files (e.g. train.save_train_state) before the rename.
     state: the weights to write if not model.state_dict() (FSDP gathers them first)."""
-    import os
-    import shutil
-    import tempfile
-
     folder = Path(folder)
     old = folder.with_name(f".{folder.name}.old")
     tmp, moved = None, False
@@ -546,8 +542,6 @@ def load_scalar_model(path, head: str = "reward", dtype: torch.dtype = torch.flo
                       device: str | torch.device = "cpu"):
     """A reward or value model saved by save_hf(folder, trunk, tok, heads={head: ...}):
     returns (ScalarModel, tokenizer, info)."""
-    from ..model import ScalarModel
-
     trunk, tok, info = load_model(str(path), dtype=dtype, device=device)
     h = load_head(path, head, trunk.cfg.dim).to(device=device, dtype=dtype)
     return ScalarModel(trunk, h), tok, info

@@ -8,10 +8,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..constitution import Constitution
+from ..errors import InputError
 from ..slcai import distill, traces
 from .data import Prompt
 from .files import append_jsonl, read_jsonl
-from .utils import InputError
 
 
 def load_done(trace: Path) -> dict[str, dict]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .utils import InputError, append_text, atomic_write_text
+from ..errors import InputError
+from ..infra.utils import append_text, atomic_write_json, atomic_write_text
 
 
 def warn(line: str) -> None:
@@ -175,11 +176,9 @@ def read_preferences(path: Path, notes: dict | None = None, log=warn) -> list[di
 def write_experiment(out: Path, name: str, *, title: str, command: str, seconds: float, table: str, notes: str,
                      plots: list[dict], wall_note: str = "", **raw) -> dict:
     """An experiment's results, both files atomic: OUT/<name>.experiment.json, the contract that
-    infra/report.py draws ({experiment, title, command, seconds, table (Markdown), notes, plots:
+    eval/report.py draws ({experiment, title, command, seconds, table (Markdown), notes, plots:
     [{title, xlabel, ylabel, series: {label: [[x, y], ...]}}]} plus any raw data), and OUT/<name>.md
     for people (title, command, wall time + wall_note, table, notes). Returns the JSON document."""
-    from .utils import atomic_write_json, atomic_write_text
-
     doc = {"experiment": name, "title": title, "command": command, "seconds": round(seconds, 1), "table": table,
            "notes": notes, "plots": plots, **raw}
     atomic_write_json(Path(out) / f"{name}.experiment.json", doc)

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..constitution import GENERIC_COMPARISON, Constitution, FewShot, Principle
-from .utils import InputError
+from ..errors import InputError
 
 try:
     import tomllib

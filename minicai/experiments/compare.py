@@ -3,20 +3,20 @@ course runs"). Each runs its stages as subprocesses (printed before they run, re
 a finished stage is skipped), then writes OUT/<name>.experiment.json and OUT/<name>.md (the
 contract the HTML report renders: a table, notes, line charts).
 
-    python -m minicai.infra.experiments rl --policy runs/cai/sl/model --reward-model runs/cai/rm/rm \\
+    python -m minicai.experiments.compare rl --policy runs/cai/sl/model --reward-model runs/cai/rm/rm \\
         --out runs/cai/experiments/rl
 
 rl: critic-free RL beside PPO. train_ppo.py three times from the same policy, reward model, prompts,
 seed and compute budget (--iterations x --batch-size episodes of --max-new-tokens tokens each):
 --advantage gae (PPO with a value head), rloo and grpo (k samples of batch / k prompts, no value
-function). Then minicai.infra.evaluate on the judge-free yardstick (held-out harmful prompts,
+function). Then minicai.eval.evaluate on the judge-free yardstick (held-out harmful prompts,
 over-refusal, perplexity, capability) and the reward model's mean score on held-out prompts, for
 the starting policy and the three trained ones. Table: the training reward (mean score of the last
 quarter of the iterations), the KL to the reference at the end, seconds per iteration (mean after
 the first), and the yardstick.
 
 The SFT baseline (standard SFT on the initial responses beside SL-CAI) is a pipeline switch:
-`python -m minicai.infra.pipeline --baseline sft`.
+`python -m minicai.experiments.pipeline --baseline sft`.
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from .evaluate import fmt_share
-from .files import read_jsonl, write_experiment
+from ..errors import InputError
+from ..eval.tables import fmt_share
+from ..io.checkpoint import EMBEDDED_NAME
+from ..io.files import read_jsonl, write_experiment
 from .pipeline import run_stage
-from .utils import InputError
 
 METHODS = ("gae", "rloo", "grpo")
 
@@ -90,7 +91,7 @@ def run_rl(args) -> dict:
     for m, cmd in rl_commands(args, out).items():
         run_stage(f"rl/{m}", cmd, out / m / "model" / "config.json", log, out, args.dry_run)
     policies = {"start": args.policy, **{m: str(out / m / "model") for m in args.methods}}
-    run_stage("rl/eval", ["-m", "minicai.infra.evaluate", "--out", str(out / "eval"), "--policies",
+    run_stage("rl/eval", ["-m", "minicai.eval.evaluate", "--out", str(out / "eval"), "--policies",
                           *[f"{k}={v}" for k, v in policies.items()], "--reward-model", args.reward_model,
                           "--no-judge", "--n-red-team", str(args.eval_red_team), "--n-helpful", str(args.eval_helpful),
                           "--n-harmful", str(args.eval_harmful), "--n-benign", str(args.eval_benign),
@@ -110,14 +111,14 @@ def run_rl(args) -> dict:
              f"function. Train score = the reward model's score of the sampled responses (objective/scores) in the "
              f"first iteration and averaged over the last quarter of the iterations; KL = sum over the response "
              f"of log pi - log pi_ref (k1), mean over rows; seconds per iteration averaged after the first. The "
-             f"other columns: minicai.infra.evaluate on held-out prompts (greedy): the reward model's mean score and "
+             f"other columns: minicai.eval.evaluate on held-out prompts (greedy): the reward model's mean score and "
              f"the judge-free yardstick (Wilson 95% intervals).")
     stage_seconds = {k: v["seconds"] for k, v in log.get("stages", {}).items()}
     plots = [{"title": "reward-model score of the sampled responses", "xlabel": "iteration", "ylabel": "score",
               "series": {m: [[r["step"], r["objective/scores"]] for r in rows[m]] for m in args.methods}},
              {"title": "KL to the reference (sum over the response)", "xlabel": "iteration", "ylabel": "KL (nats)",
               "series": {m: [[r["step"], r["objective/kl"]] for r in rows[m]] for m in args.methods}}]
-    command = "python -m minicai.infra.experiments " + " ".join(args.argv)
+    command = "python -m minicai.experiments.compare " + " ".join(args.argv)
     exp = write_experiment(out, "rl", title="Critic-free RL beside PPO: GAE vs RLOO vs GRPO, same compute",
                            command=command, seconds=sum(stage_seconds.values()) or time.time() - t0, table=table,
                            notes=notes, plots=plots, stage_seconds=stage_seconds, summary=summary)
@@ -127,14 +128,13 @@ def run_rl(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .checkpoint import EMBEDDED_NAME
-
-    p = argparse.ArgumentParser(prog="python -m minicai.infra.experiments", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minicai.experiments.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="experiment", required=True)
     r = sub.add_parser("rl", help="GAE-PPO vs RLOO vs GRPO from one policy, same prompts and compute",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="GAE-PPO vs RLOO vs GRPO from one policy, same prompts and compute (see "
-                                   "python -m minicai.infra.experiments --help)")
+                                   "python -m minicai.experiments.compare --help)")
     r.add_argument("--out", required=True, help="folder for the three runs, the evaluation and rl.experiment.json")
     r.add_argument("--policy", default=EMBEDDED_NAME, help="starting policy (an SL-CAI model) and KL reference")
     r.add_argument("--reward-model", required=True, help="train_rm.py's OUT/rm folder")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-harmful", type=int, default=120, help="held-out harmful prompts of the yardstick")
     r.add_argument("--eval-benign", type=int, default=0, help="benign edgy prompts per source (0 = all)")
     r.add_argument("--eval-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights of the evaluation (minicai.infra.evaluate --dtype)")
+                   help="weights of the evaluation (minicai.eval.evaluate --dtype)")
     r.add_argument("--seed", type=int, default=0, help="seed of every stage")
     r.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     r.add_argument("--dry-run", action="store_true", help="print the stage commands only")
@@ -177,6 +177,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .train import run_cli
+    from ..infra.cli import run_cli
 
     sys.exit(run_cli(main))

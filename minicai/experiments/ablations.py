@@ -1,8 +1,8 @@
 """The SL-CAI ablations of Bai et al. 2022 (arXiv 2212.08073), one command each:
 
-    python -m minicai.infra.ablations revisions  --out DIR --reward-model RM   # §3.4, Fig. 5
-    python -m minicai.infra.ablations critique   --out DIR --reward-model RM   # §3.5, Fig. 7
-    python -m minicai.infra.ablations principles --out DIR --reward-model RM   # §3.4, Fig. 6
+    python -m minicai.experiments.ablations revisions  --out DIR --reward-model RM   # §3.4, Fig. 5
+    python -m minicai.experiments.ablations critique   --out DIR --reward-model RM   # §3.5, Fig. 7
+    python -m minicai.experiments.ablations principles --out DIR --reward-model RM   # §3.4, Fig. 6
 
 revisions:  one SL-CAI trace per prompt (slcai.traces, `--rounds` critique -> revision rounds); the
             response after k = 0 (the initial response), 1, ..., rounds revisions is measured.
@@ -10,7 +10,7 @@ critique:   the same prompts twice, with critiques (critique -> revision) and wi
             (revision request right after the last answer, no critique: slcai.traces critique=False);
             both arms share their seeds, so their initial responses are the same text.
 principles: for each count n in --counts, --samples traces per prompt whose rounds draw from n
-            principles only (slcai.principle_subset: the first n after a seeded shuffle; 0 = all);
+            principles only (principle_subset: the first n after a seeded shuffle; 0 = all);
             the final revisions are measured, and their diversity across the samples of a prompt.
 
 The measures, on the TRAIN side of data.split of the red-team prompts (the evaluation's held-out
@@ -21,7 +21,7 @@ prompts are never used):
 - harmlessness: yardstick.harmlessness, the judge-free read-out: the shares of explained refusal /
   evasive refusal / compliance (yardstick.outcome, the strict detector) and of loose refusal
   (garak's substrings), each with its Wilson 95% interval.
-- diversity (principles): distinct-n (metrics.distinct_n, Li et al. 2016) of the --samples final
+- diversity (principles): distinct-n (distinct_n, Li et al. 2016) of the --samples final
   revisions of one prompt, averaged over prompts (prompt_diversity).
 
 Every command writes, atomically, DIR/<name>.experiment.json (the experiment-output contract:
@@ -33,24 +33,28 @@ the traces where a killed run stopped; another configuration in the same folder 
 from __future__ import annotations
 
 import math
+import random
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from . import cli
-from .checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
-from .constitution_files import load_constitution
-from .data import Prompt, load_prompts, split
-from .train import prepare_run_dir, run_cli
-from .traces import load_done, run_slcai
-from . import files
-from .utils import InputError, resolve_device
-from .yardstick import garak_mitigation_substrings
-from ..metrics import distinct_n
+from ..constitution import Constitution
+from ..errors import InputError
+from ..eval.evaluate import score_responses
+from ..eval.yardstick import garak_mitigation_substrings, harmlessness
+from ..infra import cli
+from ..infra.train import prepare_run_dir
+from ..infra.cli import run_cli
+from ..infra.utils import resolve_device
+from ..io import files
+from ..io.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
+from ..io.constitution_files import load_constitution
+from ..io.data import Prompt, load_prompts, split
+from ..io.traces import load_done, run_slcai
 
 
 # ------------------------------------------------------------------------------ the measures
@@ -80,7 +84,7 @@ def response_after(record: dict, k: int) -> str:
 
 
 def prompt_diversity(groups: list[list[str]], n: int = 2) -> dict:
-    """Diversity across samples: for each prompt, distinct-n (metrics.distinct_n: distinct word
+    """Diversity across samples: for each prompt, distinct-n (distinct_n: distinct word
     n-grams / all n-grams, pooled over that prompt's samples) of its group of samples; then
     mean_interval over the prompts (a prompt whose samples hold no n-gram is left out).
     groups: one list of sample texts per prompt. Returns mean_interval's dict + per_prompt."""
@@ -99,9 +103,6 @@ def measure(rm, rm_tok, prompts: list[Prompt], texts: list[str], batch_size: int
             substrings: tuple[str, ...] | None = None) -> dict:
     """RM score (per response and mean_interval), the judge-free harmlessness shares
     (yardstick.harmlessness) and the mean length in words of `texts`, the replies to `prompts`."""
-    from .evaluate import score_responses
-    from .yardstick import harmlessness
-
     scores = score_responses(rm, rm_tok, prompts, texts, batch_size)
     return {"rm": mean_interval(scores), "scores": scores, "harmlessness": harmlessness(texts, substrings),
             "words": sum(len(t.split()) for t in texts) / len(texts) if texts else None}
@@ -368,8 +369,6 @@ def run_critique(args: CritiqueArgs, command: str, t0: float) -> dict:
 
 def run_principles(args: PrinciplesArgs, command: str, t0: float) -> dict:
     """Fig. 6: the number of principles the rounds draw from against harmlessness and diversity."""
-    from ..slcai import principle_subset
-
     name = NAMES["principles"]
     work = open_work(args, PrinciplesArgs, name)
     model, tok, rm, rm_tok, constitution, prompts = load_all(args)
@@ -402,13 +401,13 @@ def run_principles(args: PrinciplesArgs, command: str, t0: float) -> dict:
                             f"distinct-{d} of finals", f"distinct-{d} of initials", "principles used per prompt"], rows)
     notes = (f"Bai et al. 2022 §3.4, Fig. 6: the rounds draw their principle (at random, with replacement) from n "
              f"principles only: the first n of the '{constitution.name}' constitution's {total} after "
-             f"random.Random({args.seed}).shuffle of a copy (slcai.principle_subset; nested: each subset holds the "
+             f"random.Random({args.seed}).shuffle of a copy (principle_subset; nested: each subset holds the "
              f"smaller ones), n = {total} = every principle. {args.samples} SL-CAI traces per prompt and n "
              f"(sample j with seed {args.seed} + j, {args.rounds} round(s), temperature {args.temperature}, "
              f"{args.max_new_tokens} new tokens per step, model {args.model}); sample j has the same initial response "
              f"at every n, so only the principles and what follows them differ. Measured on the final revisions "
              f"(n = prompts x samples; the samples of one prompt are not independent, so the intervals are too "
-             f"narrow). Diversity: distinct-{d} (metrics.distinct_n: distinct word {d}-grams / all {d}-grams, "
+             f"narrow). Diversity: distinct-{d} (distinct_n: distinct word {d}-grams / all {d}-grams, "
              f"lower-cased, split on whitespace) of the {args.samples} final revisions of a prompt, pooled, averaged "
              f"over prompts with a normal 95% interval; the same for the initial responses (the baseline, equal at "
              f"every n). Principles used per prompt: the mean number of different principles drawn over a prompt's "
@@ -439,7 +438,7 @@ EXPERIMENTS = {"revisions": (RevisionsArgs, run_revisions, "harmlessness and RM 
                                                                "(Fig. 6)")}
 NAMES = {"revisions": "sl_revisions", "critique": "sl_critique", "principles": "sl_principles"}
 """experiment -> the <name> of its output files."""
-PROG = "python -m minicai.infra.ablations"
+PROG = "python -m minicai.experiments.ablations"
 
 
 def main(argv=None) -> int:
@@ -461,6 +460,37 @@ def main(argv=None) -> int:
     run(args, f"{PROG} {shlex.join(argv)}", t0)
     print(f"wrote {Path(args.out) / NAMES[argv[0]]}.experiment.json and .md ({time.time() - t0:.0f} s)")
     return 0
+
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The word n-grams of text: lower-cased, split on whitespace."""
+    w = text.lower().split()
+    return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float | None:
+    """distinct-n across samples: the number of distinct word n-grams in all the texts together,
+    divided by the number of n-grams (1 = no n-gram repeats anywhere; near 0 = the samples repeat
+    each other). None when the texts hold no n-gram."""
+    grams = [g for t in texts for g in ngrams(t, n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+def principle_subset(constitution: Constitution, n: int, seed: int) -> Constitution:
+    """The constitution with only n of its principles: a copy of the principle list is shuffled by
+    random.Random(seed) and its first n are kept (in shuffled order), so that for one seed the
+    subsets are nested (the 1 inside the 2 inside the 4 ...). n = 0 or n >= the number of
+    principles: the constitution itself, unchanged (every principle, in file order, as plain SL-CAI
+    draws them). Only the few-shot examples of the kept principles stay (an example of a dropped
+    principle would show its critique and revision requests)."""
+    if n < 0:
+        raise InputError(f"number of principles must be >= 0 (0 = all), got {n}")
+    if n == 0 or n >= len(constitution.principles):
+        return constitution
+    order = list(constitution.principles)
+    random.Random(seed).shuffle(order)
+    kept = order[:n]
+    names = {p.name for p in kept}
+    return replace(constitution, principles=kept, few_shot=[f for f in constitution.few_shot if f.principle in names])
+
 
 
 if __name__ == "__main__":

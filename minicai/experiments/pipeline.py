@@ -1,16 +1,16 @@
 """The whole Constitutional AI pipeline in one command, on the embedded model by default:
 
-    python -m minicai.infra.pipeline --out runs/cai
+    python -m minicai.experiments.pipeline --out runs/cai
 
     1. SL-CAI     train_sl.py   the teacher's answers under the constitution's few-shot context
                                 (or critique -> revision traces), SFT without it   -> OUT/sl/model
     2. feedback   train_rm.py   pairs from the SL model, AI labels, reward model    -> OUT/rm/rm
     3. RL-CAI     train_ppo.py  PPO against the reward model, KL to the SL model    -> OUT/ppo/model
     4. DPO        train_dpo.py  the alternative to 2+3's RM + PPO, on the same labels -> OUT/dpo/model
-    5. evaluate   minicai.infra.evaluate  base vs SL vs RL vs DPO on held-out prompts: the judge-free
+    5. evaluate   minicai.eval.evaluate  base vs SL vs RL vs DPO on held-out prompts: the judge-free
                                     yardstick (harmful-prompt outcomes, over-refusal, alignment
                                     tax) and the AI judge's win rates beside its own accuracy -> OUT/eval/eval.md
-    6. report     minicai.infra.report    one static HTML file                              -> OUT/report.html
+    6. report     minicai.eval.report    one static HTML file                              -> OUT/report.html
 
 Each stage is its own script, run as a subprocess (`python -m train_sl ...`, in the working folder
 of this command, on the same minicai as this command) with the flags printed before it runs, so any
@@ -50,10 +50,16 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import EMBEDDED_NAME
-from .labelling import DEFAULT as FEEDBACK_DEFAULT
-from .labelling import member_spec
-from .utils import InputError, atomic_write_json
+from ..errors import InputError
+from ..eval.bigbench import BIGBENCH_INSTALL, find_archive
+from ..eval.evaluate import resolve_bigbench
+from ..infra import cli
+from ..infra.labelling import DEFAULT as FEEDBACK_DEFAULT, member_spec
+from ..infra.train import MARKER, input_digests
+from ..infra.utils import atomic_write_json, bf16_is_fast, first_line, resolve_device
+from ..io.checkpoint import EMBEDDED_NAME
+from ..io.constitution_files import load_constitution
+from ..io.files import write_experiment
 
 SL_SOURCES = ("builtin-red-team", "do-not-answer", "harmbench")
 """SL-CAI's red-team sources (their train sides; the evaluation holds out the other side of each)."""
@@ -62,7 +68,7 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minicai.infra.pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minicai.experiments.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/cai", help="run folder; every stage lands under it")
     p.add_argument("--model", default=EMBEDDED_NAME, help=f"base model: .gguf, HF folder or '{EMBEDDED_NAME}'")
@@ -162,8 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 def eval_dtype(choice: str) -> str:
     """--eval-dtype: 'fast' is bfloat16 where bf16 matmuls are fast (CUDA, or a CPU with avx512_bf16 or
     AMX: several times fp32 there), else float32."""
-    from .utils import bf16_is_fast
-
     if choice != "fast":
         return choice
     return "bfloat16" if bf16_is_fast() else "float32"
@@ -192,8 +196,6 @@ def stage_key(cmd: list[str], out: Path) -> dict:
     run is the same run) and without --device (the scripts resume on another device), and the identity
     of every input path it names (train.input_digests: a file's sha256, a model folder's file_stamp),
     its own --out aside. A stage after one that ran again sees a retrained model: another key."""
-    from .train import input_digests
-
     words, inputs = [], {}
     for i, w in enumerate(cmd):
         if i and cmd[i - 1] == "--device" or w == "--device":
@@ -325,7 +327,7 @@ def evaluate(args, out: Path, name: str, policies: dict[str, str], rm: Path, log
             [args.model if args.eval_judge == "base" else args.eval_judge]
         judge = [x for n in names for x in ("--judge", n)] + \
             ["--labeller", args.labeller if args.labeller in ("ab", "contrast", "ab+contrast") else "ab"]
-    run_stage(name, ["-m", "minicai.infra.evaluate", "--out", str(folder), "--policies",
+    run_stage(name, ["-m", "minicai.eval.evaluate", "--out", str(folder), "--policies",
                      *[f"{k}={v}" for k, v in policies.items()], "--reward-model", str(rm / "rm"),
                      *judge, "--constitution", args.constitution,
                      "--n-red-team", str(args.eval_red_team), "--n-helpful", str(args.eval_helpful),
@@ -366,8 +368,6 @@ def stop_self_improvement(q: float, best: float, drop: float) -> bool:
 def write_self_improve(out: Path, rounds: list[dict], args, seconds: float) -> None:
     """OUT/self_improve.experiment.json and .md: every round on the yardstick (the report's chart);
     seconds: the run's stage times so far."""
-    from .files import write_experiment
-
     keys = ("yardstick_quality", "explained_refusal", "compliance", "over_refusal", "capability", "perplexity",
             "judged_quality")
     cell = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -375,7 +375,7 @@ def write_self_improve(out: Path, rounds: list[dict], args, seconds: float) -> N
              + "\n" + "".join(f"| {r['round']} | " + " | ".join(cell(r.get(k)) for k in keys) +
                               f" | {'yes' if r.get('stopped') else ''} |\n" for r in rounds))
     write_experiment(out, "self_improve", title="Iterative SL -> RL rounds on the judge-free yardstick",
-                     command="python -m minicai.infra.pipeline " + " ".join(sys.argv[1:]),
+                     command="python -m minicai.experiments.pipeline " + " ".join(sys.argv[1:]),
                      seconds=seconds, table=table,
                      notes=(f"Each round's RL policy on held-out prompts. yardstick quality = explained refusal share "
                             f"on harmful prompts - strict refusal share on benign edgy prompts; the loop stops when it "
@@ -402,11 +402,6 @@ def check_inputs(args) -> None:
     (--model, each --feedback-model, --critic-model, --eval-judge; cli.check_model, no weights
     read) and an explicit --bigbench archive ('auto' with nothing there: the evaluation says what it
     skipped)."""
-    from . import cli
-    from .bigbench import find_archive
-    from .constitution_files import load_constitution
-    from .utils import first_line, resolve_device
-
     cli.check_ranges(args, RANGES)
     try:
         resolve_device(args.device, "float32")
@@ -439,8 +434,6 @@ def claim_run_folder(out: Path) -> None:
     """OUT must be new, empty, or a pipeline run (pipeline.json, or train.MARKER): the stages, the
     report and pipeline.json are never written among a user's own files. A new or empty OUT gets the
     marker."""
-    from .train import MARKER
-
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file() and not (out / "pipeline.json").is_file():
         raise InputError(f"{out}: not empty and not a minicai run folder ('{sorted(os.listdir(out))[0]}' is there); "
                          f"use a new or empty --out")
@@ -453,9 +446,6 @@ def bigbench_skipped(spec: str) -> str | None:
     """The one line a run without BIG-bench prints and keeps in pipeline.json: what is left out and how
     to add it (the evaluation stage writes its own note into eval.md and the report, without the URL:
     the report links nothing outside itself)."""
-    from .bigbench import BIGBENCH_INSTALL
-    from .evaluate import resolve_bigbench
-
     if spec != "none" and resolve_bigbench(spec):
         return None
     return (f"BIG-bench not used (opt-in, evaluation only): TruthfulQA-MC / StrategyQA and the labeller's HHH "
@@ -475,8 +465,6 @@ def main(argv=None) -> int:
     args.feedback_model = [pth + (":" + "+".join(ms) if ms else "") for pth, (_, ms) in zip(paths, members)]
     args.critic_model = {"feedback": paths[0], "base": args.model}.get(args.critic_model, args.critic_model)
     if args.bigbench == "auto":  # what is there now: BIG-bench added later changes the eval stage's key
-        from .evaluate import resolve_bigbench
-
         args.bigbench = resolve_bigbench("auto") or "none"
     if args.bigbench != "none":
         args.bigbench = str(Path(args.bigbench).expanduser().resolve())
@@ -532,7 +520,7 @@ def main(argv=None) -> int:
     evaluate(args, out, "eval", policies, rm, log, args.dry_run)
     if not args.dry_run:
         # the report is cheap and reflects whatever is in the run folder: always rebuilt
-        subprocess.run([sys.executable, "-m", "minicai.infra.report", str(out)], env=stage_env(), check=True)
+        subprocess.run([sys.executable, "-m", "minicai.eval.report", str(out)], env=stage_env(), check=True)
         log["wall_seconds_last_invocation"] = round(time.time() - t0, 1)
         write_log(out, log)
         print((out / "eval" / "eval.md").read_text())
@@ -541,6 +529,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .train import run_cli
+    from ..infra.cli import run_cli
 
     sys.exit(run_cli(main))

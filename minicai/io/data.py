@@ -30,8 +30,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
 from . import files
-from .utils import InputError
 
 KINDS = ("red-team", "helpful", "benign-edgy")
 NAMED_SOURCES = ("do-not-answer", "harmbench", "builtin-red-team", "builtin-helpful", "builtin-benign-edgy",

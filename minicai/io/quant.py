@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..model import Transformer, linear
-from .utils import InputError
 
 INT8_MAX_ROWS = {torch.bfloat16: 4, torch.float32: 64}
 """Largest row count (batch x query length) sent to the int8 kernel, per weight dtype (see the
@@ -80,7 +80,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tens
 
 def _refuse_grad(weight: torch.Tensor):
     if weight.requires_grad:
-        raise RuntimeError("minicai.infra.quant: a transformed (int8/fused) model is for generation only; "
+        raise RuntimeError("minicai.io.quant: a transformed (int8/fused) model is for generation only; "
                            "train and score PPO log-probs on the plain model")
 
 

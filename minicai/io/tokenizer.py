@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from .utils import InputError, first_line
+from ..errors import InputError
+from ..infra.utils import first_line
 
 # GGUF token types (llama.cpp llama_token_type): 3 = control, 4 = user-defined.
 _SPECIAL_TYPES = (3, 4)
@@ -209,8 +211,6 @@ def tokenizer_from_gguf(meta: dict, path: str = "<gguf>") -> ChatTokenizer:
 
 def tokenizer_from_hf(folder) -> ChatTokenizer:
     """tokenizer.json + tokenizer_config.json (chat_template, eos_token, pad_token) of an HF folder."""
-    from pathlib import Path
-
     folder = Path(folder)
     tj = folder / "tokenizer.json"
     if not tj.exists():

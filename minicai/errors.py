@@ -1,0 +1,15 @@
+"""The project's error types: bad input from the user, and a file that could not be written."""
+
+
+class InputError(ValueError):
+    """Bad user input (a file, a field, a flag). Its message is one line that names the
+    file and the field; the command-line entry points print it and exit with status 2."""
+
+
+class WriteError(InputError):
+    """A file could not be written (disk full, read-only folder, quota): one line naming the
+    file, `reason` being the operating system's words."""
+
+    def __init__(self, path, reason: str, kept: bool):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: cannot write ({reason})" + ("; the previous version is kept" if kept else ""))
