@@ -149,3 +149,16 @@ def test_every_module_the_docs_name_exists():
             if not found:
                 missing.add(f"{doc.name}: {dotted}")
     assert not missing, "docs name modules that do not exist: " + ", ".join(sorted(missing))
+
+
+def test_every_import_the_docs_show_works():
+    """`from minicai.X import a, b` in a code block of the README, docs/ or constitutions/README.md
+    imports: the module exists and has every name."""
+    import importlib
+
+    broken = []
+    for doc in [ROOT / "README.md", ROOT / "constitutions" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for mod, names in re.findall(r"^from (minicai[\w.]*) import ([\w, ]+)$", doc.read_text(encoding="utf-8"), re.M):
+            m = importlib.import_module(mod)
+            broken += [f"{doc.relative_to(ROOT)}: {mod}.{n}" for n in (x.strip() for x in names.split(",")) if not hasattr(m, n)]
+    assert not broken, "docs show imports that fail: " + ", ".join(broken)
