@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -438,17 +439,27 @@ def scorers_of(labeller: str) -> list[str]:
     return labeller.split("+")
 
 
+class FeedbackModel(NamedTuple):
+    """One member of a labelling ensemble. A plain (name, model, tok) tuple is one too (methods None)."""
+    name: str
+    """its spec, e.g. 'qwen2.5-coder-1.5b:ab' (recorded in every label)"""
+    model: Transformer
+    tok: ChatTokenizer
+    methods: list[str] | None = None
+    """its own scoring methods (feedback model 'M:contrast'), or None: the labeller's"""
+
+
 def member_methods(judge: tuple, scorers: list[str]) -> list[str]:
-    """The scoring methods of one ensemble member (name, model, tok[, methods]): its own when it
-    names some (feedback model "M:contrast"), else `scorers`."""
-    return judge[3] if len(judge) > 3 and judge[3] else scorers
+    """The scoring methods of one ensemble member (a FeedbackModel): its own when it names some
+    (feedback model "M:contrast"), else `scorers`."""
+    return FeedbackModel(*judge).methods or scorers
 
 
-def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs: list[tuple[str, str, str]],
+def ensemble_labels(judges: list[FeedbackModel], pairs: list[tuple[str, str, str]],
                     principles: list[list[Principle]], scorers: list[str], *, cot: bool = False,
                     batch_size: int = 8, cot_max_new_tokens: int = 64, tau: float = CONTRAST_TAU,
                     progress: bool = False, shots: tuple[LabelShot, ...] = ()) -> list[dict]:
-    """Soft labels from an ensemble: every feedback model (name, model, tok[, methods]) of `judges`
+    """Soft labels from an ensemble: every feedback model (FeedbackModel: name, model, tok, methods) of `judges`
     scores every pair with its own methods when it names some (feedback model "M:contrast", see
     member_spec), else with every method of `scorers` ('ab': judge_pairs under the principles' comparison
     texts, both orders, after the worked examples `shots` when given; 'contrast': contrast_pairs under
@@ -467,8 +478,8 @@ def ensemble_labels(judges: list[tuple[str, Transformer, ChatTokenizer]], pairs:
         raise InputError("--few-shot-labels: no feedback model answers the A/B question (a contrast member "
                          "scores reply likelihoods and cannot read worked examples)")
     runs = []  # (name, scorer, labels)
-    for judge in judges:
-        name, model, tok = judge[:3]
+    for judge in [FeedbackModel(*j) for j in judges]:
+        name, model, tok = judge.name, judge.model, judge.tok
         for sc in member_methods(judge, scorers):
             if sc == "ab":
                 labs = judge_pairs(model, tok, pairs, [[q.comparison for q in ps] for ps in principles], cot=cot,

@@ -22,14 +22,12 @@ import torch
 
 from ..constitution import GENERIC_COMPARISON, Principle
 from ..errors import InputError
-from ..feedback import ensemble_labels, member_methods, scorers_of
+from ..feedback import FeedbackModel, ensemble_labels, member_methods, scorers_of
 from ..infra.labelling import DEFAULT, draw_principles, feedback_principles, few_shot_labels, load_judges
 from ..infra.utils import add_device_args, atomic_write_json, resolve_device
 from ..io.checkpoint import EMBEDDED_NAME, PARTED_MODELS
 from ..io.files import read_jsonl
-from ..io.tokenizer import ChatTokenizer
 from ..metrics import share
-from ..model import Transformer
 from .bigbench import hhh_items
 from .yardstick import share_by_category
 
@@ -71,7 +69,7 @@ def load_hhh(spec: str, bigbench: str | None = None) -> tuple[list[tuple[str, st
     cats = [str(r.get("category", "all")) for r in read_jsonl(path)]
     return items, cats
 
-def evaluate_hhh(judges: list[tuple[str, Transformer, ChatTokenizer]], items: list[tuple[str, str, str]],
+def evaluate_hhh(judges: list[FeedbackModel], items: list[tuple[str, str, str]],
                  principles: list[Principle] | list[list[Principle]] | None = None, *, labeller: str = "ab",
                  categories: list[str] | None = None, cot: bool = False, batch_size: int = 8,
                  cot_max_new_tokens: int = 64, shots: tuple = ()) -> dict:
@@ -103,7 +101,7 @@ def evaluate_hhh(judges: list[tuple[str, Transformer, ChatTokenizer]], items: li
         extra["order_agreement"] = sum(lab["orders_agree"] for lab in labels) / n
     right = [lab["p_a"] > 0.5 for lab in labels]
     acc = share(right)
-    return {"items": n, "labeller": labeller, "feedback_models": [j[0] for j in judges],
+    return {"items": n, "labeller": labeller, "feedback_models": [FeedbackModel(*j).name for j in judges],
             "accuracy": acc["rate"], "accuracy_interval": [acc["low"], acc["high"]],
             "per_category": share_by_category(right, categories), **extra,
             "mean_p_better": sum(lab["p_a"] for lab in labels) / n,

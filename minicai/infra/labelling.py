@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from ..constitution import GENERIC_COMPARISON, Principle, label_shots
 from ..errors import InputError
-from ..feedback import (draw, ensemble_labels, provenance_label, revision_pairs, rlcd_responses, sample_responses,
-                        scorers_of)
+from ..feedback import (FeedbackModel, draw, ensemble_labels, provenance_label, revision_pairs, rlcd_responses,
+                        sample_responses, scorers_of)
 from ..io.checkpoint import load_model
 from ..io.constitution_files import load_constitution
 from ..io.data import Prompt
@@ -64,7 +64,7 @@ def preference_record(prompt: Prompt, key: str, a: str, b: str, principles: list
             "rejected": [user, {"role": "assistant", "content": rejected}]}
 
 
-def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[tuple[str, Transformer, ChatTokenizer]],
+def label_prompts(policy: Transformer, policy_tok: ChatTokenizer, judges: list[FeedbackModel],
                   prompts: list[Prompt], principles: list[Principle], path: Path, *, labeller: str = "ab",
                   rescore: str | None = None, k: int = 2, m: int = 2, temperature: float = 1.0,
                   max_new_tokens: int = 64, seed: int = 0, prompts_per_batch: int = 8, judge_batch_size: int = 8,
@@ -341,14 +341,15 @@ def member_spec(spec: str) -> tuple[str, list[str] | None]:
     return spec, None
 
 
-def load_judges(names: list[str], dtype, device, reuse: dict | None = None) -> list[tuple]:
-    """(name, model, tokenizer, methods or None) of each feedback model spec (member_spec), each model
-    loaded once; reuse {name: (model, tok)} holds models already loaded (the policy)."""
+def load_judges(names: list[str], dtype, device, reuse: dict | None = None) -> list[FeedbackModel]:
+    """A FeedbackModel (name, model, tokenizer, methods or None) of each feedback model spec
+    (member_spec), each model loaded once; reuse {name: (model, tok)} holds models already loaded
+    (the policy)."""
     loaded = dict(reuse or {})
     out = []
     for spec in dict.fromkeys(names):
         name, methods = member_spec(spec)
         if name not in loaded:
             loaded[name] = load_model(name, dtype=dtype, device=device)[:2]
-        out.append((spec, *loaded[name], methods))
+        out.append(FeedbackModel(spec, *loaded[name], methods))
     return out
