@@ -240,16 +240,16 @@ def score(m: Models, r: Rollout, args: Args) -> tuple[Tensor, Tensor]:
     --score-truncated close: a truncated response is read closed with the end-of-turn marker), or
     the --reward-token reward; then the missing-EOS penalty and the clip. Returns (raw_score (b,),
     score (b,)) of the b rows of r."""
-    s = args.scoring
+    sc = args.scoring
     with torch.no_grad(), m.autocast(args.run.bf16):
         if isinstance(m.reward, int):  # --reward-token
             raw = token_reward(r.seq, r.mask, m.reward)  # (b,)
         else:
-            end_id = end_of_turn_id(m.tok) if s.score_truncated == "close" else None
+            end_id = end_of_turn_id(m.tok) if sc.score_truncated == "close" else None
             raw = last_token_scores(m.reward, *reward_model_input(r.seq, r.attn_mask, r.stopped, end_id))  # (b,)
-    out = missing_eos_penalty(raw, r.stopped, s.no_eos_penalty, s.no_eos_mode)  # (b,)
-    if s.score_clip is not None:  # DeepSpeed-Chat clamps to [-5, 5], OpenRLHF to (-10, 10)
-        out = out.clamp(-s.score_clip, s.score_clip)
+    out = missing_eos_penalty(raw, r.stopped, sc.no_eos_penalty, sc.no_eos_mode)  # (b,)
+    if sc.score_clip is not None:  # DeepSpeed-Chat clamps to [-5, 5], OpenRLHF to (-10, 10)
+        out = out.clamp(-sc.score_clip, sc.score_clip)
     return raw, out
 
 
@@ -274,12 +274,12 @@ def advantages(r: Rollout, beta: float, args: Args, d) -> tuple[Tensor, Tensor, 
     5. GAE, Schulman et al. 2016 eq. 16 (rl.gae, the backward loop; infra.fast.gae_vectorized is its tested matmul twin): delta_t = r_t + gamma V_{t+1} - V_t,
        A_t = delta_t + gamma lam A_{t+1}, V = 0 after the last token; returns = A + V; --whiten-advantages
        batch (TRL) whitens A. Returns (kl, gae_mask, rewards, advantages, returns), (b, G) each."""
-    k, a = args.kl, args.adv
+    ka, a = args.kl, args.adv
     unbiased = a.whiten_var == "unbiased"
-    kl = kl_per_token(r.logprobs, r.ref_logprobs, k.kl_estimator)  # (b, G) k1 = logp - ref_logp
-    gmask = gae_mask(r.mask, k.reward_at)  # (b, G) mask, plus the score column for eos_plus_one
-    rewards = per_token_rewards(r.score, kl, r.mask, beta if k.kl_penalty == "reward" else 0.0, k.reward_at)
-    if k.whiten_rewards:  # OpenAI: scale only, the mean is added back
+    kl = kl_per_token(r.logprobs, r.ref_logprobs, ka.kl_estimator)  # (b, G) k1 = logp - ref_logp
+    gmask = gae_mask(r.mask, ka.reward_at)  # (b, G) mask, plus the score column for eos_plus_one
+    rewards = per_token_rewards(r.score, kl, r.mask, beta if ka.kl_penalty == "reward" else 0.0, ka.reward_at)
+    if ka.whiten_rewards:  # OpenAI: scale only, the mean is added back
         rewards = masked_whiten(rewards, gmask, shift_mean=False, unbiased=unbiased,
                                 stats=global_whiten_stats(rewards, gmask, d, unbiased))  # [dist] stats
     adv, returns = gae(rewards, r.values, gmask, a.gamma, a.lam)  # (b, G), (b, G)
@@ -297,9 +297,9 @@ def group_advantages(r: Rollout, beta: float, args: Args) -> tuple[Tensor, Tenso
     5. RLOO (rl.rloo_advantages) or GRPO (rl.grpo_advantages) on R (B,), the same on every real token
        of the row (rl.sequence_advantages); --whiten-advantages batch whitens them too.
     Returns (kl, mask, rewards, advantages, None): no value function, so no returns; (B, G) each."""
-    k, a = args.kl, args.adv
-    kl = kl_per_token(r.logprobs, r.ref_logprobs, k.kl_estimator)  # (B, G)
-    rewards = per_token_rewards(r.score, kl, r.mask, beta if k.kl_penalty == "reward" else 0.0)  # (B, G)
+    ka, a = args.kl, args.adv
+    kl = kl_per_token(r.logprobs, r.ref_logprobs, ka.kl_estimator)  # (B, G)
+    rewards = per_token_rewards(r.score, kl, r.mask, beta if ka.kl_penalty == "reward" else 0.0)  # (B, G)
     R = rewards.sum(1)  # (B,) padding holds 0
     seq_adv = rloo_advantages(R, a.k) if a.advantage == "rloo" else grpo_advantages(R, a.k)  # (B,)
     adv = sequence_advantages(seq_adv, r.mask)  # (B, G)
@@ -310,18 +310,18 @@ def group_advantages(r: Rollout, beta: float, args: Args) -> tuple[Tensor, Tenso
 
 def minibatches(r: Rollout, it: int, args: Args):
     """Step 6's minibatches of the batch r (B rows): each epoch a permutation of the rows (generator
-    seeded by stable_seed(seed, "ppo-minibatch", it)) cut into --num-minibatches. Yields (epoch, k,
+    seeded by stable_seed(seed, "ppo-minibatch", it)) cut into --num-minibatches. Yields (epoch, j,
     rows (B/n,), their advantages (B/n, G)), whitened here with --whiten-advantages minibatch (OpenAI)."""
     B, n = len(r.seq), args.ppo.num_minibatches
     g = torch.Generator().manual_seed(stable_seed(args.run.seed, "ppo-minibatch", it))
     for epoch in range(args.ppo.ppo_epochs):
         perm = torch.randperm(B, generator=g)
-        for k in range(n):
-            mb = perm[k * B // n:(k + 1) * B // n]
+        for j in range(n):  # the j-th minibatch of this epoch
+            mb = perm[j * B // n:(j + 1) * B // n]
             adv = r.advantages[mb]
             if args.adv.whiten_advantages == "minibatch":
                 adv = masked_whiten(adv, r.mask[mb], unbiased=args.adv.whiten_var == "unbiased")
-            yield epoch, k, mb, adv
+            yield epoch, j, mb, adv
 
 
 def ppo_loss(r: Rollout, adv, new_logp, new_values, entropy, beta: float, args: Args, d) -> tuple[Tensor, dict]:
@@ -353,20 +353,20 @@ def update(m: Models, ddp, opt, r: Rollout, beta: float, it: int, args: Args, d)
     nothing moved since the rollout (https://github.com/huggingface/trl/issues/454)."""
     m.trained.train()
     stats = []
-    for epoch, k, mb, adv in minibatches(r, it, args):  # (B/n,) global rows, (B/n, G)
+    for epoch, j, mb, adv in minibatches(r, it, args):  # (B/n,) global rows, (B/n, G)
         share, adv = distributed.shard(mb, d), distributed.shard(adv, d)  # [dist] (s,), (s, G) this rank's rows
         rs = r.rows(share)
         with m.autocast(args.run.bf16):
             new_logp, new_values, entropy = ddp(rs.seq, rs.attn_mask, rs.P, args.rollout.temperature)  # (s, G)
-        loss, s = ppo_loss(rs, adv, new_logp, new_values, entropy, beta, args, d)
+        loss, mb_stats = ppo_loss(rs, adv, new_logp, new_values, entropy, beta, args, d)
         check_finite(loss.detach(), "PPO loss", it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        s["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.trained.parameters(), args.optim.max_grad_norm)
+        mb_stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.trained.parameters(), args.optim.max_grad_norm)
         opt.step()
-        if epoch == 0 and k == 0:
-            s["first_ratio_dev"] = (new_logp.detach() - rs.logprobs)[rs.mask].abs().max()
-        stats.append(s)
+        if epoch == 0 and j == 0:
+            mb_stats["first_ratio_dev"] = (new_logp.detach() - rs.logprobs)[rs.mask].abs().max()
+        stats.append(mb_stats)
     return stats
 
 

@@ -313,26 +313,27 @@ def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir:
     """Stages 2 and 3 into rm_dir, resuming its checkpoint: the training loop (train_step; the
     held-out pairs evaluated at each epoch's end; checkpoints), the final evaluation, normalise,
     and the final checkpoint. Adds the seconds to `times`; returns the result for the summary."""
-    t0, run, o, ra = time.time(), args.run, args.optim, args.rm
-    rm_init = ra.rm_init or args.label.policy
+    t0, run, optim, rm_args = time.time(), args.run, args.optim, args.rm
+    rm_init = rm_args.rm_init or args.label.policy
     torch.manual_seed(run.seed)
     rm, tok, resuming = reward_model(rm_dir, rm_init, device)
-    pairs, skipped = tokenize_pairs(records, tok, ra.max_len)
-    train, val = split_pairs(pairs, ra.pair_val_fraction)  # by prompt: a prompt's pairs on one side
+    pairs, skipped = tokenize_pairs(records, tok, rm_args.max_len)
+    train, val = split_pairs(pairs, rm_args.pair_val_fraction)  # by prompt: a prompt's pairs on one side
     if not train:
         raise InputError(f"{pref_path}: no training pairs left (all {len(pairs)} are held out or too long; "
                          f"lower --pair-val-fraction or raise --max-len)")
-    step_pairs = o.batch_size * o.grad_accum  # pairs per optimizer step, all ranks together
+    step_pairs = optim.batch_size * optim.grad_accum  # pairs per optimizer step, all ranks together
     steps_per_epoch = math.ceil(len(train) / step_pairs)
-    total = steps_per_epoch * ra.epochs
-    warmup = warmup_steps(o.warmup, total)
+    total = steps_per_epoch * rm_args.epochs
+    warmup = warmup_steps(optim.warmup, total)
     # The batch plan is fixed by the seed: epoch e is length-bucketed with Random(seed + e), so a
     # resumed run skips exactly the batches it has trained on, whatever the number of ranks.
     lengths = [len(x["a"]) + len(x["b"]) for x in train]
-    plan = [b for e in range(ra.epochs) for b in length_buckets(lengths, step_pairs, random.Random(run.seed + e))]
+    plan = [b for e in range(rm_args.epochs)
+            for b in length_buckets(lengths, step_pairs, random.Random(run.seed + e))]
     ddp = distributed.wrap(rm, d)  # [dist] the one module whose forward gives the rewards: DDP averages its gradients
     # the trunk's parameters, then the head's (the layout of every checkpoint); fused: one kernel (HF Trainer default)
-    opt, step = adamw_resumed(rm, rm, o, rm_dir, resuming, d, what="reward-model training", total=total)
+    opt, step = adamw_resumed(rm, rm, optim, rm_dir, resuming, d, what="reward-model training", total=total)
     if d.main:
         print(f"reward model: {len(train)} training pairs, {len(val)} held-out pairs ({skipped} too long), "
               f"{total} steps")
@@ -341,16 +342,16 @@ def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir:
     rm.train()
     bar = tqdm(total=total, initial=step, desc="reward model", unit="step", disable=not d.main)
     while step < total:
-        lr = lr_at(step, total, o.lr, warmup)
+        lr = lr_at(step, total, optim.lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        row = train_step(ddp, opt, train, plan[step], o.batch_size, tok.pad_id, device, autocast, d, step,
-                         o.max_grad_norm)
+        row = train_step(ddp, opt, train, plan[step], optim.batch_size, tok.pad_id, device, autocast, d, step,
+                         optim.max_grad_norm)
         step += 1
         row = {"step": step, "epoch": (step - 1) // steps_per_epoch, **row, "lr": lr}
         end_of_epoch = step % steps_per_epoch == 0
         if end_of_epoch and val:
-            ev = evaluate(rm, val, ra.score_batch_size, tok.pad_id, device, autocast, d)
+            ev = evaluate(rm, val, rm_args.score_batch_size, tok.pad_id, device, autocast, d)
             row.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
         if d.main:
             log.write(**row)
@@ -359,11 +360,11 @@ def train_reward_model(args: Args, records: list[dict], pref_path: Path, rm_dir:
         if step < total and (step % run.save_every == 0 if run.save_every else end_of_epoch):
             save(rm_dir, rm, tok, opt, step, total, d, rm_init)
     bar.close()
-    result = {"train": evaluate(rm, train, ra.score_batch_size, tok.pad_id, device, autocast, d),
-              "held_out": evaluate(rm, val, ra.score_batch_size, tok.pad_id, device, autocast, d),
+    result = {"train": evaluate(rm, train, rm_args.score_batch_size, tok.pad_id, device, autocast, d),
+              "held_out": evaluate(rm, val, rm_args.score_batch_size, tok.pad_id, device, autocast, d),
               "steps": step, "skipped_too_long": skipped}
     times["reward_model_s"], t0 = time.time() - t0, time.time()
-    result.update(normalise(rm, pairs, ra.score_batch_size, tok.pad_id, device, autocast, d, step))  # stage 3
+    result.update(normalise(rm, pairs, rm_args.score_batch_size, tok.pad_id, device, autocast, d, step))  # stage 3
     times["normalise_s"] = time.time() - t0
     save(rm_dir, rm, tok, opt, step, total, d, rm_init, {"rm_stage": "done", "result": result, "times": times,
                                                          "policy": args.label.policy, "preferences": str(pref_path)})
