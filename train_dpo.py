@@ -59,7 +59,7 @@ from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check
                                  length_buckets, lr_at, open_run, save_checkpoint, save_final, start, warmup_steps)
 from minicai.infra.cli import run_cli
 from minicai.errors import InputError
-from minicai.infra.utils import atomic_write_bytes, atomic_write_json
+from minicai.io.files import atomic_write_bytes, atomic_write_json
 from minicai.losses import dpo_loss, dpo_statistics
 from minicai.rl import logprobs_from_logits
 from minicai.sample import pad

@@ -48,7 +48,8 @@ from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check
                                  length_buckets, lr_at, open_run, save_checkpoint, save_final, start, to_device,
                                  warmup_steps)
 from minicai.infra.cli import run_cli
-from minicai.infra.utils import atomic_write_json, atomic_write_text, resolve_device
+from minicai.infra.devices import resolve_device
+from minicai.io.files import atomic_write_json, atomic_write_text
 from minicai.io.checkpoint import EMBEDDED_NAME, load_model, load_tokenizer
 from minicai.io.constitution_files import load_constitution
 from minicai.io.data import Prompt, check_prompt_lengths, load_prompts, mix, split

@@ -92,7 +92,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from minicai.errors import InputError
-from minicai.infra.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from minicai.io.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ peaks
@@ -250,7 +250,7 @@ def bytes_of(dtype: str) -> int:
 
 def resolve_dtype(choice: str | None, device: str) -> str:
     """'auto' / 'fast' / explicit -> 'float32' or 'bfloat16' as the scripts resolve them (on this machine)."""
-    from minicai.infra.utils import bf16_is_fast
+    from minicai.infra.devices import bf16_is_fast
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if choice in (None, "auto"):
         return "bfloat16" if cuda else "float32"

@@ -13,3 +13,9 @@ class WriteError(InputError):
     def __init__(self, path, reason: str, kept: bool):
         self.path, self.reason = path, reason
         super().__init__(f"{path}: cannot write ({reason})" + ("; the previous version is kept" if kept else ""))
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (the class name when it has no message)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

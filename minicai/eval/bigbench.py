@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path
 
 from ..errors import InputError
-from ..infra.utils import first_line
+from ..errors import first_line
 
 BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_DIR = "BIG-bench"

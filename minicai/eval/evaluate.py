@@ -65,7 +65,9 @@ from ..errors import InputError
 from ..feedback import draw, ensemble_labels, reward_input, scorers_of, user_turn
 from ..infra import cli
 from ..infra.labelling import load_judges
-from ..infra.utils import add_device_args, atomic_write_json, atomic_write_text, first_line, resolve_device
+from ..errors import first_line
+from ..infra.devices import add_device_args, resolve_device
+from ..io.files import atomic_write_json, atomic_write_text
 from ..io.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model, load_tokenizer
 from ..io.constitution_files import load_constitution
 from ..io.data import Prompt, check_prompt_lengths, load_prompts, split

@@ -24,7 +24,8 @@ from ..constitution import GENERIC_COMPARISON, Principle
 from ..errors import InputError
 from ..feedback import FeedbackModel, ensemble_labels, member_methods, scorers_of
 from ..infra.labelling import DEFAULT, draw_principles, feedback_principles, few_shot_labels, load_judges
-from ..infra.utils import add_device_args, atomic_write_json, resolve_device
+from ..infra.devices import add_device_args, resolve_device
+from ..io.files import atomic_write_json
 from ..io.checkpoint import EMBEDDED_NAME, PARTED_MODELS
 from ..io.files import read_jsonl
 from ..metrics import share

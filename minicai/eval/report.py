@@ -41,7 +41,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..infra.labelling import member_spec
-from ..infra.utils import atomic_write_text, first_line
+from ..errors import first_line
+from ..io.files import atomic_write_text
 from ..io.files import read_jsonl as read_jsonl_file
 from .tables import policy_names
 from .yardstick import label_margins, outcome, pair_kinds

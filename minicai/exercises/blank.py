@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..infra.utils import atomic_write_json, follow_umask
+from ..io.files import atomic_write_json, follow_umask
 from . import EXERCISES, Exercise, find
 
 MARKER = "# exercise"

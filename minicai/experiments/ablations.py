@@ -49,7 +49,7 @@ from ..eval.yardstick import garak_mitigation_substrings, harmlessness
 from ..infra import cli
 from ..infra.train import prepare_run_dir
 from ..infra.cli import run_cli
-from ..infra.utils import resolve_device
+from ..infra.devices import resolve_device
 from ..io import files
 from ..io.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
 from ..io.constitution_files import load_constitution

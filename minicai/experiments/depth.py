@@ -51,7 +51,7 @@ from .. import metrics
 from ..errors import InputError
 from ..eval import yardstick
 from ..eval.evaluate import HARMFUL_SOURCES, harmful_held_out, parse_policies as parse
-from ..infra.utils import add_device_args, resolve_device
+from ..infra.devices import add_device_args, resolve_device
 from ..io import files
 from ..io.checkpoint import EMBEDDED_NAME, load_model
 from ..io.data import load_prompts, split

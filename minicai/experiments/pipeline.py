@@ -56,7 +56,9 @@ from ..eval.evaluate import resolve_bigbench
 from ..infra import cli
 from ..infra.labelling import DEFAULT as FEEDBACK_DEFAULT, member_spec
 from ..infra.train import MARKER, input_digests
-from ..infra.utils import atomic_write_json, bf16_is_fast, first_line, resolve_device
+from ..errors import first_line
+from ..infra.devices import bf16_is_fast, resolve_device
+from ..io.files import atomic_write_json
 from ..io.checkpoint import EMBEDDED_NAME
 from ..io.constitution_files import load_constitution
 from ..io.files import write_experiment

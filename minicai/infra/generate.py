@@ -17,7 +17,7 @@ from ..io.checkpoint import EMBEDDED_NAME, load_model
 from ..io.quant import apply_quantize
 from ..sample import generate
 from .fast import compiled_decode_one_token
-from .utils import add_device_args, resolve_device
+from .devices import add_device_args, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

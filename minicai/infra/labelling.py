@@ -34,7 +34,7 @@ from ..io.traces import load_done
 from ..model import Transformer
 from ..slcai import distill_context
 from . import distributed
-from .utils import resolve_device
+from .devices import resolve_device
 
 
 # ------------------------------------------------------------------------------ 1. response pairs

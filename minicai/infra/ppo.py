@@ -42,7 +42,7 @@ from ..sample import Generation, pad
 from . import distributed
 from .fast import linear_logprobs
 from .train import load_train_state, save_train_state
-from .utils import atomic_write_json
+from ..io.files import atomic_write_json
 
 # --------------------------------------------------------------------------------------------
 # which prompts, the padded batch and the forward passes

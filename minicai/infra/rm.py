@@ -14,7 +14,7 @@ from ..errors import InputError
 from ..io.checkpoint import load_model, load_scalar_model, load_tokenizer
 from ..io.data import Prompt, check_prompt_lengths, load_prompts, split
 from ..model import ScalarHead, ScalarModel
-from .utils import atomic_write_json
+from ..io.files import atomic_write_json
 
 
 def check_args(args) -> None:

@@ -21,7 +21,8 @@ from ..errors import InputError
 from ..io.checkpoint import save_hf, sha256_of
 from ..io.files import read_jsonl, write_jsonl
 from . import cli, distributed
-from .utils import append_text, atomic_write_json, resolve_device
+from .devices import resolve_device
+from ..io.files import append_text, atomic_write_json
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -178,7 +179,7 @@ def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, apply=None)
 
 def start(run, dtype: str = "float32"):
     """A script's first lines, from its cli.RunArgs: torch's CPU threads (--threads), the device
-    and the weight dtype (utils.resolve_device), the process group under torchrun. Returns
+    and the weight dtype (devices.resolve_device), the process group under torchrun. Returns
     (device, dtype, d): this rank's device, a torch dtype, a distributed.Dist."""
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -416,5 +417,5 @@ def recover_checkpoints(out: Path) -> None:
                 p.replace(target)
         elif p.is_dir() and ".tmp" in p.name:
             shutil.rmtree(p, ignore_errors=True)
-        elif p.is_file() and p.name.endswith(".tmp"):  # utils.atomic_write_bytes' temporary file
+        elif p.is_file() and p.name.endswith(".tmp"):  # io/files.atomic_write_bytes' temporary file
             p.unlink(missing_ok=True)

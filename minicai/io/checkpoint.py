@@ -25,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import InputError, WriteError
-from ..infra.utils import atomic_write_json, atomic_write_text, first_line, follow_umask
+from ..errors import first_line
+from .files import atomic_write_json, atomic_write_text, follow_umask
 from ..model import ModelConfig, ScalarHead, ScalarModel, Transformer
 from .gguf import read_gguf, read_gguf_metadata
 from .tokenizer import ChatTokenizer, tokenizer_config_json, tokenizer_from_gguf, tokenizer_from_hf

@@ -1,15 +1,85 @@
-"""The project's JSON-lines files: one reader (with the torn-last-line rule), one appender, and the
-one reader of preference pairs (ours, or TRL's chosen/rejected layout)."""
+"""Writing files safely and the project's JSON-lines files: atomic writes (a temporary file, fsync,
+rename; modes that follow the umask), one JSONL reader (with the torn-last-line rule), one appender,
+and the one reader of preference pairs (ours, or TRL's chosen/rejected layout)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import InputError
-from ..infra.utils import append_text, atomic_write_json, atomic_write_text
+from ..errors import InputError, WriteError
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+"""The process's umask when minicai was imported: what it writes gets the modes that open() and mkdir()
+would give (tempfile's files and folders are 0600 / 0700 whatever the umask, and a report written that
+way could not be shared without chmod)."""
+
+
+def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a file or folder made by tempfile the mode a plain open() / mkdir() would have given it."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~UMASK)
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically: temporary file in the same folder, fsync, rename.
+    A crash leaves either the old file or the new one, never a torn one; an OSError (a full disk)
+    becomes a WriteError and leaves the old file."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        follow_umask(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(path, _reason(e), kept=path.exists()) from None
+        raise
+
+
+def append_text(path: str | os.PathLike, text: str, fsync: bool = False) -> None:
+    """Append `text` to `path` in one write (a killed process leaves all of it or none; a full disk
+    or a power cut at worst a torn last line, which the readers of our JSONL files drop).
+    An OSError becomes a WriteError naming the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(path, _reason(e), kept=False) from None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
 
 
 def warn(line: str) -> None:

@@ -19,7 +19,7 @@ Public API:
     GGML_TYPES: ggml type id -> (name, block_size, type_size) for the types this reader
                 can dequantize.
 
-Any problem with the file raises minicai.infra.utils.InputError with a one-line message that starts
+Any problem with the file raises minicai.errors.InputError with a one-line message that starts
 with the path and names the offending field. Every length and count read from the file is
 checked against the bytes that remain before anything is allocated from it.
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from ..errors import InputError
-from ..infra.utils import first_line
+from ..errors import first_line
 
 # GGUF token types (llama.cpp llama_token_type): 3 = control, 4 = user-defined.
 _SPECIAL_TYPES = (3, 4)

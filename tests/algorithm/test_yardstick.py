@@ -433,7 +433,7 @@ def tiny_yardstick(tmp_path) -> Yardstick:
 def test_evaluation_with_the_yardstick_on_the_tiny_model(tiny, tmp_path):
     from minicai.eval.hhh import load_hhh
     from minicai.eval.report import render_report
-    from minicai.infra.utils import atomic_write_json
+    from minicai.io.files import atomic_write_json
 
     model, tok = tiny
     other = type(model)(model.cfg)

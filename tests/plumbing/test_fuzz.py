@@ -1,6 +1,6 @@
 """Fuzzed loaders (issue 8): mutated GGUF and safetensors bytes, TOML/JSON constitutions, JSONL /
 CSV / TXT prompt files, preference and trace files. Whatever the bytes, only
-minicai.infra.utils.InputError (one line) may escape: never another exception, a hang, or a huge
+minicai.errors.InputError (one line) may escape: never another exception, a hang, or a huge
 allocation from a forged length or size field.
 
 Every example runs under a guard: a SIGALRM deadline (a hang fails the example instead of hanging

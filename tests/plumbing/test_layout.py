@@ -116,9 +116,9 @@ def test_training_code_never_imports_the_evaluation_or_the_experiments(path):
         assert not mod.startswith(("minicai.eval", "minicai.experiments")), f"{path.name} imports {mod}"
 
 
-INSIDE_FUNCTIONS = {"minicai/infra/distributed.py": "torch.", "minicai/infra/utils.py": "torch"}
-"""The documented exceptions to 'imports at the top': torch.distributed's opt-in parts (FSDP, DDP,
-under torchrun only) and torch in utils.py's two device helpers (files and errors load without it)."""
+INSIDE_FUNCTIONS = {"minicai/infra/distributed.py": "torch."}
+"""The documented exception to 'imports at the top': torch.distributed's opt-in parts (FSDP, DDP,
+under torchrun only)."""
 
 
 @pytest.mark.parametrize("path", sorted(p for p in (ROOT / "minicai").rglob("*.py") if "exercises" not in p.parts),

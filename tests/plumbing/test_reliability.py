@@ -43,7 +43,8 @@ import train_rm  # noqa: E402
 import train_sl  # noqa: E402
 from conftest import random_model, tiny_config, write_tiny_gguf  # noqa: E402
 from minicai.io import checkpoint
-from minicai.infra import generate, utils  # noqa: E402
+from minicai.infra import generate  # noqa: E402
+from minicai.io import files as io_files  # noqa: E402
 from minicai.io.checkpoint import load_model, save_hf  # noqa: E402
 from minicai.infra.cli import run_cli  # noqa: E402
 
@@ -521,7 +522,7 @@ def _enospc_on_append(suffix: str, keep: float = 0.5):
         f = real_open(path, mode, *a, **kw)
         return Full(f) if "a" in mode and str(path).endswith(suffix) else f
 
-    return lambda mp: mp.setattr(utils, "open", fake_open, raising=False)
+    return lambda mp: mp.setattr(io_files, "open", fake_open, raising=False)
 
 
 @case("disk-full-traces")
@@ -543,7 +544,7 @@ def _(env):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_replace(src, dst, *a, **kw)
 
-    return Run(train_dpo.main, env.dpo(), patch=lambda mp: mp.setattr(utils.os, "replace", full),
+    return Run(train_dpo.main, env.dpo(), patch=lambda mp: mp.setattr(io_files.os, "replace", full),
                after=lambda: (_absent(env.out / "dpo_summary.json"),
                               _no_temp_files(env.out)))
 
@@ -1244,7 +1245,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(where, tiny_ggu
     argv = _dpo_with_checkpoint(env) + ["--keep-checkpoint"]  # the finished run's ckpt is compared below
     ckpt = env.out / "ckpt"
     before = snapshot(ckpt)
-    real_replace, real_atomic = os.replace, utils.atomic_write_bytes
+    real_replace, real_atomic = os.replace, io_files.atomic_write_bytes
     renames = {"n": 0}
 
     def failing_replace(src, dst, *a, **kw):
@@ -1258,7 +1259,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(where, tiny_ggu
 
     def failing_atomic(path, data):
         if Path(path).name == "config.json" and Path(path).parent.name.startswith(".ckpt.tmp"):
-            raise utils.WriteError(path, os.strerror(errno.ENOSPC), kept=True)
+            raise io_files.WriteError(path, os.strerror(errno.ENOSPC), kept=True)
         return real_atomic(path, data)
 
     if where == "save_file":
@@ -1307,7 +1308,7 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
     MetricsLog(path, resume_step=2).write(step=3, loss=1.0)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(utils.InputError, match=r"metrics.jsonl: line 2: not valid JSON"):
+    with pytest.raises(io_files.InputError, match=r"metrics.jsonl: line 2: not valid JSON"):
         MetricsLog(path, resume_step=2)
 
 
@@ -1333,7 +1334,7 @@ def test_a_torn_append_after_a_full_disk_resumes_to_the_same_result(stage, tiny_
                                                      (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
         return f
 
-    monkeypatch.setattr(utils, "open", second_append_fails, raising=False)
+    monkeypatch.setattr(io_files, "open", second_append_fails, raising=False)
     assert run_cli(train_sl.main, argv) == 2
     monkeypatch.undo()
     assert not (env.out / target).read_text().endswith("\n")  # torn

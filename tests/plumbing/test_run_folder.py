@@ -25,7 +25,8 @@ import train_dpo  # noqa: E402
 import train_ppo  # noqa: E402
 import train_rm  # noqa: E402
 import train_sl  # noqa: E402
-from minicai.infra import train, utils  # noqa: E402
+from minicai.infra import train  # noqa: E402
+from minicai.io import files as io_files  # noqa: E402
 from minicai.infra.train import MARKER, foreign_entries, prepare_run_dir  # noqa: E402
 from minicai.infra.cli import run_cli
 
@@ -165,7 +166,7 @@ def test_clear_own_outputs_by_hand():
         for name in ("my_summary.json", ".notes.old", "old_metrics.jsonl"):  # near misses of our names
             (out / name).write_text("mine")
         assert foreign_entries(out) == [".notes.old", "model.bak", "my_summary.json", "old_metrics.jsonl", "thesis.txt"]
-        with pytest.raises(utils.InputError, match="'.notes.old' was not written by minicai \\(and 4 more\\)"):
+        with pytest.raises(io_files.InputError, match="'.notes.old' was not written by minicai \\(and 4 more\\)"):
             train.clear_own_outputs(out)
         assert (out / "model" / "weights.bin").exists() and (out / "thesis.txt").read_text() == "mine"
         for name in ("thesis.txt", "my_summary.json", ".notes.old", "old_metrics.jsonl"):
@@ -227,7 +228,7 @@ def test_a_folder_of_an_older_version_resumes_without_a_marker(tmp_path):
     (out / "traces.jsonl").write_text("{}\n")
     prepare_run_dir(out, {"lr": 1.0})
     assert (out / "traces.jsonl").read_text() == "{}\n"
-    with pytest.raises(utils.InputError, match="has no .minicai-run file"):
+    with pytest.raises(io_files.InputError, match="has no .minicai-run file"):
         prepare_run_dir(out, {"lr": 2.0}, overwrite=True)
     assert (out / "traces.jsonl").read_text() == "{}\n"
 
@@ -247,15 +248,15 @@ def test_outputs_follow_the_umask(env, tmp_path, capsys, monkeypatch):
     """Files written atomically and checkpoint folders get open()'s and mkdir()'s modes under the
     process umask (here 022: 0644 and 0755), not tempfile's 0600 / 0700."""
     gguf, prompts = env
-    monkeypatch.setattr(utils, "UMASK", 0o022)
+    monkeypatch.setattr(io_files, "UMASK", 0o022)
     out = tmp_path / "run"
     assert run(train_sl.main, sl_argv(gguf, prompts, out), capsys)[0] == 0
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(out / "config.json") == 0o644
     assert mode(out / "sft_summary.json") == 0o644
     assert mode(out / "model") == 0o755
-    monkeypatch.setattr(utils, "UMASK", 0o077)
-    utils.atomic_write_text(tmp_path / "private.txt", "x")
+    monkeypatch.setattr(io_files, "UMASK", 0o077)
+    io_files.atomic_write_text(tmp_path / "private.txt", "x")
     assert mode(tmp_path / "private.txt") == 0o600
 
 
@@ -321,12 +322,12 @@ def test_inputs_are_compared_by_identity_not_by_how_the_path_is_written(tmp_path
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     prepare_run_dir(out, {"prompts": ["../p.txt", "builtin-red-team"], "policy": "../pol", "lr": 1.0})
-    with pytest.raises(utils.InputError, match="field 'prompts' was \\['../p.txt', 'builtin-red-team'\\] in the run in "
+    with pytest.raises(io_files.InputError, match="field 'prompts' was \\['../p.txt', 'builtin-red-team'\\] in the run in "
                                                "this folder, now \\['../p.txt', 'builtin-helpful'\\]"):
         prepare_run_dir(out, {"prompts": ["../p.txt", "builtin-helpful"], "policy": "../pol", "lr": 1.0})
     st = os.stat("../pol/model.safetensors")
     os.utime("../pol/model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # retrained: a new file
-    with pytest.raises(utils.InputError) as e:
+    with pytest.raises(io_files.InputError) as e:
         prepare_run_dir(out, {"prompts": ["../p.txt", "builtin-red-team"], "policy": "../pol", "lr": 1.0})
     assert str(e.value) == (f"{out / 'config.json'}: --policy ../pol: the input changed since the run in this folder "
                             f"began (another file or folder); restore it, use another --out, or pass --overwrite to "
@@ -348,11 +349,11 @@ def test_file_stamp_by_hand(tmp_path):
 
 def test_the_umask_is_read_from_the_process(tmp_path):
     """A fresh process under umask 027 writes its files 0640: the real umask, read at import (the test
-    above patches utils.UMASK)."""
+    above patches files.UMASK)."""
     import subprocess
 
-    code = ("import stat, sys; from pathlib import Path; from minicai.infra import utils; p = Path(sys.argv[1]); "
-            "utils.atomic_write_text(p / 'f.txt', 'x'); print(oct(utils.UMASK), oct(stat.S_IMODE((p / 'f.txt').stat().st_mode)))")
+    code = ("import stat, sys; from pathlib import Path; from minicai.io import files; p = Path(sys.argv[1]); "
+            "files.atomic_write_text(p / 'f.txt', 'x'); print(oct(files.UMASK), oct(stat.S_IMODE((p / 'f.txt').stat().st_mode)))")
     r = subprocess.run(["bash", "-c", f"umask 027 && {sys.executable} -c \"{code}\" {tmp_path}"], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
