@@ -36,6 +36,7 @@ BUILTIN_PAIRS = Path(__file__).resolve().parents[1] / "evaldata" / "labelled_pai
 """48 hand-labelled pairs written by us (32 harmful request: explained refusal vs careless
 compliance; 16 ordinary question: right vs wrong answer), to check a labeller without BIG-bench."""
 
+
 def read_hhh(path: Path) -> list[tuple[str, str, str]]:
     """Items (conversation, better, worse) from a JSONL file of {"conversation" or "prompt",
     "chosen" or "better", "rejected" or "worse"}. A bare "prompt" becomes "Human: <prompt>"."""
@@ -57,6 +58,7 @@ def read_hhh(path: Path) -> list[tuple[str, str, str]]:
         raise InputError(f"{path}: no items")
     return items
 
+
 def load_hhh(spec: str, bigbench: str | None = None) -> tuple[list[tuple[str, str, str]], list[str]]:
     """Labeller-check items and their categories: spec "bigbench" = BIG-bench hhh_alignment (221
     items, 4 categories, read in place from the archive at `bigbench` or the default place;
@@ -69,6 +71,7 @@ def load_hhh(spec: str, bigbench: str | None = None) -> tuple[list[tuple[str, st
     items = read_hhh(path)
     cats = [str(r.get("category", "all")) for r in read_jsonl(path)]
     return items, cats
+
 
 def evaluate_hhh(judges: list[FeedbackModel], items: list[tuple[str, str, str]],
                  principles: list[Principle] | list[list[Principle]] | None = None, *, labeller: str = "ab",
@@ -108,6 +111,7 @@ def evaluate_hhh(judges: list[FeedbackModel], items: list[tuple[str, str, str]],
             "mean_p_better": sum(lab["p_a"] for lab in labels) / n,
             "p_better": [lab["p_a"] for lab in labels], "categories": categories}
 
+
 def format_hhh(res: dict) -> str:
     """Per-category and overall accuracy with intervals, one line each."""
     lines = [f"{'category':<12}{'items':>6}{'accuracy':>10}  95% interval"]
@@ -125,6 +129,7 @@ def format_hhh(res: dict) -> str:
         how += f", single-order accuracy {res['single_order_accuracy']:.3f}"
     lines.append(how)
     return "\n".join(lines)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minicai.eval.hhh", description=__doc__,
@@ -166,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     add_device_args(p)
     return p
+
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)

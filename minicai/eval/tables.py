@@ -3,6 +3,7 @@ the judge's and the reward model's accuracy lines and the win-rate / Elo table. 
 (report.py) and the experiments read these without loading the evaluation."""
 from __future__ import annotations
 
+
 def _fmt(x, kind="f"):
     if x is None:
         return "-"

@@ -345,6 +345,7 @@ def label_margins(pairs: list[dict]) -> dict:
     return {"n": len(m), "mean": sum(m) / len(m), "median": m[mid] if len(m) % 2 else (m[mid - 1] + m[mid]) / 2,
             "at_least_0.1": share([x >= 0.1 for x in m]), "at_least_0.25": share([x >= 0.25 for x in m])}
 
+
 def share_by_category(flags: list[bool], categories: list[str]) -> dict[str, dict]:
     """{category: share of its flags}, categories in order of first appearance."""
     return {c: share([f for f, k in zip(flags, categories) if k == c]) for c in dict.fromkeys(categories)}

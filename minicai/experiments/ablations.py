@@ -461,6 +461,7 @@ def main(argv=None) -> int:
     print(f"wrote {Path(args.out) / NAMES[argv[0]]}.experiment.json and .md ({time.time() - t0:.0f} s)")
     return 0
 
+
 def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     """The word n-grams of text: lower-cased, split on whitespace."""
     w = text.lower().split()
@@ -473,6 +474,7 @@ def distinct_n(texts: list[str], n: int = 2) -> float | None:
     each other). None when the texts hold no n-gram."""
     grams = [g for t in texts for g in ngrams(t, n)]
     return len(set(grams)) / len(grams) if grams else None
+
 
 def principle_subset(constitution: Constitution, n: int, seed: int) -> Constitution:
     """The constitution with only n of its principles: a copy of the principle list is shuffled by

@@ -486,6 +486,7 @@ def main(argv=None) -> int:
     print(f"wrote {path}")
     return 0
 
+
 def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """Exact KL(p || q) = sum_v p(v) (log p(v) - log q(v)) at every position, from two models'
     logits (B, T, V) over the same tokens -> (B, T) fp32."""

@@ -535,6 +535,7 @@ def iteration_metrics(r: Rollout, stats: list[dict], beta: float, d: distributed
     row["policy/first_ratio_max_dev"] = float(distributed.all_reduce_max(stats[0]["first_ratio_dev"], d))
     return row
 
+
 def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(sum, sum of squares, count) of x over real tokens, three 0-d tensors. Data-parallel
     callers all_reduce(SUM) them across ranks, then call `mean_var_from_moments` and pass the
