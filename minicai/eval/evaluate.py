@@ -11,7 +11,7 @@ evasive the answers are):
 1. Prompts. The HELD-OUT side of data.split (split(prompts)[1]) of the red-team and the helpfulness
    sources, which no training script ever sees.
 2. Responses. Every policy answers every prompt: greedy by default (--temperature 0), or sampled
-   with a per-prompt seed (feedback.stable_seed(seed, "eval", prompt id)) that is the same for every
+   with a per-prompt seed (sample.stable_seed(seed, "eval", prompt id)) that is the same for every
    policy; batched through sample.generate. Length = response tokens in the policy's tokenizer,
    the stop token excluded.
 3. Reward-model score (with --reward-model): the reward model's output at the last real token of

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..eval.tables import fmt_share
+from ..infra import cli
 from ..io.checkpoint import EMBEDDED_NAME
 from ..io.files import read_jsonl, write_experiment
 from .pipeline import run_stage
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="experiment", required=True)
     r = sub.add_parser("rl", help="GAE-PPO vs RLOO vs GRPO from one policy, same prompts and compute",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=cli.DefaultsHelp,
                        description="GAE-PPO vs RLOO vs GRPO from one policy, same prompts and compute (see "
                                    "python -m minicai.experiments.compare --help)")
     r.add_argument("--out", required=True, help="folder for the three runs, the evaluation and rl.experiment.json")

@@ -51,6 +51,7 @@ from .. import metrics
 from ..errors import InputError
 from ..eval import yardstick
 from ..eval.evaluate import HARMFUL_SOURCES, harmful_held_out, parse_policies as parse
+from ..infra import cli
 from ..infra.devices import add_device_args, resolve_device
 from ..io import files
 from ..io.checkpoint import EMBEDDED_NAME, load_model
@@ -437,13 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--policy", action="append", required=True, metavar="NAME=PATH",
                        help=f"a policy to probe, repeatable: NAME=PATH with PATH a .gguf, an HF folder or '{EMBEDDED_NAME}'")
         q.add_argument("--base", default=EMBEDDED_NAME,
-                       help=f"the base model (kl: the KL reference; attack: answers the fine-tuning prompts); "
-                            f"default {EMBEDDED_NAME}")
+                       help="the base model (kl: the KL reference; attack: answers the fine-tuning prompts)")
         q.add_argument("--out", required=True, help="folder for depth_<probe>.experiment.json and depth_<probe>.md")
         q.add_argument("--n-prompts", type=int, default=24,
                        help="held-out harmful prompts (evaluate.harmful_held_out, round-robin over the sources)")
         q.add_argument("--harmful-source", action="append", default=None,
-                       help="harmful prompt source, repeatable (default builtin-red-team, do-not-answer, harmbench); "
+                       help="harmful prompt source, repeatable (default: builtin-red-team, do-not-answer, harmbench); "
                             "its held-out side is used")
         q.add_argument("--held-out-fraction", type=float, default=0.2,
                        help="must match the training scripts' --held-out-fraction (data.split)")
@@ -453,18 +453,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_device_args(q)
 
     q = sub.add_parser("prefill", help="force a compliant opener of k tokens; does the policy still refuse?",
-                       description="Prefilling probe (see the module docstring, 1).")
+                       description="Prefilling probe (see the module docstring, 1).",
+                       formatter_class=cli.DefaultsHelp)
     common(q, 40)
     q.add_argument("--k", type=int, nargs="+", default=[0, 2, 4, 8], help="numbers of forced opener tokens")
     q.add_argument("--opener", action="append", default=None,
                    help="a compliant opener, repeatable (default: minicai.experiments.depth.OPENERS); prompt i gets "
                         "opener i mod their number")
     q = sub.add_parser("kl", help="per-token KL(policy || base) along the policy's replies, by position",
-                       description="Per-token KL probe (see the module docstring, 2).")
+                       description="Per-token KL probe (see the module docstring, 2).",
+                       formatter_class=cli.DefaultsHelp)
     common(q, 48)
     q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy replies; > 0 samples (with --seed)")
     q = sub.add_parser("attack", help="fine-tune on benign data for N steps; refusal rate after each N",
-                       description="Benign fine-tuning attack (see the module docstring, 3).")
+                       description="Benign fine-tuning attack (see the module docstring, 3).",
+                       formatter_class=cli.DefaultsHelp)
     common(q, 40)
     q.add_argument("--steps", type=int, nargs="+", default=[0, 10, 50], help="numbers of fine-tuning steps N")
     q.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (constant)")

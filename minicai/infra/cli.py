@@ -410,3 +410,13 @@ def run_cli(main, argv=None) -> int:
         gc.collect()
     tqdm.write(f"error: {msg}", file=sys.stderr)  # on its own line even with a progress bar open
     return 2
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, but not for required flags or a default of None (whose help
+    says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)

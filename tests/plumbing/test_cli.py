@@ -260,3 +260,18 @@ def test_run_cli_frees_what_main_left_in_reference_cycles(ending):
     finally:
         if was:
             gc.enable()
+
+
+def test_defaults_help_shows_a_flags_default_but_not_none_or_required():
+    """cli.DefaultsHelp (compare rl, depth): '(default: X)' after a flag with a value to show; none
+    after a required flag, a default of None (its help says what happens) or a store_true flag."""
+    import argparse
+
+    p = argparse.ArgumentParser(formatter_class=cli.DefaultsHelp)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--k", type=int, default=4, help="samples per prompt")
+    p.add_argument("--source", default=None, help="a source (default: all)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    text = " ".join(p.format_help().split())
+    assert "samples per prompt (default: 4)" in text
+    assert "run folder (default" not in text and "(default: None)" not in text and "(default: False)" not in text
