@@ -54,12 +54,11 @@ from tqdm import tqdm
 from minicai.infra import cli, distributed
 from minicai.io.checkpoint import EMBEDDED_NAME, load_model
 from minicai.io.data import split_pairs
-from minicai.io.files import read_preferences, warn
+from minicai.io.files import atomic_write_bytes, atomic_write_json, read_preferences, warn
 from minicai.infra.train import (MetricsLog, adamw_resumed, bf16_autocast, check_finite, drop_checkpoint,
                                  length_buckets, lr_at, open_run, save_checkpoint, save_final, start, warmup_steps)
 from minicai.infra.cli import run_cli
 from minicai.errors import InputError
-from minicai.io.files import atomic_write_bytes, atomic_write_json
 from minicai.losses import dpo_loss, dpo_statistics
 from minicai.rl import logprobs_from_logits
 from minicai.sample import pad

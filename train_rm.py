@@ -48,8 +48,7 @@ from tqdm import tqdm
 from minicai.feedback import LABELLERS, reward_input
 from minicai.infra import cli, distributed
 from minicai.io.constitution_files import load_constitution
-from minicai.infra.labelling import DEFAULT as FEEDBACK_DEFAULT
-from minicai.infra.labelling import label_pairs, preference_stats
+from minicai.infra.labelling import DEFAULT as FEEDBACK_DEFAULT, label_pairs, preference_stats
 from minicai.infra.rm import check_args, reward_model, select_prompts, write_summary
 from minicai.io.checkpoint import EMBEDDED_NAME
 from minicai.io.data import split_pairs

@@ -27,8 +27,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
-from ..errors import InputError
-from ..errors import first_line
+from ..errors import InputError, first_line
 
 BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_DIR = "BIG-bench"

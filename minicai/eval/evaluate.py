@@ -61,16 +61,15 @@ from tqdm import tqdm
 
 from .. import metrics
 from ..constitution import Principle
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..feedback import draw, ensemble_labels, reward_input, scorers_of, user_turn
 from ..infra import cli
-from ..infra.labelling import load_judges
-from ..errors import first_line
 from ..infra.devices import add_device_args, resolve_device
-from ..io.files import atomic_write_json, atomic_write_text
+from ..infra.labelling import load_judges
 from ..io.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model, load_tokenizer
 from ..io.constitution_files import load_constitution
 from ..io.data import Prompt, check_prompt_lengths, load_prompts, split
+from ..io.files import atomic_write_json, atomic_write_text
 from ..metrics import bradley_terry_elo, win_rates
 from ..model import last_token_scores
 from ..sample import generate, pad, stable_seed

@@ -23,11 +23,10 @@ import torch
 from ..constitution import GENERIC_COMPARISON, Principle
 from ..errors import InputError
 from ..feedback import FeedbackModel, ensemble_labels, member_methods, scorers_of
-from ..infra.labelling import DEFAULT, draw_principles, feedback_principles, few_shot_labels, load_judges
 from ..infra.devices import add_device_args, resolve_device
-from ..io.files import atomic_write_json
+from ..infra.labelling import DEFAULT, draw_principles, feedback_principles, few_shot_labels, load_judges
 from ..io.checkpoint import EMBEDDED_NAME, PARTED_MODELS
-from ..io.files import read_jsonl
+from ..io.files import atomic_write_json, read_jsonl
 from ..metrics import share
 from .bigbench import hhh_items
 from .yardstick import share_by_category

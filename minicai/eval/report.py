@@ -39,11 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..infra.labelling import member_spec
-from ..errors import first_line
-from ..io.files import atomic_write_text
-from ..io.files import read_jsonl as read_jsonl_file
+from ..io.files import atomic_write_text, read_jsonl as read_jsonl_file
 from .tables import policy_names
 from .yardstick import label_margins, outcome, pair_kinds
 

@@ -47,9 +47,9 @@ from ..errors import InputError
 from ..eval.evaluate import score_responses
 from ..eval.yardstick import garak_mitigation_substrings, harmlessness
 from ..infra import cli
-from ..infra.train import prepare_run_dir
 from ..infra.cli import run_cli
 from ..infra.devices import resolve_device
+from ..infra.train import prepare_run_dir
 from ..io import files
 from ..io.checkpoint import EMBEDDED_NAME, load_model, load_scalar_model
 from ..io.constitution_files import load_constitution

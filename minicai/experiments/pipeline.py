@@ -50,18 +50,16 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..eval.bigbench import BIGBENCH_INSTALL, find_archive
 from ..eval.evaluate import resolve_bigbench
 from ..infra import cli
+from ..infra.devices import bf16_is_fast, resolve_device
 from ..infra.labelling import DEFAULT as FEEDBACK_DEFAULT, member_spec
 from ..infra.train import MARKER, input_digests
-from ..errors import first_line
-from ..infra.devices import bf16_is_fast, resolve_device
-from ..io.files import atomic_write_json
 from ..io.checkpoint import EMBEDDED_NAME
 from ..io.constitution_files import load_constitution
-from ..io.files import write_experiment
+from ..io.files import atomic_write_json, write_experiment
 
 SL_SOURCES = ("builtin-red-team", "do-not-answer", "harmbench")
 """SL-CAI's red-team sources (their train sides; the evaluation holds out the other side of each)."""

@@ -16,8 +16,8 @@ from ..errors import InputError
 from ..io.checkpoint import EMBEDDED_NAME, load_model
 from ..io.quant import apply_quantize
 from ..sample import generate
-from .fast import compiled_decode_one_token
 from .devices import add_device_args, resolve_device
+from .fast import compiled_decode_one_token
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,14 +35,13 @@ from safetensors.torch import load_file, save_file
 from ..errors import InputError
 from ..io.checkpoint import load_head, load_model, load_scalar_model, save_hf
 from ..io.data import load_prompts, split
-from ..io.files import read_jsonl
+from ..io.files import atomic_write_json, read_jsonl
 from ..model import ScalarHead, ScalarModel, Transformer, last_real_index
 from ..rl import entropy_from_logits, explained_variance, logprobs_from_logits, masked_mean
 from ..sample import Generation, pad
 from . import distributed
 from .fast import linear_logprobs
 from .train import load_train_state, save_train_state
-from ..io.files import atomic_write_json
 
 # --------------------------------------------------------------------------------------------
 # which prompts, the padded batch and the forward passes

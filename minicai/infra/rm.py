@@ -13,8 +13,8 @@ import torch
 from ..errors import InputError
 from ..io.checkpoint import load_model, load_scalar_model, load_tokenizer
 from ..io.data import Prompt, check_prompt_lengths, load_prompts, split
-from ..model import ScalarHead, ScalarModel
 from ..io.files import atomic_write_json
+from ..model import ScalarHead, ScalarModel
 
 
 def check_args(args) -> None:

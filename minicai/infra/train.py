@@ -19,10 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import InputError
 from ..io.checkpoint import save_hf, sha256_of
-from ..io.files import read_jsonl, write_jsonl
+from ..io.files import append_text, atomic_write_json, read_jsonl, write_jsonl
 from . import cli, distributed
 from .devices import resolve_device
-from ..io.files import append_text, atomic_write_json
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:

@@ -24,10 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import InputError, WriteError
-from ..errors import first_line
-from .files import atomic_write_json, atomic_write_text, follow_umask
+from ..errors import InputError, WriteError, first_line
 from ..model import ModelConfig, ScalarHead, ScalarModel, Transformer
+from .files import atomic_write_json, atomic_write_text, follow_umask
 from .gguf import read_gguf, read_gguf_metadata
 from .tokenizer import ChatTokenizer, tokenizer_config_json, tokenizer_from_gguf, tokenizer_from_hf
 

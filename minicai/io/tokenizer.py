@@ -17,8 +17,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from ..errors import InputError
-from ..errors import first_line
+from ..errors import InputError, first_line
 
 # GGUF token types (llama.cpp llama_token_type): 3 = control, 4 = user-defined.
 _SPECIAL_TYPES = (3, 4)
